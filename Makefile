@@ -1,0 +1,41 @@
+# Two entry points: `make run` (server on embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test install js deps-test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+js/node_modules/.package-lock.json: js/package-lock.json
+	cd js && npm ci --no-audit --no-fund --loglevel=error
+
+js: js/node_modules/.package-lock.json
+
+# Tests start their own redis-server processes; install the binary if missing.
+deps-test:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (tests start their own instances)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@command -v node >/dev/null 2>&1 || { \
+	  echo "installing nodejs/npm (stock Yjs client tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+
+run: $(STAMP)
+	$(BIN)/collab serve
+
+test: $(STAMP) deps-test js
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) js/node_modules data

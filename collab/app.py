@@ -1,0 +1,170 @@
+"""The ASGI application: ``create_app(settings)`` builds everything.
+
+No module-level state: the store, the room manager and the set of live
+connections hang off the ``App`` object that ``create_app`` returns, so tests
+can run several independent servers in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from collab import __version__
+from collab import protocol as p
+from collab.connection import WebSocketPeer
+from collab.settings import Settings
+from persistence.base import DocumentStore
+from persistence.sqlite import SQLiteDocumentStore
+from rooms.manager import RoomManager
+from rooms.room import RoomConfig
+
+log = logging.getLogger("collab.app")
+
+# Workspace ids are path segments: letters, digits and . _ : - (case-sensitive).
+WORKSPACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+class App:
+    """Everything one server instance owns."""
+
+    def __init__(self, settings: Settings, store: DocumentStore | None = None) -> None:
+        self.settings = settings
+        self.store: DocumentStore = store or SQLiteDocumentStore(
+            settings.database_path, synchronous=settings.sqlite_synchronous
+        )
+        self.room_config = RoomConfig(
+            flush_interval=settings.flush_interval_ms / 1000.0,
+            compact_every_updates=settings.compact_every_updates,
+            compact_every_bytes=settings.compact_every_bytes,
+            max_awareness_state_bytes=settings.max_awareness_state_bytes,
+            server_version=__version__,
+            limits={
+                "max_message_bytes": settings.max_message_bytes,
+                "max_awareness_state_bytes": settings.max_awareness_state_bytes,
+                "peer_queue_frames": settings.peer_queue_frames,
+            },
+        )
+        self.rooms = RoomManager(self.store, self.room_config, idle_grace=settings.room_idle_seconds)
+        self.peers: set[WebSocketPeer] = set()
+        self.accepting = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette):
+        await self.store.open()
+        self.accepting = True
+        log.info("store open at %s", getattr(self.store, "path", self.store))
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, flush every room, tell clients to reconnect (1012)."""
+        self.accepting = False
+        await self.rooms.close()
+        for peer in list(self.peers):
+            peer.close(p.CLOSE_RESTART, "server restarting")
+        await self.store.close()
+
+    # ---------------------------------------------------------- endpoints
+
+    async def healthz(self, request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    async def readyz(self, request: Request) -> JSONResponse:
+        checks: dict[str, Any] = {}
+        ok = self.accepting
+        try:
+            async with asyncio.timeout(2):
+                await self.store.check()
+            checks["store"] = "ok"
+        except Exception as exc:
+            checks["store"] = f"error: {exc}"
+            ok = False
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    async def websocket(self, ws: WebSocket) -> None:
+        workspace_id = ws.path_params["workspace_id"]
+        await ws.accept()
+        if not WORKSPACE_ID.fullmatch(workspace_id):
+            await ws.close(p.CLOSE_POLICY, "invalid workspace id")
+            return
+        if not self.accepting:
+            await ws.close(p.CLOSE_RESTART, "server shutting down")
+            return
+        try:
+            room = await self.rooms.open_room(workspace_id)
+        except Exception:
+            log.exception("cannot load workspace %s", workspace_id)
+            await ws.close(p.CLOSE_INTERNAL_ERROR, "cannot load workspace")
+            return
+        client = ws.client
+        peer = WebSocketPeer(
+            ws,
+            self.settings.peer_queue_frames,
+            label=f"{workspace_id} {client.host}:{client.port}" if client else workspace_id,
+        )
+        self.peers.add(peer)
+        state = room.join(peer)
+        reader = asyncio.get_running_loop().create_task(self._read_loop(ws, peer, room, state))
+        try:
+            await peer.closed
+        finally:
+            reader.cancel()
+            room.leave(peer)
+            self.rooms.room_left(room)
+            self.peers.discard(peer)
+            await peer.finish()
+
+    async def _read_loop(self, ws: WebSocket, peer: WebSocketPeer, room, state) -> None:
+        receive = ws.receive
+        max_bytes = self.settings.max_message_bytes
+        try:
+            while True:
+                message = await receive()
+                data = message.get("bytes")
+                if data is None:
+                    if message["type"] == "websocket.disconnect":
+                        peer.disconnected()
+                        return
+                    peer.close(p.CLOSE_UNSUPPORTED_DATA, "text frames are not supported; send binary")
+                    return
+                if len(data) > max_bytes:
+                    peer.close(p.CLOSE_TOO_BIG, f"message exceeds {max_bytes} bytes")
+                    return
+                room.receive(state, p.decode_message(data))
+                if peer.closed.done():
+                    return
+        except p.ProtocolError as exc:
+            peer.close(exc.code, exc.reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug of ours: drop only this peer
+            log.exception("error handling message in %s", room.workspace_id)
+            peer.close(p.CLOSE_INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+
+
+def create_app(settings: Settings | None = None, store: DocumentStore | None = None) -> Starlette:
+    """Build the Starlette application and everything it owns."""
+    settings = settings or Settings()
+    core = App(settings, store)
+    app = Starlette(
+        routes=[
+            Route("/healthz", core.healthz),
+            Route("/readyz", core.readyz),
+            WebSocketRoute("/ws/{workspace_id}", core.websocket),
+        ],
+        lifespan=core.lifespan,
+    )
+    app.state.core = core
+    return app

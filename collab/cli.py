@@ -1,0 +1,103 @@
+"""``collab serve``: run the server on uvicorn.
+
+Each flag overrides the matching ``COLLAB_*`` environment variable; anything
+not given falls back to the environment, then to the defaults in Settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from collab import __version__
+from collab.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collab", description="datasource-collab server")
+    parser.add_argument("--version", action="version", version=f"datasource-collab {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the collaboration server")
+    serve.add_argument("--host", help="interface to listen on (COLLAB_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (COLLAB_PORT, default 8765; 0 picks a free one)")
+    serve.add_argument("--data-dir", help="where documents are stored (COLLAB_DATA_DIR, default ./data)")
+    serve.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="COLLAB_LOG_LEVEL, default info",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    overrides = {
+        key: value
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "data_dir": args.data_dir,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except Exception as exc:  # pydantic's message names the bad field
+        print(f"collab: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from collab.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_message_bytes,
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.ping_timeout,
+        ws_per_message_deflate=settings.per_message_deflate,
+        lifespan="on",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    _announce_when_started(server, settings)
+    server.run()
+    return 0
+
+
+def _announce_when_started(server, settings: Settings) -> None:
+    """Print the real address (port 0 picks one) once uvicorn is listening."""
+    original = server.startup
+
+    async def startup(sockets=None):
+        await original(sockets=sockets)
+        for srv in getattr(server, "servers", []):
+            for sock in srv.sockets:
+                host, port = sock.getsockname()[:2]
+                print(
+                    f"datasource-collab {__version__} listening on http://{host}:{port} "
+                    f"(websocket ws://{host}:{port}/ws/<workspace>); "
+                    f"data in {settings.data_dir.resolve()}",
+                    flush=True,
+                )
+
+    server.startup = startup

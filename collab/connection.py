@@ -1,0 +1,98 @@
+"""A websocket connection as a room peer.
+
+The room hands frames to ``send``, which only appends to a bounded queue;
+one writer task per connection drains it. A peer that stops reading fills its
+queue and is closed with 1013 instead of slowing anyone else down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from starlette.websockets import WebSocket
+
+from collab import protocol as p
+
+log = logging.getLogger("collab.connection")
+
+
+class WebSocketPeer:
+    __slots__ = ("ws", "max_queue", "_queue", "_wake", "_writer", "closed", "close_code", "close_reason", "label")
+
+    def __init__(self, ws: WebSocket, max_queue: int, label: str = "") -> None:
+        self.ws = ws
+        self.max_queue = max_queue
+        self.label = label
+        self._queue: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    # -- Peer protocol
+
+    def send(self, frame: bytes) -> None:
+        if self.closed.done():
+            return
+        if len(self._queue) >= self.max_queue:
+            self.close(p.CLOSE_TRY_AGAIN, "outgoing queue overflow; reconnect to resync")
+            return
+        self._queue.append(frame)
+        self._wake.set()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closed.done():
+            return
+        self.close_code = code
+        self.close_reason = reason
+        if code not in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY, p.CLOSE_RESTART):
+            log.info("closing %s: %d %s", self.label, code, reason)
+        self.closed.set_result(None)
+
+    def disconnected(self) -> None:
+        """The client went away; nothing more to send."""
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- writing
+
+    async def _write_loop(self) -> None:
+        send = self.ws.send_bytes
+        queue = self._queue
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while queue:
+                    await send(queue.popleft())
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the socket went away under us
+            self.disconnected()
+
+    async def finish(self, flush_timeout: float = 1.0) -> None:
+        """Stop writing; send the close frame if we are the ones closing."""
+        if self.close_code is not None and self.close_code in (p.CLOSE_GOING_AWAY, p.CLOSE_RESTART):
+            # Planned closes deliver what is queued first.
+            try:
+                async with asyncio.timeout(flush_timeout):
+                    while self._queue and not self._writer.done():
+                        self._wake.set()
+                        await asyncio.sleep(0.005)
+            except TimeoutError:
+                pass
+        self._writer.cancel()
+        self._queue.clear()
+        if self.close_code is not None:
+            try:
+                async with asyncio.timeout(flush_timeout):
+                    await self.ws.close(self.close_code, self.close_reason[:120])
+            except Exception:
+                pass  # a peer that does not read cannot be told; the transport is dropped

@@ -1,0 +1,54 @@
+"""All settings in one pydantic model; every field is an environment variable
+``COLLAB_<FIELD>`` (e.g. ``COLLAB_PORT=9000``) and most are CLI flags too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COLLAB_", extra="ignore")
+
+    # Network
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    # Storage
+    data_dir: Path = Path("./data")
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        "FULL", description="FULL survives power loss; NORMAL survives a process crash only"
+    )
+    compact_every_updates: int = Field(500, ge=1)
+    compact_every_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+
+    # Scale-out (later): when set, Redis backs locks, presence and relay.
+    redis_url: str | None = None
+
+    # Rooms
+    flush_interval_ms: float = Field(
+        0.0, ge=0, le=1000, description="merge window for broadcasts; 0 merges what arrives in one loop turn"
+    )
+    room_idle_seconds: float = Field(10.0, ge=0, description="keep an empty room in memory this long")
+
+    # Limits
+    max_message_bytes: int = Field(1024 * 1024, ge=1024, description="larger frames close with 1009")
+    peer_queue_frames: int = Field(
+        2048, ge=16, description="outgoing frames queued per peer before it is cut off (1013)"
+    )
+    max_awareness_state_bytes: int = Field(64 * 1024, ge=64)
+
+    # Websocket transport
+    ping_interval: float = Field(20.0, gt=0, description="seconds between server pings")
+    ping_timeout: float = Field(20.0, gt=0, description="a peer silent this long after a ping is closed")
+    per_message_deflate: bool = Field(
+        False, description="compress frames; costs CPU per peer per frame, saves bandwidth on big syncs"
+    )
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "collab.sqlite3"

@@ -1,0 +1,259 @@
+"""SQLite document store: the embedded default.
+
+One database file under the data directory, in WAL mode. All database work
+runs on one dedicated thread, so the event loop never blocks on disk. Appends
+from every room are queued and committed together (group commit): under load
+one transaction and one fsync cover many updates, and each caller's future
+resolves only after the commit that holds its updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from persistence.base import StoredDocument, StoreError
+
+log = logging.getLogger("collab.store")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    workspace    TEXT PRIMARY KEY,
+    snapshot     BLOB,
+    snapshot_seq INTEGER NOT NULL DEFAULT 0,
+    last_seq     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS updates (
+    workspace TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    data      BLOB NOT NULL,
+    PRIMARY KEY (workspace, seq)
+) WITHOUT ROWID;
+"""
+
+_STOP = object()
+
+
+class _Append:
+    __slots__ = ("workspace", "updates", "future", "loop")
+
+    def __init__(self, workspace: str, updates: list[bytes], future: asyncio.Future, loop) -> None:
+        self.workspace = workspace
+        self.updates = updates
+        self.future = future
+        self.loop = loop
+
+
+class _Call:
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future, loop) -> None:
+        self.fn = fn
+        self.future = future
+        self.loop = loop
+
+
+def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class SQLiteDocumentStore:
+    """DocumentStore on one SQLite file; see the module docstring."""
+
+    def __init__(self, path: str | Path, synchronous: str = "FULL", max_batch: int = 4096) -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+        # Sequence numbers are kept in memory by the writer thread so an
+        # append needs no read; they are loaded lazily per workspace.
+        self._last_seq: dict[str, int] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        if self._thread is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="sqlite-store", daemon=True)
+        self._thread.start()
+        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
+        if self._open_error is not None:
+            raise StoreError(f"cannot open {self.path}: {self._open_error}") from self._open_error
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._thread = None
+
+    # ----------------------------------------------------------- operations
+
+    async def load(self, workspace_id: str) -> StoredDocument:
+        return await self._call(lambda db: self._load(db, workspace_id))
+
+    async def append(self, workspace_id: str, updates: list[bytes]) -> int:
+        if self._thread is None:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Append(workspace_id, list(updates), future, loop))
+        return await future
+
+    async def compact(self, workspace_id: str, snapshot: bytes, upto_seq: int) -> None:
+        await self._call(lambda db: self._compact(db, workspace_id, snapshot, upto_seq))
+
+    async def check(self) -> None:
+        await self._call(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._thread is None:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Call(fn, future, loop))
+        return await future
+
+    # ------------------------------------------------------- writer thread
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _run(self) -> None:
+        try:
+            db = self._connect()
+        except BaseException as exc:  # reported to open()
+            self._open_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            appends = []
+            for item in batch:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, _Append):
+                    appends.append(item)
+                else:
+                    # Keep order: commit appends queued before this call first.
+                    self._commit_appends(db, appends)
+                    appends = []
+                    self._run_call(db, item)
+            self._commit_appends(db, appends)
+        db.close()
+
+    def _run_call(self, db: sqlite3.Connection, item: _Call) -> None:
+        try:
+            result = item.fn(db)
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+            item.loop.call_soon_threadsafe(_resolve, item.future, None, error)
+        else:
+            item.loop.call_soon_threadsafe(_resolve, item.future, result)
+
+    def _seq(self, db: sqlite3.Connection, workspace: str) -> int:
+        seq = self._last_seq.get(workspace)
+        if seq is None:
+            row = db.execute("SELECT last_seq FROM documents WHERE workspace=?", (workspace,)).fetchone()
+            seq = row[0] if row else 0
+            self._last_seq[workspace] = seq
+        return seq
+
+    def _commit_appends(self, db: sqlite3.Connection, appends: list[_Append]) -> None:
+        if not appends:
+            return
+        results: list[int] = []
+        touched: dict[str, int] = {}
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            rows = []
+            for item in appends:
+                seq = touched.get(item.workspace)
+                if seq is None:
+                    seq = self._seq(db, item.workspace)
+                for data in item.updates:
+                    seq += 1
+                    rows.append((item.workspace, seq, data))
+                touched[item.workspace] = seq
+                results.append(seq)
+            db.executemany("INSERT INTO updates (workspace, seq, data) VALUES (?, ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO documents (workspace, last_seq) VALUES (?, ?) "
+                "ON CONFLICT(workspace) DO UPDATE SET last_seq=excluded.last_seq",
+                list(touched.items()),
+            )
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for workspace in touched:
+                self._last_seq.pop(workspace, None)  # re-read after a failure
+            log.error("append failed: %s", exc)
+            error = StoreError(f"append failed: {exc}")
+            for item in appends:
+                item.loop.call_soon_threadsafe(_resolve, item.future, None, error)
+            return
+        self._last_seq.update(touched)
+        for item, seq in zip(appends, results):
+            item.loop.call_soon_threadsafe(_resolve, item.future, seq)
+
+    def _load(self, db: sqlite3.Connection, workspace: str) -> StoredDocument:
+        row = db.execute(
+            "SELECT snapshot, snapshot_seq, last_seq FROM documents WHERE workspace=?", (workspace,)
+        ).fetchone()
+        if row is None:
+            return StoredDocument()
+        snapshot, snapshot_seq, last_seq = row
+        updates = [
+            bytes(r[0])
+            for r in db.execute(
+                "SELECT data FROM updates WHERE workspace=? AND seq>? ORDER BY seq", (workspace, snapshot_seq)
+            )
+        ]
+        self._last_seq[workspace] = last_seq
+        return StoredDocument(
+            snapshot=bytes(snapshot) if snapshot is not None else None,
+            snapshot_seq=snapshot_seq,
+            updates=updates,
+            last_seq=last_seq,
+        )
+
+    def _compact(self, db: sqlite3.Connection, workspace: str, snapshot: bytes, upto_seq: int) -> None:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "INSERT INTO documents (workspace, snapshot, snapshot_seq, last_seq) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(workspace) DO UPDATE SET snapshot=excluded.snapshot, "
+            "snapshot_seq=excluded.snapshot_seq, last_seq=MAX(documents.last_seq, excluded.last_seq)",
+            (workspace, snapshot, upto_seq, upto_seq),
+        )
+        db.execute("DELETE FROM updates WHERE workspace=? AND seq<=?", (workspace, upto_seq))
+        db.execute("COMMIT")

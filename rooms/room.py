@@ -1,0 +1,425 @@
+"""A room: one workspace's document, its awareness states and its peers.
+
+The room knows nothing of sockets. A peer is any object with a non-blocking
+``send(frame)`` and ``close(code, reason)``; the websocket layer gives each
+peer a bounded queue and a writer task, so the room never awaits a peer.
+
+Incoming updates are applied to the pycrdt document at once. Their effect
+(the document's own delta, so duplicates cost nothing) is broadcast at the
+next flush: everything that arrived within one flush window is merged into a
+single update, encoded once and handed to every peer, the sender included
+(the stock client relies on the echo). The raw updates go to the store in one
+append per flush; ``saved`` acks follow once the append is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pycrdt
+
+from collab import protocol as p
+from persistence.base import DocumentStore, StoreError
+
+log = logging.getLogger("collab.room")
+
+
+class Peer(Protocol):
+    """What a room needs of a connection."""
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame; never blocks. Closes the peer itself on overflow."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection (idempotent)."""
+
+
+@dataclass(slots=True)
+class RoomConfig:
+    flush_interval: float = 0.0  # seconds; 0 = merge what arrives in one loop turn
+    compact_every_updates: int = 500
+    compact_every_bytes: int = 4 * 1024 * 1024
+    max_awareness_state_bytes: int = 64 * 1024
+    tombstone_seconds: float = 60.0
+    limits: dict[str, Any] = field(default_factory=dict)  # advertised in `welcome`
+    server_version: str = "0"
+
+
+@dataclass(eq=False, slots=True)
+class PeerState:
+    """What the room remembers about one connected peer."""
+
+    peer: Peer
+    epoch: int
+    identity: dict[str, Any] = field(default_factory=dict)
+    wants_control: bool = False
+    client_ids: set[int] = field(default_factory=set)
+    updates_received: int = 0
+    updates_acked: int = 0
+    alive: bool = True
+
+    def control(self, body: dict[str, Any]) -> None:
+        """Send a control message, only if the peer opted in with hello."""
+        if self.wants_control and self.alive:
+            self.peer.send(p.encode_control(body))
+
+
+@dataclass(slots=True)
+class AwarenessRecord:
+    clock: int
+    state: str | None
+    owner: PeerState | None
+    seen_epoch: int = 0  # last room epoch at which this live state was sent out
+    removed_at: float = 0.0
+
+
+ControlHandler = Callable[["Room", PeerState, p.Control], None]
+
+
+class Room:
+    def __init__(
+        self,
+        workspace_id: str,
+        store: DocumentStore,
+        config: RoomConfig | None = None,
+        control_handlers: Mapping[str, ControlHandler] | None = None,
+    ) -> None:
+        self.workspace_id = workspace_id
+        self.store = store
+        self.config = config or RoomConfig()
+        self.control_handlers = dict(control_handlers or {})
+        self.doc = pycrdt.Doc()
+        self._doc_sub = self.doc.observe(self._on_doc_update)
+        self.peers: dict[Peer, PeerState] = {}
+        self.awareness: dict[int, AwarenessRecord] = {}
+        self._epoch = 0
+        # Pending work for the next flush.
+        self._outgoing: list[bytes] = []
+        self._awareness_out: dict[int, p.AwarenessEntry] = {}
+        self._to_store: list[bytes] = []
+        self._to_ack: dict[PeerState, int] = {}
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        # Persistence state.
+        self.durable_seq = 0
+        self._snapshot_seq = 0
+        self._tail_updates = 0
+        self._tail_bytes = 0
+        self._persist_tail: asyncio.Task | None = None
+        self._compacting = False
+        self.loaded = False
+        self.failed: str | None = None
+        self.last_active = time.monotonic()
+        self.stats = {"updates_in": 0, "frames_out": 0, "flushes": 0}
+
+    # ------------------------------------------------------------- loading
+
+    async def load(self) -> None:
+        """Bring the stored document into memory; peers join only after this."""
+        stored = await self.store.load(self.workspace_id)
+        with self.doc.transaction(origin="load"):
+            if stored.snapshot is not None:
+                self.doc.apply_update(stored.snapshot)
+            for update in stored.updates:
+                self.doc.apply_update(update)
+        self._outgoing.clear()  # the load is not news to anyone
+        self.durable_seq = stored.last_seq
+        self._snapshot_seq = stored.snapshot_seq
+        self._tail_updates = len(stored.updates)
+        self._tail_bytes = sum(len(u) for u in stored.updates)
+        self.loaded = True
+
+    # --------------------------------------------------------- membership
+
+    def join(self, peer: Peer, identity: dict[str, Any] | None = None) -> PeerState:
+        """Register a peer and send it our step 1 and the known awareness."""
+        assert self.loaded, "join before load"
+        self._epoch += 1
+        ps = PeerState(peer=peer, epoch=self._epoch, identity=identity or {})
+        self.peers[peer] = ps
+        self.last_active = time.monotonic()
+        # Our step 1 makes the client send what we lack (its offline edits).
+        peer.send(p.encode_sync_step1(self.doc.get_state()))
+        live = self._live_awareness()
+        if live:
+            peer.send(p.encode_awareness(live))
+            for entry in live:
+                self.awareness[entry.client_id].seen_epoch = self._epoch
+        return ps
+
+    def leave(self, peer: Peer) -> None:
+        ps = self.peers.pop(peer, None)
+        if ps is None:
+            return
+        ps.alive = False
+        self._to_ack.pop(ps, None)
+        self.last_active = time.monotonic()
+        now = time.monotonic()
+        for client_id in ps.client_ids:
+            rec = self.awareness.get(client_id)
+            if rec is None or rec.owner is not ps:
+                continue
+            rec.owner = None
+            rec.removed_at = now
+            if rec.state is not None:
+                rec.clock += 1
+                rec.state = None
+                self._awareness_out[client_id] = p.AwarenessEntry(client_id, rec.clock, None)
+        self._prune_tombstones(now)
+        if self._awareness_out:
+            self._schedule_flush(immediate=True)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.peers
+
+    # ----------------------------------------------------------- messages
+
+    def receive(self, ps: PeerState, message: p.Message) -> None:
+        """Handle one decoded message. Raises ProtocolError to drop the peer."""
+        if isinstance(message, p.SyncUpdate | p.SyncStep2):
+            self._receive_update(ps, message.update)
+        elif isinstance(message, p.SyncStep1):
+            try:
+                update = self.doc.get_update(message.state_vector)
+            except ValueError:
+                raise p.ProtocolError("invalid state vector") from None
+            ps.peer.send(p.encode_sync_step2(update))
+        elif isinstance(message, p.AwarenessMessage):
+            self._receive_awareness(ps, message.entries)
+        elif isinstance(message, p.QueryAwareness):
+            live = self._live_awareness()
+            ps.peer.send(p.encode_awareness(live))
+            for entry in live:
+                self.awareness[entry.client_id].seen_epoch = max(
+                    self.awareness[entry.client_id].seen_epoch, ps.epoch
+                )
+        elif isinstance(message, p.Control):
+            self._receive_control(ps, message)
+
+    def _receive_update(self, ps: PeerState, update: bytes) -> None:
+        ps.updates_received += 1
+        self.stats["updates_in"] += 1
+        if update != p.EMPTY_UPDATE:
+            try:
+                self.doc.apply_update(update)
+            except ValueError as exc:
+                raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
+            # The raw update is stored (not only its integrated delta), so
+            # structs still waiting for missing dependencies survive a restart.
+            self._to_store.append(update)
+        self._to_ack[ps] = ps.updates_received
+        self.last_active = time.monotonic()
+        self._schedule_flush()
+
+    def _on_doc_update(self, event: pycrdt.TransactionEvent) -> None:
+        self._outgoing.append(event.update)
+
+    def _receive_awareness(self, ps: PeerState, entries: tuple[p.AwarenessEntry, ...]) -> None:
+        limit = self.config.max_awareness_state_bytes
+        changed = False
+        for entry in entries:
+            cid = entry.client_id
+            if entry.state is not None:
+                if len(entry.state) > limit and len(entry.state.encode()) > limit:
+                    ps.control(
+                        {
+                            "type": "error",
+                            "code": "awareness_too_large",
+                            "message": f"awareness state of client {cid} exceeds {limit} bytes; dropped",
+                        }
+                    )
+                    continue
+                p.parse_awareness_state(entry.state)  # malformed JSON drops the peer
+            rec = self.awareness.get(cid)
+            if rec is None:
+                if entry.state is None:
+                    continue
+                self.awareness[cid] = AwarenessRecord(entry.clock, entry.state, ps)
+                ps.client_ids.add(cid)
+                self._awareness_out[cid] = entry
+                changed = True
+            elif rec.owner is ps:
+                if entry.clock > rec.clock or (
+                    entry.clock == rec.clock and entry.state is None and rec.state is not None
+                ):
+                    rec.clock = entry.clock
+                    rec.state = entry.state
+                    self._awareness_out[cid] = entry
+                    changed = True
+            elif rec.owner is None:
+                # A removed client id. Its owner may be back on a new connection
+                # with the clock it had; a peer that already saw the old state
+                # may only be echoing it. Only a newer clock, or a peer that
+                # joined after the state was last sent out, may revive it.
+                if entry.state is None:
+                    continue
+                if entry.clock > rec.clock or ps.epoch > rec.seen_epoch:
+                    clock = max(entry.clock, rec.clock + 1)
+                    rec.clock, rec.state, rec.owner = clock, entry.state, ps
+                    ps.client_ids.add(cid)
+                    self._awareness_out[cid] = p.AwarenessEntry(cid, clock, entry.state)
+                    changed = True
+            # else: owned by another live peer. Stock clients re-send others'
+            # states; silently ignoring them is what stops the echo loop.
+        if changed:
+            self._schedule_flush()
+
+    def _receive_control(self, ps: PeerState, message: p.Control) -> None:
+        if message.type == "hello":
+            ps.wants_control = True
+            ps.control(
+                {
+                    "type": "welcome",
+                    "server": "datasource-collab",
+                    "version": self.config.server_version,
+                    "protocol": p.PROTOCOL_VERSION,
+                    "workspace": self.workspace_id,
+                    "limits": self.config.limits,
+                    "saved_seq": self.durable_seq,
+                    **({"id": message.body["id"]} if "id" in message.body else {}),
+                }
+            )
+            return
+        if not ps.wants_control:
+            raise p.ProtocolError("send 'hello' before other control messages", p.CLOSE_POLICY)
+        handler = self.control_handlers.get(message.type)
+        if handler is not None:
+            handler(self, ps, message)
+        elif message.type == "ping":
+            ps.control({"type": "pong", **_ref(message)})
+        else:
+            ps.control(
+                {
+                    "type": "error",
+                    "code": "unknown_type",
+                    "message": f"unknown control message type {message.type!r}",
+                    **_ref(message),
+                }
+            )
+
+    # -------------------------------------------------------------- flush
+
+    def _schedule_flush(self, immediate: bool = False) -> None:
+        if self._flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        interval = self.config.flush_interval
+        if interval > 0 and not immediate:
+            self._flush_handle = loop.call_later(interval, self.flush)
+        else:
+            self._flush_handle = loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send merged updates and awareness to every peer; start persisting."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self.stats["flushes"] += 1
+        frames = []
+        if self._outgoing:
+            outgoing = self._outgoing
+            self._outgoing = []
+            merged = outgoing[0] if len(outgoing) == 1 else pycrdt.merge_updates(*outgoing)
+            frames.append(p.encode_sync_update(merged))
+        if self._awareness_out:
+            entries = list(self._awareness_out.values())
+            self._awareness_out = {}
+            frames.append(p.encode_awareness(entries))
+            for entry in entries:
+                rec = self.awareness.get(entry.client_id)
+                if rec is not None and rec.state is not None:
+                    rec.seen_epoch = self._epoch
+        if frames:
+            for peer in list(self.peers):
+                for frame in frames:
+                    peer.send(frame)
+            self.stats["frames_out"] += len(frames) * len(self.peers)
+        if self._to_store or self._to_ack:
+            updates, acks = self._to_store, self._to_ack
+            self._to_store, self._to_ack = [], {}
+            self._persist_tail = asyncio.get_running_loop().create_task(
+                self._persist(updates, acks, self._persist_tail)
+            )
+
+    async def _persist(self, updates: list[bytes], acks: dict[PeerState, int], previous) -> None:
+        try:
+            seq = await self.store.append(self.workspace_id, updates) if updates else None
+        except StoreError as exc:
+            self._fail(f"storage failure: {exc}")
+            return
+        if previous is not None:
+            await asyncio.wait([previous])  # acks leave in the order updates arrived
+        if self.failed:
+            return
+        if seq is not None:
+            self.durable_seq = max(self.durable_seq, seq)
+            self._tail_updates += len(updates)
+            self._tail_bytes += sum(len(u) for u in updates)
+        for ps, count in acks.items():
+            if ps.alive and count > ps.updates_acked:
+                ps.updates_acked = count
+                ps.control({"type": "saved", "updates": count, "seq": self.durable_seq})
+        if (
+            self._tail_updates >= self.config.compact_every_updates
+            or self._tail_bytes >= self.config.compact_every_bytes
+        ) and not self._compacting:
+            await self._compact()
+
+    async def _compact(self) -> None:
+        self._compacting = True
+        try:
+            upto = self.durable_seq
+            # The in-memory document holds every durable update (and maybe a
+            # few newer ones, which is harmless: updates are idempotent).
+            snapshot = self.doc.get_update()
+            await self.store.compact(self.workspace_id, snapshot, upto)
+            self._snapshot_seq = upto
+            self._tail_updates = 0
+            self._tail_bytes = 0
+        except StoreError as exc:
+            log.warning("compaction of %s failed: %s", self.workspace_id, exc)
+        finally:
+            self._compacting = False
+
+    def _fail(self, reason: str) -> None:
+        """The store lost our writes: drop everyone so they resend on reconnect."""
+        if self.failed:
+            return
+        self.failed = reason
+        log.error("room %s failed: %s", self.workspace_id, reason)
+        for ps in list(self.peers.values()):
+            ps.control({"type": "error", "code": "storage_failure", "message": reason})
+            ps.peer.close(p.CLOSE_INTERNAL_ERROR, "storage failure")
+
+    async def drain(self) -> None:
+        """Flush and wait until everything received is durable."""
+        if self._flush_handle is not None or self._outgoing or self._to_store or self._to_ack:
+            self.flush()
+        tail = self._persist_tail
+        if tail is not None:
+            await asyncio.wait([tail])
+
+    # ------------------------------------------------------------ helpers
+
+    def _live_awareness(self) -> list[p.AwarenessEntry]:
+        return [
+            p.AwarenessEntry(cid, rec.clock, rec.state)
+            for cid, rec in self.awareness.items()
+            if rec.state is not None
+        ]
+
+    def _prune_tombstones(self, now: float) -> None:
+        horizon = now - self.config.tombstone_seconds
+        stale = [cid for cid, rec in self.awareness.items() if rec.owner is None and rec.removed_at < horizon]
+        for cid in stale:
+            del self.awareness[cid]
+
+
+def _ref(message: p.Control) -> dict[str, Any]:
+    """Echo a request's ``id`` so clients can match answers."""
+    return {"id": message.body["id"]} if "id" in message.body else {}

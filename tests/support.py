@@ -1,0 +1,115 @@
+"""Test helpers: real server processes on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m collab serve`` in a child process we own (and only that)."""
+
+    def __init__(self, data_dir: Path, log_path: Path, env: dict[str, str] | None = None, port: int = 0) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.env = env or {}
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env.setdefault("COLLAB_LOG_LEVEL", "info")
+        self._log = open(self.log_path, "ab")
+        offset = self._log.tell()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "collab", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            match = _LISTENING.search(self.log_path.read_bytes()[offset:].decode(errors="replace"))
+            if match:
+                self.port = int(match.group(2))
+                break
+            time.sleep(0.02)
+        else:
+            self.kill()
+            raise RuntimeError(f"server did not start within {timeout}s:\n{self.log()}")
+        # Listening is printed after startup; /healthz must answer too.
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.http_url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"/healthz never answered:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks, no flush."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait; SIGKILL if it does not exit in time."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else None
+
+    def restart(self) -> ServerProcess:
+        """Start again on the same port and data directory."""
+        return self.start()
+
+
+async def eventually(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll a condition with a bounded timeout (for state with no event to wait on)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
