@@ -164,6 +164,8 @@ class CollabClient:
 
     def _handle(self, msg: p.Message) -> None:
         if isinstance(msg, p.SyncStep1):
+            # The server counts a step 2 like an update in its `saved` acks.
+            self.updates_sent += 1
             asyncio.ensure_future(self.ws.send(p.encode_sync_step2(self.doc.get_update(msg.state_vector))))
         elif isinstance(msg, p.SyncStep2 | p.SyncUpdate):
             self._applying_remote = True
@@ -204,7 +206,9 @@ class CollabClient:
         async def loop() -> None:
             while not predicate():
                 if self.closed.is_set() and not predicate():
-                    raise ConnectionError(f"connection closed ({self.close_code} {self.close_reason}) waiting for {what}")
+                    raise ConnectionError(
+                        f"connection closed ({self.close_code} {self.close_reason}) waiting for {what}"
+                    )
                 fut = asyncio.get_running_loop().create_future()
                 self._waiters.append(fut)
                 await fut

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 
@@ -83,7 +83,7 @@ def read_var_uint(buf: bytes, pos: int) -> tuple[int, int]:
     result = 0
     shift = 0
     end = len(buf)
-    for i in range(_MAX_VARUINT_BYTES):
+    for _ in range(_MAX_VARUINT_BYTES):
         if pos >= end:
             raise ProtocolError("truncated varUint")
         byte = buf[pos]
@@ -167,7 +167,7 @@ class Control:
     body: dict[str, Any]
 
 
-Message = Union[SyncStep1, SyncStep2, SyncUpdate, AwarenessMessage, QueryAwareness, Control]
+Message = SyncStep1 | SyncStep2 | SyncUpdate | AwarenessMessage | QueryAwareness | Control
 
 
 def decode_message(frame: bytes) -> Message:
