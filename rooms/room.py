@@ -25,6 +25,7 @@ import pycrdt
 
 from collab import protocol as p
 from persistence.base import DocumentStore, StoreError
+from rooms.config import Changes, Rejection, UpdateGuard, config_snapshot, diff, restore
 
 log = logging.getLogger("collab.room")
 
@@ -81,6 +82,15 @@ class AwarenessRecord:
 ControlHandler = Callable[["Room", PeerState, p.Control], None]
 
 
+class RoomListener(Protocol):
+    """Optional lifecycle hooks (any subset of these methods may be defined)."""
+
+    def on_join(self, room: Room, peer: PeerState) -> None: ...
+    def on_leave(self, room: Room, peer: PeerState) -> None: ...
+    def on_awareness(self, room: Room, peer: PeerState, client_id: int, state: str | None) -> None: ...
+    def on_config_change(self, room: Room, peer: PeerState | None, changes: Changes, config: dict) -> None: ...
+
+
 class Room:
     def __init__(
         self,
@@ -88,11 +98,18 @@ class Room:
         store: DocumentStore,
         config: RoomConfig | None = None,
         control_handlers: Mapping[str, ControlHandler] | None = None,
+        guards: list[UpdateGuard] | None = None,
+        listeners: list[Any] | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.store = store
         self.config = config or RoomConfig()
         self.control_handlers = dict(control_handlers or {})
+        self.guards = list(guards or [])
+        self.listeners = list(listeners or [])
+        # Plain view of the `config` map, kept only when someone looks at it.
+        self.config_view: dict[str, Any] = {}
+        self._applying_client_update = False
         self.doc = pycrdt.Doc()
         self._doc_sub = self.doc.observe(self._on_doc_update)
         self.peers: dict[Peer, PeerState] = {}
@@ -127,6 +144,9 @@ class Room:
             for update in stored.updates:
                 self.doc.apply_update(update)
         self._outgoing.clear()  # the load is not news to anyone
+        self._to_store.clear()
+        if self._tracks_config:
+            self.config_view = config_snapshot(self.doc)
         self.durable_seq = stored.last_seq
         self._snapshot_seq = stored.snapshot_seq
         self._tail_updates = len(stored.updates)
@@ -149,6 +169,7 @@ class Room:
             peer.send(p.encode_awareness(live))
             for entry in live:
                 self.awareness[entry.client_id].seen_epoch = self._epoch
+        self._emit("on_join", ps)
         return ps
 
     def leave(self, peer: Peer) -> None:
@@ -172,6 +193,7 @@ class Room:
         self._prune_tombstones(now)
         if self._awareness_out:
             self._schedule_flush(immediate=True)
+        self._emit("on_leave", ps)
 
     @property
     def is_idle(self) -> bool:
@@ -205,23 +227,92 @@ class Room:
         ps.updates_received += 1
         self.stats["updates_in"] += 1
         if update != p.EMPTY_UPDATE:
+            self._applying_client_update = True
             try:
                 self.doc.apply_update(update)
             except ValueError as exc:
                 raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
+            finally:
+                self._applying_client_update = False
             # The raw update is stored (not only its integrated delta), so
             # structs still waiting for missing dependencies survive a restart.
             self._to_store.append(update)
+            if self._tracks_config:
+                self._check_config(ps)
         self._to_ack[ps] = ps.updates_received
         self.last_active = time.monotonic()
         self._schedule_flush()
 
     def _on_doc_update(self, event: pycrdt.TransactionEvent) -> None:
-        self._outgoing.append(event.update)
+        update = event.update
+        self._outgoing.append(update)
+        if not self._applying_client_update and self.loaded:
+            # A change made by the server itself (compensation, seeding):
+            # it is stored like a client's update.
+            self._to_store.append(update)
+            self._schedule_flush()
+
+    # ------------------------------------------------------- configuration
+
+    @property
+    def _tracks_config(self) -> bool:
+        return bool(self.guards) or any(hasattr(x, "on_config_change") for x in self.listeners)
+
+    def _check_config(self, ps: PeerState | None) -> None:
+        """Run the guards over what an update changed; compensate rejections."""
+        old = self.config_view
+        new = config_snapshot(self.doc)
+        if new == old:
+            return
+        changes = diff(old, new)
+        rejections: list[Rejection] = []
+        for guard in self.guards:
+            found = guard.check(self, ps, changes, new)
+            if not found:
+                continue
+            rejections.extend(found)
+            with self.doc.transaction(origin="server"):
+                for rejection in found:
+                    for path in rejection.paths:
+                        restore(self.doc, path, old)
+            new = config_snapshot(self.doc)
+            changes = diff(old, new)
+            if not changes:
+                break
+        self.config_view = new
+        if ps is not None:
+            for rejection in rejections:
+                ps.control(
+                    {"type": "rejected", "paths": rejection.paths, "reason": rejection.reason, **rejection.details}
+                )
+        if changes:
+            self._emit("on_config_change", ps, changes, new)
+
+    def change_config(self, fn: Callable[[pycrdt.Map], None], author: PeerState | None = None) -> None:
+        """Make a server-side change to the configuration map (stored and broadcast)."""
+        from rooms.config import config_map
+
+        with self.doc.transaction(origin="server"):
+            fn(config_map(self.doc))
+        if self._tracks_config:
+            new = config_snapshot(self.doc)
+            changes = diff(self.config_view, new)
+            self.config_view = new
+            if changes:
+                self._emit("on_config_change", author, changes, new)
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for listener in self.listeners:
+            method = getattr(listener, hook, None)
+            if method is not None:
+                try:
+                    method(self, *args)
+                except Exception:
+                    log.exception("%s hook failed in %s", hook, self.workspace_id)
 
     def _receive_awareness(self, ps: PeerState, entries: tuple[p.AwarenessEntry, ...]) -> None:
         limit = self.config.max_awareness_state_bytes
-        changed = False
+        accepted: list[p.AwarenessEntry] = []
         for entry in entries:
             cid = entry.client_id
             if entry.state is not None:
@@ -242,7 +333,7 @@ class Room:
                 self.awareness[cid] = AwarenessRecord(entry.clock, entry.state, ps)
                 ps.client_ids.add(cid)
                 self._awareness_out[cid] = entry
-                changed = True
+                accepted.append(entry)
             elif rec.owner is ps:
                 if entry.clock > rec.clock or (
                     entry.clock == rec.clock and entry.state is None and rec.state is not None
@@ -250,7 +341,7 @@ class Room:
                     rec.clock = entry.clock
                     rec.state = entry.state
                     self._awareness_out[cid] = entry
-                    changed = True
+                    accepted.append(entry)
             elif rec.owner is None:
                 # A removed client id. Its owner may be back on a new connection
                 # with the clock it had; a peer that already saw the old state
@@ -263,11 +354,14 @@ class Room:
                     rec.clock, rec.state, rec.owner = clock, entry.state, ps
                     ps.client_ids.add(cid)
                     self._awareness_out[cid] = p.AwarenessEntry(cid, clock, entry.state)
-                    changed = True
+                    accepted.append(entry)
             # else: owned by another live peer. Stock clients re-send others'
             # states; silently ignoring them is what stops the echo loop.
-        if changed:
+        if accepted:
             self._schedule_flush()
+            if self.listeners:
+                for entry in accepted:
+                    self._emit("on_awareness", ps, entry.client_id, entry.state)
 
     def _receive_control(self, ps: PeerState, message: p.Control) -> None:
         if message.type == "hello":

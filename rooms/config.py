@@ -1,0 +1,123 @@
+"""The workspace configuration inside the CRDT document, as paths.
+
+The configuration lives in the top-level Y.Map ``config``; nested maps make
+paths such as ``connection.host``. Guards (locks, validation, roles) look at
+the leaf-level changes an update made and may reject some paths; rejected
+paths are put back by a compensating server change that every peer, stock
+clients included, receives like any other update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pycrdt
+
+CONFIG_MAP = "config"
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+Changes = dict[str, tuple[Any, Any]]  # path -> (old value or MISSING, new value or MISSING)
+
+
+@dataclass(slots=True)
+class Rejection:
+    """Paths a guard refuses, and why (sent to the author as ``rejected``)."""
+
+    paths: list[str]
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class UpdateGuard(Protocol):
+    """Decides which configuration changes of an update stand."""
+
+    def check(self, room: Any, peer: Any, changes: Changes, config: dict[str, Any]) -> list[Rejection]:
+        """Return rejections (empty list: everything stands)."""
+
+
+def config_map(doc: pycrdt.Doc) -> pycrdt.Map:
+    return doc.get(CONFIG_MAP, type=pycrdt.Map)
+
+
+def config_snapshot(doc: pycrdt.Doc) -> dict[str, Any]:
+    """The configuration as plain JSON-like data."""
+    return config_map(doc).to_py() or {}
+
+
+def diff(old: Any, new: Any, prefix: str = "") -> Changes:
+    """Leaf-level differences between two plain configurations.
+
+    A map that appears or disappears is reported leaf by leaf, so a guard on
+    ``connection.host`` sees ``connection.host`` even when the whole
+    ``connection`` map was created or deleted in one update. A map replaced
+    by a scalar (or the reverse) is reported at the map's own path.
+    """
+    maps_or_missing = (isinstance(old, dict) or old is MISSING) and (isinstance(new, dict) or new is MISSING)
+    non_empty = (isinstance(old, dict) and bool(old)) or (isinstance(new, dict) and bool(new))
+    if maps_or_missing and non_empty:
+        a = old if isinstance(old, dict) else {}
+        b = new if isinstance(new, dict) else {}
+        changes: Changes = {}
+        for key in a.keys() | b.keys():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            changes.update(diff(a.get(key, MISSING), b.get(key, MISSING), path))
+        return changes
+    if old != new or type(old) is not type(new):
+        return {prefix: (old, new)}
+    return {}
+
+
+def get_path(config: dict[str, Any], path: str) -> Any:
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
+def _to_prelim(value: Any) -> Any:
+    if isinstance(value, dict):
+        return pycrdt.Map({k: _to_prelim(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return pycrdt.Array([_to_prelim(v) for v in value])
+    return value
+
+
+def restore(doc: pycrdt.Doc, path: str, old_config: dict[str, Any]) -> None:
+    """Put ``path`` back to its value in ``old_config`` (inside a transaction)."""
+    parts = path.split(".")
+    node: Any = config_map(doc)
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, pycrdt.Map) else None
+        if not isinstance(child, pycrdt.Map):
+            # The parent itself was replaced or removed: restore the parent.
+            restore(doc, ".".join(parts[: depth + 1]), old_config)
+            return
+        node = child
+    old = get_path(old_config, path)
+    key = parts[-1]
+    if old is MISSING:
+        if key in node:
+            del node[key]
+    else:
+        node[key] = _to_prelim(old)
+
+
+def covers(lock_path: str, path: str) -> bool:
+    """A lock on ``a.b`` covers ``a.b`` and ``a.b.c`` but not ``a.bc``."""
+    return path == lock_path or path.startswith(lock_path + ".")
+
+
+def overlaps(a: str, b: str) -> bool:
+    return covers(a, b) or covers(b, a)
