@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket
 
 from collab import __version__
 from collab import protocol as p
+from collab.auth import AuthError, Authenticator, DevelopmentAuthenticator
 from collab.connection import WebSocketPeer
 from collab.settings import Settings
 from persistence.base import DocumentStore
@@ -37,8 +38,14 @@ WORKSPACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 class App:
     """Everything one server instance owns."""
 
-    def __init__(self, settings: Settings, store: DocumentStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: DocumentStore | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self.settings = settings
+        self.authenticator: Authenticator = authenticator or DevelopmentAuthenticator()
         self.store: DocumentStore = store or SQLiteDocumentStore(
             settings.database_path, synchronous=settings.sqlite_synchronous
         )
@@ -103,6 +110,11 @@ class App:
             await ws.close(p.CLOSE_RESTART, "server shutting down")
             return
         try:
+            identity = await self.authenticator.authenticate(ws, workspace_id)
+        except AuthError as exc:
+            await ws.close(exc.code, exc.reason)
+            return
+        try:
             room = await self.rooms.open_room(workspace_id)
         except Exception:
             log.exception("cannot load workspace %s", workspace_id)
@@ -115,7 +127,7 @@ class App:
             label=f"{workspace_id} {client.host}:{client.port}" if client else workspace_id,
         )
         self.peers.add(peer)
-        state = room.join(peer)
+        state = room.join(peer, identity)
         reader = asyncio.get_running_loop().create_task(self._read_loop(ws, peer, room, state))
         try:
             await peer.closed
@@ -154,10 +166,14 @@ class App:
             peer.close(p.CLOSE_INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
 
 
-def create_app(settings: Settings | None = None, store: DocumentStore | None = None) -> Starlette:
+def create_app(
+    settings: Settings | None = None,
+    store: DocumentStore | None = None,
+    authenticator: Authenticator | None = None,
+) -> Starlette:
     """Build the Starlette application and everything it owns."""
     settings = settings or Settings()
-    core = App(settings, store)
+    core = App(settings, store, authenticator)
     app = Starlette(
         routes=[
             Route("/healthz", core.healthz),

@@ -57,7 +57,7 @@ class PeerState:
 
     peer: Peer
     epoch: int
-    identity: dict[str, Any] = field(default_factory=dict)
+    identity: Any = None  # collab.auth.Identity when joined through the server
     wants_control: bool = False
     client_ids: set[int] = field(default_factory=set)
     updates_received: int = 0
@@ -155,11 +155,11 @@ class Room:
 
     # --------------------------------------------------------- membership
 
-    def join(self, peer: Peer, identity: dict[str, Any] | None = None) -> PeerState:
+    def join(self, peer: Peer, identity: Any = None) -> PeerState:
         """Register a peer and send it our step 1 and the known awareness."""
         assert self.loaded, "join before load"
         self._epoch += 1
-        ps = PeerState(peer=peer, epoch=self._epoch, identity=identity or {})
+        ps = PeerState(peer=peer, epoch=self._epoch, identity=identity)
         self.peers[peer] = ps
         self.last_active = time.monotonic()
         # Our step 1 makes the client send what we lack (its offline edits).
@@ -316,7 +316,7 @@ class Room:
         for entry in entries:
             cid = entry.client_id
             if entry.state is not None:
-                if len(entry.state) > limit and len(entry.state.encode()) > limit:
+                if len(entry.state) > limit or len(entry.state.encode()) > limit:
                     ps.control(
                         {
                             "type": "error",
@@ -469,8 +469,17 @@ class Room:
         try:
             upto = self.durable_seq
             # The in-memory document holds every durable update (and maybe a
-            # few newer ones, which is harmless: updates are idempotent).
+            # few newer ones, which is harmless: updates are idempotent) --
+            # except what pycrdt still holds back: structs and deletions
+            # waiting for a missing dependency are left out of get_update().
+            # The stored updates that carry some are merged into the snapshot.
+            stored = await self.store.load(self.workspace_id)
             snapshot = self.doc.get_update()
+            state = self.doc.get_state()
+            held = [stored.snapshot] if stored.snapshot is not None else []
+            pending = [u for u in held + stored.updates if not _integrated(u, state)]
+            if pending:
+                snapshot = pycrdt.merge_updates(snapshot, *pending)
             await self.store.compact(self.workspace_id, snapshot, upto)
             self._snapshot_seq = upto
             self._tail_updates = 0
@@ -512,6 +521,32 @@ class Room:
         stale = [cid for cid, rec in self.awareness.items() if rec.owner is None and rec.removed_at < horizon]
         for cid in stale:
             del self.awareness[cid]
+
+
+def _integrated(update: bytes, state: bytes) -> bool:
+    """Whether a document with state vector ``state`` holds all of ``update``."""
+    try:
+        diff = pycrdt.get_update(update, state)  # what the update has beyond `state`
+        if diff[:1] != b"\x00":
+            return False  # structs the document lacks
+        known: dict[int, int] = {}
+        count, pos = p.read_var_uint(state, 0)
+        for _ in range(count):
+            client, pos = p.read_var_uint(state, pos)
+            known[client], pos = p.read_var_uint(state, pos)
+        # No structs left: the rest is the update's delete set.
+        count, pos = p.read_var_uint(diff, 1)
+        for _ in range(count):
+            client, pos = p.read_var_uint(diff, pos)
+            ranges, pos = p.read_var_uint(diff, pos)
+            for _ in range(ranges):
+                clock, pos = p.read_var_uint(diff, pos)
+                length, pos = p.read_var_uint(diff, pos)
+                if clock + length > known.get(client, 0):
+                    return False  # deletes items the document does not have yet
+    except (ValueError, p.ProtocolError):
+        return False
+    return True
 
 
 def _ref(message: p.Control) -> dict[str, Any]:
