@@ -21,7 +21,7 @@ from starlette.websockets import WebSocket
 
 from collab import __version__
 from collab import protocol as p
-from collab.auth import AuthError, Authenticator, DevelopmentAuthenticator
+from collab.auth import Authenticator, AuthError, DevelopmentAuthenticator
 from collab.connection import WebSocketPeer
 from collab.settings import Settings
 from persistence.base import DocumentStore
