@@ -23,11 +23,12 @@ from collab import __version__
 from collab import protocol as p
 from collab.auth import Authenticator, AuthError, DevelopmentAuthenticator
 from collab.connection import WebSocketPeer
+from collab.extensions import Extension
 from collab.settings import Settings
 from persistence.base import DocumentStore
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.manager import RoomManager
-from rooms.room import RoomConfig
+from rooms.room import Room, RoomConfig
 
 log = logging.getLogger("collab.app")
 
@@ -43,8 +44,10 @@ class App:
         settings: Settings,
         store: DocumentStore | None = None,
         authenticator: Authenticator | None = None,
+        extensions: list[Extension] | None = None,
     ) -> None:
         self.settings = settings
+        self.extensions: list[Extension] = list(extensions or [])
         self.authenticator: Authenticator = authenticator or DevelopmentAuthenticator()
         self.store: DocumentStore = store or SQLiteDocumentStore(
             settings.database_path, synchronous=settings.sqlite_synchronous
@@ -61,13 +64,44 @@ class App:
                 "peer_queue_frames": settings.peer_queue_frames,
             },
         )
-        self.rooms = RoomManager(self.store, self.room_config, idle_grace=settings.room_idle_seconds)
+        self.rooms = RoomManager(
+            self.store, self.room_config, idle_grace=settings.room_idle_seconds, room_factory=self._make_room
+        )
         self.peers: set[WebSocketPeer] = set()
         self.accepting = False
+
+    def _make_room(self, workspace_id: str) -> Room:
+        handlers: dict = {}
+        guards: list = []
+        listeners: list = []
+        for ext in self.extensions:
+            handlers.update(ext.control_handlers())
+            guards.extend(ext.guards())
+            listeners.extend(ext.listeners())
+        return Room(
+            workspace_id,
+            self.store,
+            self.room_config,
+            control_handlers=handlers,
+            guards=guards,
+            listeners=listeners,
+        )
+
+    def routes(self) -> list:
+        routes = [
+            Route("/healthz", self.healthz),
+            Route("/readyz", self.readyz),
+            WebSocketRoute("/ws/{workspace_id}", self.websocket),
+        ]
+        for ext in self.extensions:
+            routes.extend(ext.routes())
+        return routes
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette):
         await self.store.open()
+        for ext in self.extensions:
+            await ext.start(self)
         self.accepting = True
         log.info("store open at %s", getattr(self.store, "path", self.store))
         try:
@@ -81,6 +115,11 @@ class App:
         await self.rooms.close()
         for peer in list(self.peers):
             peer.close(p.CLOSE_RESTART, "server restarting")
+        for ext in reversed(self.extensions):
+            try:
+                await ext.stop()
+            except Exception:
+                log.exception("stopping extension %s failed", ext.name)
         await self.store.close()
 
     # ---------------------------------------------------------- endpoints
@@ -98,6 +137,14 @@ class App:
         except Exception as exc:
             checks["store"] = f"error: {exc}"
             ok = False
+        for ext in self.extensions:
+            try:
+                async with asyncio.timeout(2):
+                    await ext.check()
+                checks[ext.name] = "ok"
+            except Exception as exc:
+                checks[ext.name] = f"error: {exc}"
+                ok = False
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
     async def websocket(self, ws: WebSocket) -> None:
@@ -170,17 +217,18 @@ def create_app(
     settings: Settings | None = None,
     store: DocumentStore | None = None,
     authenticator: Authenticator | None = None,
+    extensions: list[Extension] | None = None,
 ) -> Starlette:
     """Build the Starlette application and everything it owns."""
     settings = settings or Settings()
-    core = App(settings, store, authenticator)
-    app = Starlette(
-        routes=[
-            Route("/healthz", core.healthz),
-            Route("/readyz", core.readyz),
-            WebSocketRoute("/ws/{workspace_id}", core.websocket),
-        ],
-        lifespan=core.lifespan,
-    )
+    if extensions is None:
+        extensions = default_extensions(settings)
+    core = App(settings, store, authenticator, extensions)
+    app = Starlette(routes=core.routes(), lifespan=core.lifespan)
     app.state.core = core
     return app
+
+
+def default_extensions(settings: Settings) -> list[Extension]:
+    """The features a server built from settings runs with, in hook order."""
+    return []

@@ -1,0 +1,47 @@
+"""Extensions: how features (locks, presence, forwarding...) plug into the app.
+
+An extension contributes any of: control-message handlers, update guards,
+room listeners (lifecycle hooks), HTTP routes, and start/stop/readiness
+coroutines. ``create_app`` builds the rooms with the union of what every
+extension contributes, in the order the extensions are listed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from starlette.routing import BaseRoute
+
+from rooms.config import UpdateGuard
+from rooms.room import ControlHandler
+
+if TYPE_CHECKING:
+    from collab.app import App
+
+
+class Extension:
+    """Base class with empty defaults; override what the feature needs."""
+
+    name = "extension"
+
+    def control_handlers(self) -> dict[str, ControlHandler]:
+        return {}
+
+    def guards(self) -> list[UpdateGuard]:
+        return []
+
+    def listeners(self) -> list[Any]:
+        """Room listeners (objects with on_join/on_leave/on_awareness/on_config_change)."""
+        return []
+
+    def routes(self) -> list[BaseRoute]:
+        return []
+
+    async def start(self, app: App) -> None:
+        """Called once at startup, after the document store is open."""
+
+    async def stop(self) -> None:
+        """Called once at shutdown, after rooms are flushed, before the store closes."""
+
+    async def check(self) -> None:
+        """Raise if the extension cannot serve (reported by /readyz)."""
