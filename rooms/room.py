@@ -15,6 +15,7 @@ append per flush; ``saved`` acks follow once the append is durable.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -82,8 +83,17 @@ class AwarenessRecord:
 ControlHandler = Callable[["Room", PeerState, p.Control], None]
 
 
+class AwarenessRejected(Exception):
+    """Raised by an awareness filter: the entry is dropped, the sender told why."""
+
+
 class RoomListener(Protocol):
-    """Optional lifecycle hooks (any subset of these methods may be defined)."""
+    """Optional lifecycle hooks (any subset of these methods may be defined).
+
+    ``filter_awareness(room, peer, client_id, state) -> state`` may rewrite a
+    parsed awareness state (e.g. stamp the authenticated user) or raise
+    AwarenessRejected; it runs before the state is accepted.
+    """
 
     def on_join(self, room: Room, peer: PeerState) -> None: ...
     def on_leave(self, room: Room, peer: PeerState) -> None: ...
@@ -107,6 +117,7 @@ class Room:
         self.control_handlers = dict(control_handlers or {})
         self.guards = list(guards or [])
         self.listeners = list(listeners or [])
+        self._awareness_filters = [x.filter_awareness for x in self.listeners if hasattr(x, "filter_awareness")]
         # Plain view of the `config` map, kept only when someone looks at it.
         self.config_view: dict[str, Any] = {}
         self._applying_client_update = False
@@ -325,7 +336,15 @@ class Room:
                         }
                     )
                     continue
-                p.parse_awareness_state(entry.state)  # malformed JSON drops the peer
+                parsed = p.parse_awareness_state(entry.state)  # malformed JSON drops the peer
+                if self._awareness_filters:
+                    try:
+                        for awareness_filter in self._awareness_filters:
+                            parsed = awareness_filter(self, ps, cid, parsed)
+                    except AwarenessRejected as exc:
+                        ps.control({"type": "error", "code": "awareness_rejected", "message": str(exc)})
+                        continue
+                    entry = p.AwarenessEntry(cid, entry.clock, json.dumps(parsed, separators=(",", ":")))
             rec = self.awareness.get(cid)
             if rec is None:
                 if entry.state is None:

@@ -25,3 +25,6 @@ def server_factory(tmp_path):
 @pytest.fixture
 def server(server_factory) -> ServerProcess:
     return server_factory()
+
+
+from tests.redis_support import redis_factory, redis_server  # noqa: E402,F401  (fixtures)
