@@ -231,4 +231,8 @@ def create_app(
 
 def default_extensions(settings: Settings) -> list[Extension]:
     """The features a server built from settings runs with, in hook order."""
-    return []
+    from forwarding.extension import ForwardingExtension
+
+    # Forwarding goes last: its validation guard sees what other guards (locks)
+    # let through, and it finds their ``fence_for`` among the extensions.
+    return [ForwardingExtension()]

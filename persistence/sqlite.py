@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from persistence.base import StoredDocument, StoreError
+from persistence.outbox import OUTBOX_SCHEMA, ChangeRecord, SQLiteOutboxMixin, write_records
 
 log = logging.getLogger("collab.store")
 
@@ -41,13 +42,16 @@ _STOP = object()
 
 
 class _Append:
-    __slots__ = ("workspace", "updates", "future", "loop")
+    __slots__ = ("workspace", "updates", "future", "loop", "outbox")
 
-    def __init__(self, workspace: str, updates: list[bytes], future: asyncio.Future, loop) -> None:
+    def __init__(
+        self, workspace: str, updates: list[bytes], future: asyncio.Future, loop, outbox: list | None = None
+    ) -> None:
         self.workspace = workspace
         self.updates = updates
         self.future = future
         self.loop = loop
+        self.outbox = outbox
 
 
 class _Call:
@@ -68,8 +72,12 @@ def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | 
         future.set_result(result)
 
 
-class SQLiteDocumentStore:
-    """DocumentStore on one SQLite file; see the module docstring."""
+class SQLiteDocumentStore(SQLiteOutboxMixin):
+    """DocumentStore on one SQLite file; see the module docstring.
+
+    Also an ``OutboxStore`` (persistence/outbox.py): outbox and audit rows
+    passed to ``append`` commit in the same transaction as the updates.
+    """
 
     def __init__(self, path: str | Path, synchronous: str = "FULL", max_batch: int = 4096) -> None:
         self.path = Path(path)
@@ -107,12 +115,14 @@ class SQLiteDocumentStore:
     async def load(self, workspace_id: str) -> StoredDocument:
         return await self._call(lambda db: self._load(db, workspace_id))
 
-    async def append(self, workspace_id: str, updates: list[bytes]) -> int:
+    async def append(
+        self, workspace_id: str, updates: list[bytes], outbox: list[ChangeRecord] | None = None
+    ) -> int:
         if self._thread is None:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Append(workspace_id, list(updates), future, loop))
+        self._queue.put(_Append(workspace_id, list(updates), future, loop, list(outbox) if outbox else None))
         return await future
 
     async def compact(self, workspace_id: str, snapshot: bytes, upto_seq: int) -> None:
@@ -137,6 +147,7 @@ class SQLiteDocumentStore:
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
+        db.executescript(OUTBOX_SCHEMA)
         return db
 
     def _run(self) -> None:
@@ -193,6 +204,7 @@ class SQLiteDocumentStore:
             return
         results: list[int] = []
         touched: dict[str, int] = {}
+        recorded: list = []
         try:
             db.execute("BEGIN IMMEDIATE")
             rows = []
@@ -211,6 +223,10 @@ class SQLiteDocumentStore:
                 "ON CONFLICT(workspace) DO UPDATE SET last_seq=excluded.last_seq",
                 list(touched.items()),
             )
+            change_seqs: dict[str, int] = {}
+            for item in appends:
+                if item.outbox:
+                    recorded.extend(write_records(db, item.workspace, item.outbox, change_seqs))
             db.execute("COMMIT")
         except BaseException as exc:
             if db.in_transaction:
@@ -223,6 +239,8 @@ class SQLiteDocumentStore:
                 item.loop.call_soon_threadsafe(_resolve, item.future, None, error)
             return
         self._last_seq.update(touched)
+        for record, change_seq, audit_id in recorded:
+            record.seq, record.audit_id = change_seq, audit_id
         for item, seq in zip(appends, results):
             item.loop.call_soon_threadsafe(_resolve, item.future, seq)
 
