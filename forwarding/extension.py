@@ -141,6 +141,7 @@ class ForwardingExtension(Extension):
                 "and will be delivered once a backend is configured"
             )
             return
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self.forwarder = Forwarder(self.settings, self.store, self._report)
         await self.forwarder.start()
         log.info(

@@ -48,6 +48,8 @@ def load_model(spec: str | None) -> type[BaseModel] | None:
 
 
 def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)  # pycrdt reads every number as a float
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
