@@ -17,9 +17,13 @@ only after the previous one is finished, so per-workspace order holds.
   request has failed for longer than ``forward_dead_letter_seconds`` its rows
   go to the dead-letter list (API: retry or discard) and the lane moves on.
 
-When any lane gets through after the backend was unreachable, lanes waiting
-in backoff retry at once (with a little jitter) instead of sleeping out
-their backoff, so a backlog drains as soon as the backend is back.
+Circuit breaker: when the backend is unreachable (connection error,
+timeout, 502/503/504), delivery pauses for every workspace and a single lane
+probes it with its request, backing off exponentially (with jitter, at most
+``forward_backoff_max_ms``). As soon as the probe gets an answer, every lane
+resumes, so a backlog starts draining within one backoff interval of the
+backend's return, without a herd of retries while it is down. Other
+failures (a 500 for one data source) back off per lane.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from persistence.outbox import BACKEND_REFUSED, DEAD_LETTERED, DELIVERED, REFUSE
 log = logging.getLogger("collab.forwarder")
 
 RETRYABLE_4XX = {408, 425, 429}
+UNAVAILABLE = {502, 503, 504}  # like a refused connection: the backend as a whole is not there
 IDLE_LANE_SECONDS = 30.0
 
 
@@ -108,7 +113,12 @@ class Forwarder:
         self.client: httpx.AsyncClient | None = None
         self.lanes: dict[str, _Lane] = {}
         self._limit = asyncio.Semaphore(settings.forward_concurrency)
-        self._recovered = asyncio.Event()  # replaced after each pulse: "the backend answers again"
+        # Circuit breaker: while the backend is unreachable, only the prober lane sends.
+        self._down = False
+        self._down_reason: str | None = None
+        self._down_failures = 0
+        self._prober: _Lane | None = None
+        self._state_changed = asyncio.Event()  # set and replaced on each change of the above
         self._stopping = False
         self.stats = {"requests": 0, "delivered": 0, "refused": 0, "failures": 0, "dead": 0}
 
@@ -314,106 +324,156 @@ class Forwarder:
             headers["X-Collab-Fence"] = str(head.fence)
         failures = head.attempts
         url = f"/data-sources/{quote(workspace, safe='')}"
-        while True:
-            recovered = self._recovered
-            status, body, error, retry_after = await self._send(url, payload, headers)
-            if status is not None and 200 <= status < 300:
+        reason = "backend unreachable"
+        try:
+            while True:
+                # While the backend is unreachable one lane probes it and the others wait
+                # for the outcome (no herd of retries; all go as soon as it answers).
+                while self._down and self._prober not in (None, lane):
+                    if time.time() - first_attempt >= s.forward_dead_letter_seconds:
+                        await self._dead_letter(lane, batch, key, payload, failures, self._down_reason or reason)
+                        return
+                    lane.retrying, lane.last_error = True, self._down_reason
+                    changed = self._state_changed
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), 5.0)
+                if self._down and self._prober is None:
+                    self._prober = lane
+                status, body, error, retry_after = await self._send(url, payload, headers)
+                if status is not None and 200 <= status < 300:
+                    self._backend_up()
+                    lane.retrying, lane.last_error, lane.next_try = False, None, None
+                    self.stats["delivered"] += 1
+                    seqs = await self._store_retry(self.store.outbox_finish, workspace, key, DELIVERED, time.time())
+                    log.debug("forwarded %s seq %d-%d (%s)", workspace, head.seq, last.seq, body)
+                    if isinstance(body, dict) and body.get("status") == "stale":
+                        log.warning(
+                            "backend already holds a newer version of %s (seq %s) than change %d: not applied",
+                            workspace,
+                            body.get("seq"),
+                            last.seq,
+                        )
+                    self.report(
+                        workspace,
+                        {
+                            "type": "forwarded",
+                            "seq": last.seq,
+                            "first_seq": head.seq,
+                            "pending": max(0, lane.recorded_seq - last.seq),
+                            "changes": len(seqs) or len(batch),
+                        },
+                    )
+                    return
+                if status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX:
+                    self._backend_up()
+                    lane.retrying, lane.last_error, lane.next_try = False, None, None
+                    self.stats["refused"] += 1
+                    log.warning("backend refused %s seq %d-%d: HTTP %d %s", workspace, head.seq, last.seq, status, body)
+                    audit = ChangeRecord(
+                        kind=BACKEND_REFUSED,
+                        author=None,
+                        changes=payload["changes"],
+                        reason=f"HTTP {status}",
+                        details={
+                            "status": status,
+                            "response": body,
+                            "first_seq": head.seq,
+                            "seq": last.seq,
+                            "key": key,
+                        },
+                        fence=head.fence,
+                    )
+                    audit.seq = last.seq
+                    await self._store_retry(self.store.outbox_finish, workspace, key, REFUSED, time.time(), audit)
+                    self.report(
+                        workspace,
+                        {
+                            "type": "forward.failed",
+                            "seq": last.seq,
+                            "first_seq": head.seq,
+                            "status": status,
+                            "paths": [c["path"] for c in payload["changes"]],
+                            "error": body,
+                            "retrying": False,
+                        },
+                    )
+                    return
+                # Transient: retry with backoff, or give up into the dead-letter list.
+                failures += 1
+                self.stats["failures"] += 1
+                reason = error or f"HTTP {status}"
+                lane.retrying, lane.last_error = True, reason
+                unreachable = status is None or status in UNAVAILABLE
+                if unreachable:
+                    if not self._down:
+                        log.warning("backend %s unreachable (%s): delivery paused, probing", self.base_url, reason)
+                    self._down, self._down_reason = True, reason
+                    if self._prober is None:
+                        self._prober = lane
+                    self._down_failures += 1
+                else:
+                    self._backend_up()  # it answered: the problem is this request's, not the backend's
+                await self._store_retry(self.store.outbox_failed_attempt, workspace, key, reason)
+                if time.time() - first_attempt >= s.forward_dead_letter_seconds:
+                    await self._dead_letter(lane, batch, key, payload, failures, reason)
+                    return
+                n = self._down_failures if unreachable else failures
+                delay = min(s.forward_backoff_max_ms, s.forward_backoff_initial_ms * 2 ** min(n - 1, 30)) / 1000.0
+                delay = delay * random.uniform(0.5, 1.0)
+                if retry_after is not None:
+                    delay = max(delay, min(retry_after, s.forward_backoff_max_ms / 1000.0))
+                lane.next_try = time.time() + delay
+                if not unreachable and (failures == 1 or failures % 10 == 0):
+                    log.warning(
+                        "forwarding %s seq %d-%d failed (%s); retry %d in %.1fs",
+                        workspace,
+                        head.seq,
+                        last.seq,
+                        reason,
+                        failures,
+                        delay,
+                    )
+                await asyncio.sleep(delay)
+        finally:
+            if self._prober is lane:
+                # Hand the probe over (dead-lettered, cancelled, or done).
+                self._prober = None
                 self._pulse()
-                lane.retrying, lane.last_error, lane.next_try = False, None, None
-                self.stats["delivered"] += 1
-                seqs = await self._store_retry(self.store.outbox_finish, workspace, key, DELIVERED, time.time())
-                log.debug("forwarded %s seq %d-%d (%s)", workspace, head.seq, last.seq, body)
-                self.report(
-                    workspace,
-                    {
-                        "type": "forwarded",
-                        "seq": last.seq,
-                        "first_seq": head.seq,
-                        "pending": max(0, lane.recorded_seq - last.seq),
-                        "changes": len(seqs) or len(batch),
-                    },
-                )
-                return
-            if status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX:
-                self._pulse()
-                lane.retrying, lane.last_error, lane.next_try = False, None, None
-                self.stats["refused"] += 1
-                log.warning("backend refused %s seq %d-%d: HTTP %d %s", workspace, head.seq, last.seq, status, body)
-                audit = ChangeRecord(
-                    kind=BACKEND_REFUSED,
-                    author=None,
-                    changes=payload["changes"],
-                    reason=f"HTTP {status}",
-                    details={"status": status, "response": body, "first_seq": head.seq, "seq": last.seq, "key": key},
-                    fence=head.fence,
-                )
-                audit.seq = last.seq
-                await self._store_retry(self.store.outbox_finish, workspace, key, REFUSED, time.time(), audit)
-                self.report(
-                    workspace,
-                    {
-                        "type": "forward.failed",
-                        "seq": last.seq,
-                        "first_seq": head.seq,
-                        "status": status,
-                        "paths": [c["path"] for c in payload["changes"]],
-                        "error": body,
-                        "retrying": False,
-                    },
-                )
-                return
-            # Transient: retry with backoff, or give up into the dead-letter list.
-            failures += 1
-            self.stats["failures"] += 1
-            reason = error or f"HTTP {status}"
-            lane.retrying, lane.last_error = True, reason
-            await self._store_retry(self.store.outbox_failed_attempt, workspace, key, reason)
-            if time.time() - first_attempt >= s.forward_dead_letter_seconds:
-                self.stats["dead"] += 1
-                log.error(
-                    "dead-lettering %s seq %d-%d after %d attempts: %s", workspace, head.seq, last.seq, failures, reason
-                )
-                audit = ChangeRecord(
-                    kind=DEAD_LETTERED,
-                    author=None,
-                    changes=payload["changes"],
-                    reason=reason,
-                    details={"first_seq": head.seq, "seq": last.seq, "key": key, "attempts": failures},
-                    fence=head.fence,
-                )
-                audit.seq = last.seq
-                await self._store_retry(self.store.outbox_dead, workspace, key, time.time(), audit)
-                lane.retrying, lane.next_try = False, None
-                self.report(
-                    workspace,
-                    {"type": "forward.dead", "seq": last.seq, "first_seq": head.seq, "key": key, "error": reason},
-                )
-                return
-            delay = min(s.forward_backoff_max_ms, s.forward_backoff_initial_ms * 2 ** min(failures - 1, 30)) / 1000.0
-            delay = delay * random.uniform(0.5, 1.0)
-            if retry_after is not None:
-                delay = max(delay, min(retry_after, s.forward_backoff_max_ms / 1000.0))
-            lane.next_try = time.time() + delay
-            if failures == 1 or failures % 10 == 0:
-                log.warning(
-                    "forwarding %s seq %d-%d failed (%s); retry %d in %.1fs",
-                    workspace,
-                    head.seq,
-                    last.seq,
-                    reason,
-                    failures,
-                    delay,
-                )
-            try:
-                # Another lane getting through means the backend is back: go now.
-                await asyncio.wait_for(recovered.wait(), delay)
-                await asyncio.sleep(random.uniform(0, min(delay, s.forward_backoff_initial_ms / 1000.0)))
-            except TimeoutError:
-                pass
+
+    async def _dead_letter(
+        self, lane: _Lane, batch: list[OutboxRow], key: str, payload: dict[str, Any], failures: int, reason: str
+    ) -> None:
+        head, last = batch[0], batch[-1]
+        self.stats["dead"] += 1
+        log.error(
+            "dead-lettering %s seq %d-%d after %d attempts: %s", lane.workspace, head.seq, last.seq, failures, reason
+        )
+        audit = ChangeRecord(
+            kind=DEAD_LETTERED,
+            author=None,
+            changes=payload["changes"],
+            reason=reason,
+            details={"first_seq": head.seq, "seq": last.seq, "key": key, "attempts": failures},
+            fence=head.fence,
+        )
+        audit.seq = last.seq
+        await self._store_retry(self.store.outbox_dead, lane.workspace, key, time.time(), audit)
+        lane.retrying, lane.next_try = False, None
+        self.report(
+            lane.workspace,
+            {"type": "forward.dead", "seq": last.seq, "first_seq": head.seq, "key": key, "error": reason},
+        )
+
+    def _backend_up(self) -> None:
+        if self._down:
+            log.warning("backend %s answers again: delivery resumes", self.base_url)
+            self._down, self._down_reason, self._down_failures, self._prober = False, None, 0, None
+            self._pulse()
 
     def _pulse(self) -> None:
-        self._recovered.set()
-        self._recovered = asyncio.Event()
+        """Wake every lane waiting for a change of the backend's state."""
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
 
     async def _send(
         self, url: str, payload: dict[str, Any], headers: dict[str, str]

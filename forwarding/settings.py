@@ -33,7 +33,9 @@ class ForwardingSettings(BaseSettings):
     forward_max_delay_ms: float = Field(5000.0, ge=0, description="...but never hold a change longer than this")
     forward_batch_max: int = Field(200, ge=1, description="changes coalesced into one request at most")
     forward_backoff_initial_ms: float = Field(500.0, gt=0)
-    forward_backoff_max_ms: float = Field(30000.0, gt=0)
+    forward_backoff_max_ms: float = Field(
+        10000.0, gt=0, description="longest wait between two attempts (one probe at a time while the backend is down)"
+    )
     forward_dead_letter_seconds: float = Field(
         86400.0, gt=0, description="a change still undelivered after failing this long goes to the dead-letter list"
     )

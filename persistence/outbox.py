@@ -278,7 +278,11 @@ def _row(r: tuple) -> OutboxRow:
 class SQLiteOutboxMixin:
     """OutboxStore on the SQLite document store (same thread, same file)."""
 
-    async def _call(self, fn):  # provided by SQLiteDocumentStore
+    # Provided by SQLiteDocumentStore: reads run alone; writes join the next group commit.
+    async def _call(self, fn):
+        raise NotImplementedError
+
+    async def _grouped(self, fn):
         raise NotImplementedError
 
     async def outbox_workspaces(self) -> list[str]:
@@ -311,18 +315,16 @@ class SQLiteOutboxMixin:
 
     async def outbox_claim(self, workspace: str, seqs: list[int], batch: str, at: float) -> None:
         def run(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
             db.executemany(
                 "UPDATE outbox SET batch=?, first_attempt_at=COALESCE(first_attempt_at, ?) "
                 "WHERE workspace=? AND seq=? AND (batch IS NULL OR batch=?)",
                 [(batch, at, workspace, seq, batch) for seq in seqs],
             )
-            db.execute("COMMIT")
 
-        await self._call(run)
+        await self._grouped(run)
 
     async def outbox_failed_attempt(self, workspace: str, batch: str, error: str) -> None:
-        await self._call(
+        await self._grouped(
             lambda db: db.execute(
                 "UPDATE outbox SET attempts=attempts+1, last_error=? WHERE workspace=? AND batch=?",
                 (error[:1000], workspace, batch),
@@ -333,7 +335,6 @@ class SQLiteOutboxMixin:
         self, workspace: str, batch: str, status: str, at: float, audit: ChangeRecord | None = None
     ) -> list[int]:
         def run(db: sqlite3.Connection) -> list[int]:
-            db.execute("BEGIN IMMEDIATE")
             seqs = [
                 r[0] for r in db.execute("SELECT seq FROM outbox WHERE workspace=? AND batch=?", (workspace, batch))
             ]
@@ -350,14 +351,12 @@ class SQLiteOutboxMixin:
             if audit is not None:
                 audit.seq = max(seqs) if seqs else audit.seq
                 write_records(db, workspace, [audit], {})
-            db.execute("COMMIT")
             return seqs
 
-        return await self._call(run)
+        return await self._grouped(run)
 
     async def outbox_dead(self, workspace: str, batch: str, at: float, audit: ChangeRecord) -> list[int]:
         def run(db: sqlite3.Connection) -> list[int]:
-            db.execute("BEGIN IMMEDIATE")
             seqs = [
                 r[0]
                 for r in db.execute(
@@ -371,10 +370,9 @@ class SQLiteOutboxMixin:
             )
             audit.seq = max(seqs) if seqs else audit.seq
             write_records(db, workspace, [audit], {})
-            db.execute("COMMIT")
             return seqs
 
-        return await self._call(run)
+        return await self._grouped(run)
 
     async def dead_letters(self, workspace: str) -> list[dict[str, Any]]:
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -407,7 +405,6 @@ class SQLiteOutboxMixin:
 
     async def dead_letter_retry(self, workspace: str, batch: str) -> int:
         def run(db: sqlite3.Connection) -> int:
-            db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
                 "UPDATE outbox SET state='pending', first_attempt_at=NULL, attempts=0 "
                 "WHERE workspace=? AND batch=? AND state='dead'",
@@ -420,14 +417,12 @@ class SQLiteOutboxMixin:
                 "UPDATE audit SET forward_status=? WHERE workspace=? AND seq=? AND kind=?",
                 [(PENDING, workspace, seq, ACCEPTED) for seq in seqs],
             )
-            db.execute("COMMIT")
             return cur.rowcount
 
-        return await self._call(run)
+        return await self._grouped(run)
 
     async def dead_letter_discard(self, workspace: str, batch: str, at: float) -> int:
         def run(db: sqlite3.Connection) -> int:
-            db.execute("BEGIN IMMEDIATE")
             seqs = [
                 r[0]
                 for r in db.execute(
@@ -439,10 +434,9 @@ class SQLiteOutboxMixin:
                 "UPDATE audit SET forward_status=?, forwarded_at=? WHERE workspace=? AND seq=? AND kind=?",
                 [(DISCARDED, at, workspace, seq, ACCEPTED) for seq in seqs],
             )
-            db.execute("COMMIT")
             return len(seqs)
 
-        return await self._call(run)
+        return await self._grouped(run)
 
     async def forward_status(self, workspace: str) -> dict[str, Any]:
         def run(db: sqlite3.Connection) -> dict[str, Any]:

@@ -63,6 +63,12 @@ class _Call:
         self.loop = loop
 
 
+class _Grouped(_Call):
+    """A small write committed together with the appends of its group (one fsync for all)."""
+
+    __slots__ = ()
+
+
 def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
     if future.done():
         return
@@ -139,6 +145,15 @@ class SQLiteDocumentStore(SQLiteOutboxMixin):
         self._queue.put(_Call(fn, future, loop))
         return await future
 
+    async def _grouped(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn`` inside the next group commit (no BEGIN/COMMIT of its own; a savepoint isolates it)."""
+        if self._thread is None:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Grouped(fn, future, loop))
+        return await future
+
     # ------------------------------------------------------- writer thread
 
     def _connect(self) -> sqlite3.Connection:
@@ -170,7 +185,7 @@ class SQLiteDocumentStore(SQLiteOutboxMixin):
             for item in batch:
                 if item is _STOP:
                     stop = True
-                elif isinstance(item, _Append):
+                elif isinstance(item, _Append | _Grouped):
                     appends.append(item)
                 else:
                     # Keep order: commit appends queued before this call first.
@@ -199,9 +214,12 @@ class SQLiteDocumentStore(SQLiteOutboxMixin):
             self._last_seq[workspace] = seq
         return seq
 
-    def _commit_appends(self, db: sqlite3.Connection, appends: list[_Append]) -> None:
-        if not appends:
+    def _commit_appends(self, db: sqlite3.Connection, items: list[_Append | _Grouped]) -> None:
+        if not items:
             return
+        appends = [item for item in items if isinstance(item, _Append)]
+        grouped = [item for item in items if isinstance(item, _Grouped)]
+        done: list[tuple[_Grouped, Any, BaseException | None]] = []
         results: list[int] = []
         touched: dict[str, int] = {}
         recorded: list = []
@@ -227,6 +245,14 @@ class SQLiteDocumentStore(SQLiteOutboxMixin):
             for item in appends:
                 if item.outbox:
                     recorded.extend(write_records(db, item.workspace, item.outbox, change_seqs))
+            for op in grouped:
+                db.execute("SAVEPOINT grouped")
+                try:
+                    done.append((op, op.fn(db), None))
+                except Exception as exc:  # only this op fails
+                    db.execute("ROLLBACK TO grouped")
+                    done.append((op, None, StoreError(str(exc))))
+                db.execute("RELEASE grouped")
             db.execute("COMMIT")
         except BaseException as exc:
             if db.in_transaction:
@@ -235,7 +261,7 @@ class SQLiteDocumentStore(SQLiteOutboxMixin):
                 self._last_seq.pop(workspace, None)  # re-read after a failure
             log.error("append failed: %s", exc)
             error = StoreError(f"append failed: {exc}")
-            for item in appends:
+            for item in items:
                 item.loop.call_soon_threadsafe(_resolve, item.future, None, error)
             return
         self._last_seq.update(touched)
@@ -243,6 +269,8 @@ class SQLiteDocumentStore(SQLiteOutboxMixin):
             record.seq, record.audit_id = change_seq, audit_id
         for item, seq in zip(appends, results):
             item.loop.call_soon_threadsafe(_resolve, item.future, seq)
+        for op, result, error in done:
+            op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
 
     def _load(self, db: sqlite3.Connection, workspace: str) -> StoredDocument:
         row = db.execute(

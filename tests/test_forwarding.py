@@ -16,9 +16,11 @@ import asyncio
 import os
 import time
 
+import httpx
 import pycrdt
 import pytest
 
+from collab import protocol as p
 from collab.client import CollabClient
 from tests.forwarding_support import (
     FAST_FORWARDING,
@@ -283,6 +285,11 @@ async def test_backend_422_is_reported_not_retried_and_later_changes_flow(server
     report = next(e for e in audit if e["kind"] == "backend_refused")
     assert report["seq"] == 1 and report["details"]["status"] == 422
     assert forward_status(server, room)["pending"] == 0
+    await bob.send_raw(p.encode_control({"type": "forward.status", "id": 7}))
+    await bob.until(lambda: controls(bob, "forward.status"), WAIT, "forward.status answer")
+    answer = controls(bob, "forward.status")[0]
+    assert answer["id"] == 7 and answer["recorded_seq"] == 2 and answer["delivered_seq"] == 2
+    assert answer["pending"] == 0 and answer["forwarding"] is True
     await alice.close()
     await bob.close()
 
@@ -384,7 +391,11 @@ async def test_dead_letter_after_the_configured_time_then_retry(server_factory, 
     assert forward_status(server, "ds-dead")["dead_letters"] == 1
 
     down.restart()
-    api(server, f"/api/workspaces/ds-dead/dead-letters/{letters[0]['key']}/retry", method="POST")
+    retry = f"/api/workspaces/ds-dead/dead-letters/{letters[0]['key']}/retry"
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        api(server, retry + "?user=eve&role=viewer", method="POST")
+    assert refused.value.response.status_code == 403
+    api(server, retry, method="POST")
     await delivered(server, "ds-dead")
     assert down.data_source("ds-dead")["config"] == {"name": "Dead"}
     assert api(server, "/api/workspaces/ds-dead/dead-letters")["dead_letters"] == []
