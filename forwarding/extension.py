@@ -27,6 +27,7 @@ from starlette.routing import Route
 from collab.auth import AuthError
 from collab.extensions import Extension
 from forwarding.forwarder import Forwarder, SeedError
+from forwarding.model import SECRET_KEYS
 from forwarding.settings import ForwardingSettings
 from forwarding.validation import ConfigValidator, ValidationGuard, load_model
 from persistence.base import StoreError
@@ -55,17 +56,27 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def redact(value: Any) -> Any:
+    """Values under secret-looking keys become "***" (a refused secret must not land in the audit trail)."""
+    if isinstance(value, dict):
+        return {k: "***" if SECRET_KEYS.match(str(k)) and v not in (None, "") else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
 def change_list(changes: Changes, paths: list[str] | None = None) -> list[dict[str, Any]]:
     out = []
     for path in sorted(changes if paths is None else paths):
         if path not in changes:
             continue
         old, new = changes[path]
+        secret = any(SECRET_KEYS.match(part) for part in path.split("."))
         entry: dict[str, Any] = {"path": path}
         if old is not MISSING:
-            entry["old"] = jsonable(old)
+            entry["old"] = "***" if secret and old not in (None, "") else redact(jsonable(old))
         if new is not MISSING:
-            entry["new"] = jsonable(new)
+            entry["new"] = "***" if secret and new not in (None, "") else redact(jsonable(new))
         out.append(entry)
     return out
 

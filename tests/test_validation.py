@@ -179,6 +179,13 @@ async def test_accepted_and_rejected_changes_are_recorded_with_the_update(tmp_pa
     assert entries[1]["details"]["rejections"][0]["errors"][0]["type"] == "less_than_equal"
     pending = await store.outbox_pending("ws-1", 10)
     assert [(r.seq, r.config) for r in pending] == [(1, {"connection": {"port": 5432}})]
+
+    # A refused secret does not land in the audit trail in clear.
+    room.receive(ps, p.SyncUpdate(_update(doc, lambda c: c["connection"].__setitem__("password", "hunter2"))))
+    await room.drain()
+    latest = (await store.history("ws-1", None, 1))[0]
+    assert latest["kind"] == "rejected" and latest["changes"] == [{"path": "connection.password", "new": "***"}]
+    assert "hunter2" not in str(await store.history("ws-1", None, 10)) and "hunter2" not in str(sink.controls())
     await store.close()
 
 
