@@ -231,8 +231,10 @@ def create_app(
 
 def default_extensions(settings: Settings) -> list[Extension]:
     """The features a server built from settings runs with, in hook order."""
+    extensions: list[Extension] = []
     from forwarding.extension import ForwardingExtension
 
     # Forwarding goes last: its validation guard sees what other guards (locks)
     # let through, and it finds their ``fence_for`` among the extensions.
-    return [ForwardingExtension()]
+    extensions.append(ForwardingExtension())
+    return extensions
