@@ -33,6 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from collab import protocol as p
 from collab.extensions import Extension
 from locks.base import Lease, LeaseManager, LockConflict, LockEvent, LockNotHeld, LockUnavailable, new_token
@@ -117,6 +121,23 @@ class LockExtension(Extension):
 
     def listeners(self) -> list:
         return [self]
+
+    def routes(self) -> list:
+        return [Route("/locks/stats", self._stats_endpoint)]
+
+    async def _stats_endpoint(self, request: Request) -> JSONResponse:
+        """Counters for operators and benchmarks (no lock contents)."""
+        return JSONResponse(
+            {
+                "backend": getattr(self.manager, "name", None),
+                "connections": len(self._conns),
+                "workspaces": len(self._spaces),
+                "held": sum(len(c.leases) for c in self._conns.values()),
+                "pending": sum(len(c.pending) for c in self._conns.values()),
+                "pubsub_connected": getattr(self.manager, "pubsub_connected", None),
+                "manager": getattr(self.manager, "stats", {}),
+            }
+        )
 
     async def start(self, app: App) -> None:
         if self.manager is None:
@@ -451,6 +472,14 @@ class LockExtension(Extension):
         conn.ps.control({"type": "lock.state", **ref, "you": conn.id, "locks": self.locks(ws)})
 
     async def _renew_loop(self, conn: _Conn, held: _Held) -> None:
+        try:
+            await self._renew(conn, held)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("renewing %s failed", held.lease.path)
+
+    async def _renew(self, conn: _Conn, held: _Held) -> None:
         """Renew every TTL/3 while the holder shows signs of life."""
         ttl = held.ttl
         interval = ttl / 3
@@ -540,8 +569,9 @@ class LockExtension(Extension):
                     space.view[path] = new if not old.token else old.with_expiry(new.expires_at)
                 continue
             del space.view[path]
+            ended = self._ended(space, old)
             self._drop_local_holder(old)
-            self._announce(space, *self._ended(space, old), old)
+            self._announce(space, *ended, old)
             changed = True
         for path, new in fresh.items():
             if path not in space.view:
@@ -565,6 +595,10 @@ class LockExtension(Extension):
             return "lost", "gone"
         if hint == "expired" or time.time() >= lease.expires_at - 0.05:
             return "expired", None
+        conn = self._by_id.get(lease.holder)
+        if conn is not None and (held := conn.leases.get(lease.path)) is not None and held.lease.fence == lease.fence:
+            # One of our holders, who did not release it: it was lost (e.g. Redis lost its data).
+            return "lost", "gone"
         return "released", "release"
 
     def _drop_local_holder(self, lease: Lease) -> None:

@@ -275,6 +275,7 @@ class RedisLeaseManager:
         self._background: set[asyncio.Task] = set()
         self.pubsub_connected = False
         self._closed = False
+        self.stats = {"acquire_calls": 0, "woken": 0, "polled": 0, "grants": 0, "conflicts": 0}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -354,6 +355,7 @@ class RedisLeaseManager:
                     waiter.event.clear()
                 remaining = deadline - loop.time()
                 queue_ms = int(remaining * 1000) + 1000 if wait > 0 and remaining > 0 else 0
+                self.stats["acquire_calls"] += 1
                 result = await self._run(
                     self._scripts["acquire"](
                         keys=[keys.idx, keys.fence, keys.q, keys.qd, keys.lease(path), keys.qseq],
@@ -380,6 +382,7 @@ class RedisLeaseManager:
                 if kind == b"ok":
                     lease = _parse(workspace, path, result[1], int(result[2]), ttl)
                     queued = False  # the grant took the ticket off the queue
+                    self.stats["grants"] += 1
                     await self._cover(lease, keys)
                     self._emit(LockEvent(workspace, "acquired", path, holder, lease.fence))
                     return lease
@@ -394,6 +397,7 @@ class RedisLeaseManager:
                     sleep_cap = self.poll_interval
                 remaining = deadline - loop.time()
                 if wait <= 0 or remaining <= 0:
+                    self.stats["conflicts"] += 1
                     raise conflict
                 if seq:
                     queued = True
@@ -402,8 +406,9 @@ class RedisLeaseManager:
                         self._sort_waiters(workspace)
                 try:
                     await asyncio.wait_for(waiter.event.wait(), min(remaining, self.poll_interval, sleep_cap))
+                    self.stats["woken"] += 1
                 except TimeoutError:
-                    pass
+                    self.stats["polled"] += 1
         except LockConflict:
             if queued:  # nothing was granted; leave the queue before answering
                 await self._cleanup(workspace, keys, path, holder, "", ticket)
