@@ -66,7 +66,7 @@ async def main(url: str, workspace: str, user: str, keepalive: float) -> None:
             out(next(m for m in client.control if m["type"] == "rejected"))
         elif kind == "wait_config":
             await client.until(
-                lambda: _get(config.to_py() or {}, cmd["path"]) == cmd["value"], cmd["timeout"], "config value"
+                lambda c=cmd: _get(config.to_py() or {}, c["path"]) == c["value"], cmd["timeout"], "config value"
             )
             out({"config": config.to_py()})
         elif kind == "control":
