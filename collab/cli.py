@@ -77,6 +77,8 @@ def serve(settings: Settings) -> int:
         ws_per_message_deflate=settings.per_message_deflate,
         lifespan="on",
         access_log=False,
+        # Long-lived streams (SSE) must not hold a shutdown forever.
+        timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     server = uvicorn.Server(config)
     _announce_when_started(server, settings)

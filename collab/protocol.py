@@ -324,9 +324,18 @@ def encode_message(message: Message) -> bytes:
     raise TypeError(f"not a message: {message!r}")
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_awareness_state(text: str) -> Any:
-    """Parse an awareness JSON state; ProtocolError if it is not JSON."""
+    """Parse an awareness JSON state; ProtocolError if it is not JSON.
+
+    Python's json accepts NaN and Infinity, which JavaScript's JSON.parse
+    rejects: relaying them would make every stock client throw. Deep nesting
+    raises RecursionError, which must not escape either.
+    """
     try:
-        return json.loads(text)
-    except ValueError:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
         raise ProtocolError("awareness state is not valid JSON") from None

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     # Websocket transport
     ping_interval: float = Field(20.0, gt=0, description="seconds between server pings")
     ping_timeout: float = Field(20.0, gt=0, description="a peer silent this long after a ping is closed")
+    shutdown_timeout: float = Field(10.0, gt=0, description="seconds to wait for connections at shutdown")
     per_message_deflate: bool = Field(
         False, description="compress frames; costs CPU per peer per frame, saves bandwidth on big syncs"
     )
