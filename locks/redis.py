@@ -281,14 +281,18 @@ class RedisLeaseManager:
 
     async def start(self) -> None:
         """Set up the client; never fails (Redis may come up later)."""
-        self.redis = aioredis.from_url(
+        # A blocking pool: more concurrent requests than connections wait for
+        # one (bounded by the timeout) instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 1),  # one reconnect for a stale pooled connection, then fail
             max_connections=self.max_connections,
+            timeout=self.timeout,
             decode_responses=False,
         )
+        self.redis = aioredis.Redis(connection_pool=pool)
         for name, source in (
             ("acquire", ACQUIRE),
             ("renew", RENEW),
