@@ -142,6 +142,13 @@ async def test_acquire_conflict_release_and_broadcasts(server_factory):
     assert state["type"] == "lock.state" and state["you"] != granted["holder"]
     assert sorted(lock["path"] for lock in state["locks"]) == ["connection", "schedule.cron"]
 
+    # A waiting request is withdrawn by a release of the same path.
+    await bob.send_raw(p.encode_control({"type": "lock.acquire", "path": "connection", "wait": 30, "id": "w"}))
+    withdrawn = await bob.release_lock("connection")
+    assert withdrawn["type"] == "lock.release.ok" and withdrawn["cancelled"] is True
+    await bob.until(lambda: any(m.get("id") == "w" for m in bob.control), WAIT, "answer to the withdrawn request")
+    assert next(m for m in bob.control if m.get("id") == "w")["code"] == "cancelled"
+
     # Same path again from the holder: the same lease, not a new fence.
     assert (await alice.acquire_lock("connection"))["fence"] == granted["fence"]
     released = await alice.release_lock("connection")
