@@ -11,7 +11,9 @@ this load generator on ``--client-cpus``.
 Phase 1, latency: ``--holders`` connections spread over ``--workspaces``
 rooms, each locking its own path (``scan_rules.h<i>``) in a loop: acquire,
 hold ``--hold`` seconds (±50 %), release. Nearly all of them hold a lease at
-any instant. Reported: acquire->grant and release->ok round trips, p50/p99/max.
+any instant; leases have ``--ttl`` and every client pings every TTL/3, so the
+server renews them meanwhile. Reported: acquire->grant and release->ok round
+trips, p50/p99/max.
 
 Phase 2, contention: ``--contenders`` connections in one room race for one
 path (``connection``) with ``wait``: acquire, release at once, again. Reported:
@@ -127,19 +129,31 @@ class LockClient:
 
     _ids = itertools.count(1)
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, keepalive: float = 0.0) -> None:
         self.url = url
+        self.keepalive = keepalive
         self.ws: Any = None
         self.pending: dict[int, asyncio.Future] = {}
         self.broadcasts = 0
         self._reader: asyncio.Task | None = None
+        self._pinger: asyncio.Task | None = None
 
     async def connect(self) -> LockClient:
         self.ws = await websockets.connect(self.url, max_size=None, compression=None, open_timeout=20)
         await self.ws.send(p.encode_control({"type": "hello", "protocol": p.PROTOCOL_VERSION}))
         self._reader = asyncio.create_task(self._read())
         await self.request({"type": "ping"})
+        if self.keepalive > 0:
+            self._pinger = asyncio.create_task(self._ping())
         return self
+
+    async def _ping(self) -> None:
+        """Holders show they are alive once per TTL/3 (the server renews only then)."""
+        frame = p.encode_control({"type": "ping"})
+        await asyncio.sleep(random.random() * self.keepalive)
+        while True:
+            await self.ws.send(frame)
+            await asyncio.sleep(self.keepalive)
 
     async def _read(self) -> None:
         try:
@@ -167,6 +181,8 @@ class LockClient:
         return await asyncio.wait_for(fut, timeout)
 
     async def close(self) -> None:
+        if self._pinger:
+            self._pinger.cancel()
         await self.ws.close()
         if self._reader:
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -192,10 +208,12 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 # ------------------------------------------------------------------ phases
 
 
-async def latency_phase(base: str, holders: int, workspaces: int, duration: float, hold: float) -> dict[str, Any]:
+async def latency_phase(
+    base: str, holders: int, workspaces: int, duration: float, hold: float, ttl: float
+) -> dict[str, Any]:
     clients = []
     for i in range(holders):
-        clients.append(await LockClient(f"{base}/bench-lat-{i % workspaces}?user=h{i}").connect())
+        clients.append(await LockClient(f"{base}/bench-lat-{i % workspaces}?user=h{i}", ttl / 3).connect())
     acquire_rtt: list[float] = []
     release_rtt: list[float] = []
     errors: dict[str, int] = {}
@@ -246,6 +264,7 @@ async def latency_phase(base: str, holders: int, workspaces: int, duration: floa
         "holders": holders,
         "workspaces": workspaces,
         "hold_s": hold,
+        "ttl_s": ttl,
         "duration_s": round(elapsed, 2),
         "acquires_per_s": round(len(acquire_rtt) / max(1e-9, elapsed - min(1.0, duration / 5)), 1),
         "mean_concurrent_holders": round(statistics.fmean(concurrent_samples), 1) if concurrent_samples else 0,
@@ -295,6 +314,15 @@ async def contention_phase(base: str, contenders: int, duration: float) -> dict[
 # -------------------------------------------------------------------- main
 
 
+def _stats(port: int) -> dict[str, Any]:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/locks/stats", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
@@ -310,7 +338,7 @@ def machine() -> dict[str, Any]:
 async def bench_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     redis_proc = None
     env = {
-        "COLLAB_LOCK_TTL_SECONDS": "30",
+        "COLLAB_LOCK_TTL_SECONDS": str(args.ttl),
         "COLLAB_LOCK_RATE_PER_SECOND": "10000",
         "COLLAB_LOCK_RATE_BURST": "10000",
     }
@@ -324,7 +352,8 @@ async def bench_backend(backend: str, args: argparse.Namespace, workdir: Path) -
     base = f"ws://127.0.0.1:{port}/ws"
     try:
         result: dict[str, Any] = {"backend": backend}
-        result["latency"] = await latency_phase(base, args.holders, args.workspaces, args.duration, args.hold)
+        result["latency"] = await latency_phase(base, args.holders, args.workspaces, args.duration, args.hold, args.ttl)
+        result["server_stats"] = _stats(port)
         result["contention"] = await contention_phase(base, args.contenders, args.contention_duration)
         return result
     finally:
@@ -338,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["memory", "redis", "both"], default="both")
     parser.add_argument("--holders", type=int, default=100)
     parser.add_argument("--workspaces", type=int, default=10)
-    parser.add_argument("--hold", type=float, default=0.1, help="mean seconds a lease is held in phase 1")
-    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--hold", type=float, default=1.0, help="mean seconds a lease is held in phase 1")
+    parser.add_argument("--ttl", type=float, default=3.0, help="lease TTL (renewed every TTL/3 while held)")
+    parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--contenders", type=int, default=20)
     parser.add_argument("--contention-duration", type=float, default=5.0)
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")

@@ -105,6 +105,7 @@ class LockExtension(Extension):
         self._tasks: set[asyncio.Task] = set()
         self._periodic: asyncio.Task | None = None
         self._stopping = False
+        self.stats = {k: 0 for k in ("granted", "released", "renewed", "expired", "lost", "rejected_updates")}
 
     # ------------------------------------------------------------ extension
 
@@ -135,6 +136,7 @@ class LockExtension(Extension):
                 "held": sum(len(c.leases) for c in self._conns.values()),
                 "pending": sum(len(c.pending) for c in self._conns.values()),
                 "pubsub_connected": getattr(self.manager, "pubsub_connected", None),
+                "events": self.stats,
                 "manager": getattr(self.manager, "stats", {}),
             }
         )
@@ -261,6 +263,8 @@ class LockExtension(Extension):
                 if lease.holder != mine and overlaps(lease.path, path):
                     refused.setdefault(lease.path, (lease, []))[1].append(path)
                     break
+        if refused:
+            self.stats["rejected_updates"] += 1
         return [
             Rejection(
                 sorted(paths),
@@ -513,6 +517,7 @@ class LockExtension(Extension):
                     return
                 interval = min(interval, max(0.05, (lease.expires_at - time.time()) / 4))
                 continue
+            self.stats["renewed"] += 1
             if conn.leases.get(lease.path) is held:
                 held.lease = renewed
                 space = self._spaces.get(lease.workspace)
@@ -612,6 +617,9 @@ class LockExtension(Extension):
                     held.task.cancel()
 
     def _announce(self, space: _Space, kind: str, reason: str | None, lease: Lease) -> None:
+        key = "granted" if kind == "acquired" else kind
+        if key in self.stats:
+            self.stats[key] += 1
         body = {"type": f"lock.{kind}", **_record(lease)}
         if reason is not None:
             body["reason"] = reason

@@ -52,12 +52,17 @@ class FenceKeeper:
         self.store = store
         self.block = max(1, int(block))
         self._ceiling: dict[str, int] = {}
+        self._granted: dict[str, int] = {}  # highest fence this process saw granted
         self._locks: dict[str, asyncio.Lock] = {}
         self.writes = 0
 
     def cached_ceiling(self, workspace: str) -> int:
         """The last ceiling this process read or wrote (0 if none yet)."""
         return self._ceiling.get(workspace, 0)
+
+    def highest_granted(self, workspace: str) -> int:
+        """The highest fence this process has seen granted (a floor for the counter)."""
+        return self._granted.get(workspace, 0)
 
     async def durable_ceiling(self, workspace: str) -> int:
         """Read the stored ceiling (fresh, not cached)."""
@@ -69,6 +74,8 @@ class FenceKeeper:
 
     async def cover(self, workspace: str, fence: int) -> None:
         """Make sure the stored ceiling is at least ``fence`` (durably) before returning."""
+        if fence > self._granted.get(workspace, 0):
+            self._granted[workspace] = fence
         if fence <= self._ceiling.get(workspace, 0):
             return
         lock = self._locks.setdefault(workspace, asyncio.Lock())

@@ -370,7 +370,7 @@ class RedisLeaseManager:
                             holder,
                             meta,
                             ttl_ms,
-                            self.fences.cached_ceiling(workspace),
+                            self.fences.highest_granted(workspace),
                             ticket,
                             queue_ms,
                             self.origin,

@@ -71,6 +71,9 @@ async def test_grant_carries_fence_and_overlaps_conflict(manager):
     b = await acquire(manager, "schedule.cron", "h2")
     c = await acquire(manager, "connectionstring", "h2")  # not under `connection`
     assert a.fence < b.fence < c.fence
+    # In normal operation fences do not jump (one durable reservation covers a block).
+    assert (b.fence, c.fence) == (a.fence + 1, a.fence + 2)
+    assert manager.fences.writes == 1
     # Fences are per workspace.
     other = await acquire(manager, "connection", "h2", ws="ds-other")
     assert other.fence >= 1
