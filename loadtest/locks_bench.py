@@ -346,7 +346,7 @@ async def bench_backend(backend: str, args: argparse.Namespace, workdir: Path) -
         if args.redis_url:
             env["COLLAB_REDIS_URL"] = args.redis_url
         else:
-            redis_proc, url = start_redis(workdir / "redis", args.server_cpus)
+            redis_proc, url = start_redis(workdir / "redis", args.redis_cpus)
             env["COLLAB_REDIS_URL"] = url
     server, port = start_server(workdir / f"data-{backend}", env, args.server_cpus)
     base = f"ws://127.0.0.1:{port}/ws"
@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contenders", type=int, default=20)
     parser.add_argument("--contention-duration", type=float, default=5.0)
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
-    parser.add_argument("--server-cpus", default="0", help="taskset CPU list for the server and Redis ('' = no pin)")
+    parser.add_argument("--server-cpus", default="0", help="taskset CPU list for the server ('' = no pin)")
+    parser.add_argument("--redis-cpus", default="0", help="taskset CPU list for redis-server ('' = no pin)")
     parser.add_argument("--client-cpus", default="1", help="taskset CPU list for this load generator")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)

@@ -68,6 +68,7 @@ class _Conn:
     room: Room
     leases: dict[str, _Held] = field(default_factory=dict)
     pending: dict[str, asyncio.Task] = field(default_factory=dict)
+    pending_refs: dict[str, dict] = field(default_factory=dict)  # path -> the request's id echo
     tokens: float = 0.0
     refilled: float = 0.0
 
@@ -314,6 +315,7 @@ class LockExtension(Extension):
             return self._error(conn, ref, "busy", "too many lock requests in progress on this connection", path)
         task = asyncio.get_running_loop().create_task(self._acquire(conn, path, ttl, wait, ref))
         conn.pending[path] = task
+        conn.pending_refs[path] = ref
 
     def _on_release(self, room: Room, ps: PeerState, message: p.Control) -> None:
         conn = self._conn(room, ps)
@@ -324,6 +326,7 @@ class LockExtension(Extension):
         pending = conn.pending.pop(path, None)
         if pending is not None:  # withdraw a request still waiting
             pending.cancel()
+            self._error(conn, conn.pending_refs.pop(path, {}), "cancelled", f"request for {path!r} withdrawn", path)
             return conn.ps.control({"type": "lock.release.ok", **ref, "path": path, "cancelled": True})
         held = conn.leases.pop(path, None)
         if held is None:
@@ -397,10 +400,6 @@ class LockExtension(Extension):
         name = getattr(identity, "name", "") or ""
         try:
             lease = await self.manager.acquire(ws, path, conn.id, user_id, ttl, wait, name=name, token=new_token())
-        except asyncio.CancelledError:
-            if conn.ps.alive and conn.pending.get(path) is None:
-                self._error(conn, ref, "cancelled", f"request for {path!r} withdrawn", path)
-            raise
         except LockConflict as exc:
             conn.ps.control({"type": "lock.conflict", **ref, **_conflict(exc)})
             return
@@ -414,6 +413,7 @@ class LockExtension(Extension):
         finally:
             if conn.pending.get(path) is asyncio.current_task():
                 del conn.pending[path]
+                conn.pending_refs.pop(path, None)
         if not conn.ps.alive or self._conns.get(conn.ps) is not conn or self._stopping:
             self._spawn(self._quiet_release(lease))  # the holder left while we waited
             return
