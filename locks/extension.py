@@ -176,19 +176,19 @@ class LockExtension(Extension):
                     held.task.cancel()
                 releases.append(self.manager.release(held.lease))
             conn.leases.clear()
-        if releases:
-            try:
-                async with asyncio.timeout(2):
-                    await asyncio.gather(*releases, return_exceptions=True)
-            except TimeoutError:
-                pass
+        # Releases already under way (connections that left during shutdown) finish too.
+        pending = [asyncio.ensure_future(r) for r in releases] + list(self._tasks)
+        if pending:
+            await asyncio.wait(pending, timeout=2)
         for space in self._spaces.values():
             if space.timer is not None:
                 space.timer.cancel()
-        tasks = list(self._tasks)
+            if space.refresh_task is not None:
+                space.refresh_task.cancel()
+        tasks = [t for t in [*pending, *self._tasks] if not t.done()]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *pending, return_exceptions=True)
         if self.manager is not None:
             await self.manager.close()
 

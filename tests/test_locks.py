@@ -456,6 +456,25 @@ async def test_4_dropped_holder_frees_the_lock_within_ttl_and_wakes_the_waiter(s
     await waiter.close()
 
 
+async def test_clean_shutdown_of_a_node_releases_its_holders_locks(server_factory, redis_factory):
+    redis = redis_factory()
+    node_a = server_factory(lock_env(redis, ttl=5), name="node-a")
+    node_b = server_factory(lock_env(redis, ttl=5), name="node-b")
+    room = "ds-lock-shutdown"
+    holder = await connect(node_a, room, "holder")
+    assert (await holder.acquire_lock("connection"))["type"] == "lock.granted"
+    waiter = await connect(node_b, room, "waiter")
+    waiting = asyncio.create_task(waiter.acquire_lock("connection", wait=10))
+    await asyncio.sleep(0.1)
+    stopping = time.monotonic()
+    await asyncio.get_running_loop().run_in_executor(None, node_a.stop)
+    reply = await asyncio.wait_for(waiting, WAIT)
+    assert reply["type"] == "lock.granted"
+    assert time.monotonic() - stopping < 3  # well before the 5 s TTL
+    await holder.close()
+    await waiter.close()
+
+
 @pytest.mark.skipif(NODE is None, reason="`node` is not on PATH")
 async def test_5_stock_js_client_edit_of_a_locked_path_is_undone_for_everyone(server_factory, node_clients):  # noqa: F811
     server = server_factory(lock_env(ttl=5))
