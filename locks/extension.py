@@ -539,10 +539,13 @@ class LockExtension(Extension):
     ) -> None:
         space = self._spaces.get(ws)
         if space is None:
+            if removed is not None:
+                self._drop_local_holder(removed)
             return
         space.version += 1
         changed = False
         if removed is not None:
+            self._drop_local_holder(removed)  # e.g. an admin forced one of ours: stop renewing it
             current = space.view.get(removed.path)
             if current is not None and current.fence == removed.fence:
                 del space.view[removed.path]

@@ -110,3 +110,33 @@ async def test_hooks_for_presence_and_forwarding(tmp_path):
     await ext.stop()
     await room.drain()
     await store.close()
+
+
+async def test_forced_release_stops_renewal_and_is_told_once(tmp_path):
+    store = SQLiteDocumentStore(tmp_path / "db.sqlite3")
+    await store.open()
+    ext = LockExtension(Settings(lock_ttl_seconds=0.3, lock_min_ttl_seconds=0.1), manager=MemoryLeaseManager())
+    await ext.start(SimpleNamespace(store=store))
+    room = Room(
+        "ws-force", store, control_handlers=ext.control_handlers(), guards=ext.guards(), listeners=ext.listeners()
+    )
+    await room.load()
+    alice_sink, admin_sink = Sink(), Sink()
+    alice = room.join(alice_sink, identity("alice"))
+    admin = room.join(admin_sink, Identity(user_id="root", name="Root", color="#000000", role="admin"))
+    for ps in (alice, admin):
+        room.receive(ps, p.Control("hello", {"type": "hello"}))
+    room.receive(alice, p.Control("lock.acquire", {"type": "lock.acquire", "path": "tags"}))
+    await until(lambda: alice_sink.controls("lock.granted"))
+    room.receive(admin, p.Control("lock.force_release", {"type": "lock.force_release", "path": "tags", "id": 1}))
+    await until(lambda: admin_sink.controls("lock.release.ok"))
+    # Alice keeps talking (so she is alive) past several renewal periods.
+    for _ in range(8):
+        room.receive(alice, p.Control("ping", {"type": "ping"}))
+        await asyncio.sleep(0.05)
+    ends = [m for m in alice_sink.controls() if m["type"] in ("lock.released", "lock.lost", "lock.expired")]
+    assert [(m["type"], m.get("reason")) for m in ends] == [("lock.released", "forced")]
+    assert ext.fence_for(room, alice, ["tags"]) is None
+    await ext.stop()
+    await room.drain()
+    await store.close()
