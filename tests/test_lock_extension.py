@@ -130,6 +130,7 @@ async def test_forced_release_stops_renewal_and_is_told_once(tmp_path):
     await until(lambda: alice_sink.controls("lock.granted"))
     room.receive(admin, p.Control("lock.force_release", {"type": "lock.force_release", "path": "tags", "id": 1}))
     await until(lambda: admin_sink.controls("lock.release.ok"))
+    assert ext.fence_for(room, alice, ["tags"]) is None  # at once, not at the next renewal
     # Alice keeps talking (so she is alive) past several renewal periods.
     for _ in range(8):
         room.receive(alice, p.Control("ping", {"type": "ping"}))
