@@ -232,6 +232,10 @@ def create_app(
 def default_extensions(settings: Settings) -> list[Extension]:
     """The features a server built from settings runs with, in hook order."""
     extensions: list[Extension] = []
+if settings.locks_enabled:
+        from locks.extension import LockExtension
+
+        extensions.append(LockExtension(settings))
     from forwarding.extension import ForwardingExtension
 
     # Forwarding goes last: its validation guard sees what other guards (locks)

@@ -55,3 +55,9 @@ class DocumentStore(Protocol):
 
     async def check(self) -> None:
         """Raise StoreError if the store cannot serve requests (for /readyz)."""
+
+    async def get_meta(self, workspace_id: str, key: str) -> bytes | None:
+        """A small per-workspace metadata value (None if never set)."""
+
+    async def put_meta(self, workspace_id: str, key: str, value: bytes) -> None:
+        """Durably set a per-workspace metadata value (survives a crash when this returns)."""

@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS updates (
     data      BLOB NOT NULL,
     PRIMARY KEY (workspace, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    workspace TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    value     BLOB NOT NULL,
+    PRIMARY KEY (workspace, key)
+) WITHOUT ROWID;
 """
 
 _STOP = object()
@@ -136,6 +142,26 @@ class SQLiteDocumentStore(SQLiteOutboxMixin):
 
     async def check(self) -> None:
         await self._call(lambda db: db.execute("SELECT 1").fetchone())
+
+    # Per-workspace metadata (e.g. the lock fence high-water mark). Each put is
+    # its own committed transaction: durable when the call returns.
+
+    async def get_meta(self, workspace_id: str, key: str) -> bytes | None:
+        def get(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT value FROM meta WHERE workspace=? AND key=?", (workspace_id, key)).fetchone()
+            return bytes(row[0]) if row else None
+
+        return await self._call(get)
+
+    async def put_meta(self, workspace_id: str, key: str, value: bytes) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO meta (workspace, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT(workspace, key) DO UPDATE SET value=excluded.value",
+                (workspace_id, key, bytes(value)),
+            )
+
+        await self._call(put)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._thread is None:

@@ -64,6 +64,7 @@ class PeerState:
     updates_received: int = 0
     updates_acked: int = 0
     alive: bool = True
+    last_seen: float = 0.0  # time.monotonic() of the last message received (liveness of lock holders)
 
     def control(self, body: dict[str, Any]) -> None:
         """Send a control message, only if the peer opted in with hello."""
@@ -184,7 +185,7 @@ class Room:
         """Register a peer and send it our step 1 and the known awareness."""
         assert self.loaded, "join before load"
         self._epoch += 1
-        ps = PeerState(peer=peer, epoch=self._epoch, identity=identity)
+        ps = PeerState(peer=peer, epoch=self._epoch, identity=identity, last_seen=time.monotonic())
         self.peers[peer] = ps
         self.last_active = time.monotonic()
         # Our step 1 makes the client send what we lack (its offline edits).
@@ -228,6 +229,7 @@ class Room:
 
     def receive(self, ps: PeerState, message: p.Message) -> None:
         """Handle one decoded message. Raises ProtocolError to drop the peer."""
+        ps.last_seen = time.monotonic()
         if isinstance(message, p.SyncUpdate | p.SyncStep2):
             self._receive_update(ps, message.update)
         elif isinstance(message, p.SyncStep1):
