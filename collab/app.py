@@ -232,7 +232,7 @@ def create_app(
 def default_extensions(settings: Settings) -> list[Extension]:
     """The features a server built from settings runs with, in hook order."""
     extensions: list[Extension] = []
-if settings.locks_enabled:
+    if settings.locks_enabled:
         from locks.extension import LockExtension
 
         extensions.append(LockExtension(settings))
