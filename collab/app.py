@@ -231,4 +231,6 @@ def create_app(
 
 def default_extensions(settings: Settings) -> list[Extension]:
     """The features a server built from settings runs with, in hook order."""
-    return []
+    from presence.extension import PresenceExtension
+
+    return [PresenceExtension(settings)]
