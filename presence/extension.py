@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,8 @@ class PresenceExtension(Extension):
         self.views: dict[str, WorkspaceView] = {}
         self.app: App | None = None
         self._serial = itertools.count(1)
+        # Connection ids are unique across nodes and across restarts of one node id.
+        self._boot = secrets.token_hex(4)
         self._conn_ids = itertools.count(1)
         self._poller: asyncio.Task | None = None
         self._stopping = False
@@ -186,7 +189,7 @@ class PresenceExtension(Extension):
         now = time.time()
         entry = ConnectionEntry(
             workspace_id=room.workspace_id,
-            conn_id=f"{self.node_id}/{next(self._conn_ids)}",
+            conn_id=f"{self.node_id}/{self._boot}/{next(self._conn_ids)}",
             node=self.node_id,
             user_id=identity.user_id,
             name=identity.name,

@@ -85,8 +85,10 @@ class RedisPresenceRegistry:
         node_id: str,
         ttl: float = 30.0,
         client: aioredis.Redis | None = None,
+        timeout: float = 2.0,
     ) -> None:
         self.url = url
+        self.timeout = timeout  # seconds per Redis command before it counts as failed
         self.node_id = node_id
         self.ttl = ttl
         self.on_change: Callable[[str], None] | None = None
@@ -118,7 +120,7 @@ class RedisPresenceRegistry:
     async def start(self) -> None:
         if self._client is None:
             self._client = aioredis.Redis.from_url(
-                self.url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=10
+                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout, health_check_interval=10
             )
         self._read_script = self._client.register_script(_READ)
         self._closed = False
