@@ -51,7 +51,25 @@
     return `active ${Math.round(delta / 3600)} h ago`
   }
 
-  function card (p) {
+  function lockIcon () {
+    const ns = 'http://www.w3.org/2000/svg'
+    const svg = document.createElementNS(ns, 'svg')
+    svg.setAttribute('viewBox', '0 0 16 16')
+    svg.setAttribute('width', '11')
+    svg.setAttribute('height', '11')
+    svg.setAttribute('aria-hidden', 'true')
+    const body = document.createElementNS(ns, 'rect')
+    for (const [k, v] of Object.entries({ x: 2.5, y: 7, width: 11, height: 8, rx: 1.5, fill: 'currentColor' })) body.setAttribute(k, v)
+    const shackle = document.createElementNS(ns, 'path')
+    shackle.setAttribute('d', 'M5 7V5a3 3 0 0 1 6 0v2')
+    shackle.setAttribute('fill', 'none')
+    shackle.setAttribute('stroke', 'currentColor')
+    shackle.setAttribute('stroke-width', '1.8')
+    svg.append(body, shackle)
+    return svg
+  }
+
+  function card (p, isNew) {
     const avatar = el('div', { class: 'avatar', title: p.name }, initials(p.name), el('span', { class: 'dot' }))
     avatar.style.background = /^#[0-9a-fA-F]{3,8}$/.test(p.color) ? p.color : '#667085'
     const badges = []
@@ -61,19 +79,19 @@
       ? el('div', { class: 'editing' }, 'editing ', el('code', {}, p.editing))
       : el('div', { class: 'editing idle' }, 'viewing')
     const locks = (p.locks || []).length
-      ? el('div', { class: 'locks' }, ...p.locks.map((path) => el('span', { class: 'lock', title: `${p.name} holds the lock on ${path}`, 'data-lock': path }, '🔒 ' + path)))
+      ? el('div', { class: 'locks' }, ...p.locks.map((path) => el('span', { class: 'lock', title: `${p.name} holds the lock on ${path}`, 'data-lock': path }, lockIcon(), path)))
       : null
     const nodes = (p.nodes || [p.node]).join(', ')
     const meta = el('div', { class: 'meta' }, `here since ${clock(p.joined_at)} · `, el('span', { class: 'ago', 'data-last-active': String(p.last_active) }, ago(p.last_active)), ` · node ${nodes}`)
-    return el('li', { class: 'participant', 'data-user-id': p.user_id, 'data-editing': p.editing || '' },
+    return el('li', { class: isNew ? 'participant joined' : 'participant', 'data-user-id': p.user_id, 'data-editing': p.editing || '' },
       avatar,
       el('div', {}, el('div', { class: 'who' }, el('span', { class: 'name' }, p.name), ...badges), editing, locks, meta))
   }
 
-  function render () {
+  function render (joined) {
     const list = $('participants')
     const people = [...roster.values()].sort((a, b) => a.joined_at - b.joined_at || a.user_id.localeCompare(b.user_id))
-    list.replaceChildren(...people.map(card))
+    list.replaceChildren(...people.map((p) => card(p, joined && joined.has(p.user_id))))
     $('empty').hidden = people.length > 0
     $('count').textContent = `${people.length} online`
   }
@@ -117,7 +135,7 @@
     for (const p of message.joins) { roster.set(p.user_id, p); note('join', p, `${p.name} joined`) }
     for (const p of message.leaves) { roster.delete(p.user_id); note('leave', p, `${p.name} left`) }
     for (const p of message.updates) roster.set(p.user_id, p)
-    render()
+    render(new Set(message.joins.map((p) => p.user_id)))
   }
 
   function open () {
