@@ -38,7 +38,7 @@ class ConnectionEntry:
     name: str
     color: str
     role: str = "editor"
-    joined_at: float = 0.0  # unix time, seconds
+    joined_at: float = 0.0  # unix time, seconds (millisecond resolution)
     last_active: float = 0.0  # unix time of the last change the connection made
     focus: str | None = None  # the config path it is editing (awareness "focus")
 
@@ -69,7 +69,7 @@ class WorkspacePresence:
     locks: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Participant:
     """A user in a workspace, across all of their connections and nodes."""
 
@@ -92,8 +92,8 @@ class Participant:
             "color": self.color,
             "role": self.role,
             "connections": self.connections,
-            "joined_at": round(self.joined_at, 3),
-            "last_active": round(self.last_active, 3),
+            "joined_at": self.joined_at,
+            "last_active": self.last_active,
             "node": self.node,
             "nodes": list(self.nodes),
             "editing": self.editing,
@@ -125,7 +125,16 @@ def build_roster(state: WorkspacePresence, now: float | None = None) -> dict[str
         if isinstance(user, str) and isinstance(path, str):
             locks_by_user.setdefault(user, set()).add(path)
     roster: dict[str, Participant] = {}
+    no_locks: tuple[str, ...] = ()
     for user_id, entries in by_user.items():
+        if len(entries) == 1:  # the common case, kept cheap: rosters are rebuilt on every change
+            e = entries[0]
+            held = locks_by_user.get(user_id)
+            roster[user_id] = Participant(
+                user_id, e.name, e.color, e.role, 1, e.joined_at, e.last_active, e.node, (e.node,), e.focus or None,
+                tuple(sorted(held)) if held else no_locks,
+            )  # fmt: skip
+            continue
         # The most recently active connection speaks for the user's name and node;
         # ties broken by connection id so every node picks the same one.
         entries.sort(key=lambda e: (e.last_active, e.joined_at, e.conn_id))

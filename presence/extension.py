@@ -186,7 +186,7 @@ class PresenceExtension(Extension):
         identity = ps.identity
         if identity is None or self._stopping:
             return
-        now = time.time()
+        now = round(time.time(), 3)
         entry = ConnectionEntry(
             workspace_id=room.workspace_id,
             conn_id=f"{self.node_id}/{self._boot}/{next(self._conn_ids)}",
@@ -244,7 +244,7 @@ class PresenceExtension(Extension):
                     focus = parsed["focus"] or None
             conn.focus_by_client.pop(client_id, None)
             conn.focus_by_client[client_id] = focus  # most recent last
-        now = time.time()
+        now = round(time.time(), 3)
         focus = next(reversed(conn.focus_by_client.values()), None) if conn.focus_by_client else None
         entry = conn.entry
         if focus == entry.focus and now - conn.written_active < ACTIVITY_RESOLUTION:
@@ -358,7 +358,9 @@ class PresenceExtension(Extension):
                 # Leading edge: the first change after a quiet window goes out on the
                 # next loop turn; changes within the window wait for its end.
                 loop = asyncio.get_running_loop()
-                await asyncio.sleep(max(0.0, view.last_refresh + self.coalesce - loop.time()))
+                delay = view.last_refresh + self.coalesce - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 view.dirty = False
                 view.last_refresh = loop.time()
                 try:
@@ -406,18 +408,23 @@ class PresenceExtension(Extension):
                 "updates": _ordered(updates),
             }
         snapshot = None
+        snapshot_frame = diff_frame = b""
         for ps, conn in list(view.conns.items()):
-            if not ps.wants_control:
+            if not ps.wants_control or not ps.alive:
                 continue
             if ps in view.awaiting_snapshot:
                 if conn.serial > serial:
                     continue  # joined after this read: its own entry may be missing; next round
                 view.awaiting_snapshot.discard(ps)
-                snapshot = snapshot or self._snapshot(view)
+                if not snapshot_frame:
+                    snapshot = snapshot or self._snapshot(view)
+                    snapshot_frame = p.encode_control(snapshot)
                 self.stats["snapshots"] += 1
-                ps.control(snapshot)
+                ps.peer.send(snapshot_frame)
             elif diff is not None:
-                ps.control(diff)
+                # Encoded once for everyone (what ps.control would do per peer).
+                diff_frame = diff_frame or p.encode_control(diff)
+                ps.peer.send(diff_frame)
         if view.awaiting_snapshot:
             view.dirty = True
         for stream in list(view.streams):
