@@ -382,7 +382,12 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),  # other work on the machine skews the figures
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -415,6 +420,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
             if redis_child is not None:
                 redis_child.stop()
+            if args.server_log:
+                shutil.copy(workdir / "server.log", args.server_log)
     return results
 
 
@@ -433,14 +440,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=300.0, help="hard bound per scenario")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and clients to CPUs 0 and 1")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--server-log", help="keep a copy of the server's log here")
     args = parser.parse_args(argv)
     results = asyncio.run(run(args))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     m = results["machine"]
-    print(f"machine: {m['nproc']} CPUs, {m['cpu']}; Python {m['python']}; registry {results['registry']}; "
-          f"server pinned to CPU 0 and clients to CPU 1: {results['pinned']}")  # fmt: skip
+    print(
+        f"machine: {m['nproc']} CPUs, {m['cpu']}; Python {m['python']}; load average {m['loadavg_1m_at_start']}; "
+        f"registry {results['registry']}; server on CPU 0, clients on CPU 1: {results['pinned']}"
+    )
     for name in ("fanout", "scale"):
         if name in results:
             print(f"\n[{name}]")

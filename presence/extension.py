@@ -459,12 +459,22 @@ class PresenceExtension(Extension):
             log.warning("presence: unwatch %s failed: %s", workspace_id, exc)
 
     async def _poll_loop(self) -> None:
-        """Expiry makes no noise: re-read every served roster a few times per TTL."""
+        """Expiry makes no noise: re-read every served roster a few times per TTL.
+
+        The views are spread over the interval rather than all marked at once,
+        so a node serving many workspaces makes a steady trickle of reads.
+        """
         interval = self.registry.ttl / POLLS_PER_TTL
         while True:
-            await asyncio.sleep(interval)
-            for view in list(self.views.values()):
-                self._mark(view)
+            views = list(self.views.values())
+            if not views:
+                await asyncio.sleep(interval)
+                continue
+            step = interval / len(views)
+            for view in views:
+                await asyncio.sleep(step)
+                if self.views.get(view.workspace_id) is view:
+                    self._mark(view)
 
     # ------------------------------------------------------------- HTTP
 

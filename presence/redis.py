@@ -37,6 +37,7 @@ from presence.base import ENTRY_EXPIRY_FRACTION, HEARTBEATS_PER_TTL, ConnectionE
 log = logging.getLogger("collab.presence")
 
 _DELETE = object()  # a staged removal
+MAX_CONNECTIONS = 16  # per node: the pub/sub reader holds one, refreshes share the rest
 _READ = """
 local ids = redis.call('SMEMBERS', KEYS[1])
 local out = {}
@@ -119,9 +120,18 @@ class RedisPresenceRegistry:
 
     async def start(self) -> None:
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
-                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout, health_check_interval=10
+            # A bounded pool that makes callers wait for a free connection: a poll
+            # or a burst touching every workspace at once must not fail with
+            # "Too many connections" (the default pool's limit is 100).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=self.timeout,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                health_check_interval=10,
             )
+            self._client = aioredis.Redis(connection_pool=pool)
         self._read_script = self._client.register_script(_READ)
         self._closed = False
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -138,13 +148,17 @@ class RedisPresenceRegistry:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if remove_entries and self._own:
+        # Everything of ours that may be in Redis: current entries and staged removals.
+        doomed: dict[str, set[str]] = {ws: set(own) for ws, own in self._own.items()}
+        for workspace_id, ops in self._staged.items():
+            doomed.setdefault(workspace_id, set()).update(ops)
+        if remove_entries and any(doomed.values()):
             try:
                 async with asyncio.timeout(2):
                     pipe = self.redis.pipeline(transaction=False)
-                    for workspace_id, own in self._own.items():
+                    for workspace_id, conn_ids in doomed.items():
                         prefix = entry_prefix(workspace_id)
-                        for conn_id in own:
+                        for conn_id in conn_ids:
                             pipe.delete(prefix + conn_id)
                             pipe.srem(index_key(workspace_id), conn_id)
                         pipe.publish(channel(workspace_id), self.node_id)
@@ -160,6 +174,8 @@ class RedisPresenceRegistry:
         if self._owns_client and self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
+            with contextlib.suppress(Exception):
+                await self._client.connection_pool.disconnect()
             self._client = None
 
     # ------------------------------------------------------------- writes
@@ -212,7 +228,7 @@ class RedisPresenceRegistry:
             pipe.publish(channel(workspace_id), self.node_id)
             try:
                 await pipe.execute()
-            except Exception:
+            except BaseException:  # failed or cancelled (shutdown): close() still removes what was staged
                 # Put back what was not written unless something newer was staged meanwhile.
                 staged = self._staged.setdefault(workspace_id, {})
                 for conn_id, entry in (ops or {}).items():
