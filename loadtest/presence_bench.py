@@ -3,13 +3,16 @@
     python -m loadtest.presence_bench                     # both scenarios, in-process registry
     python -m loadtest.presence_bench --registry redis    # rosters in a redis-server started here
     python -m loadtest.presence_bench --scenario fanout --participants 100 --changes 300
+    python -m loadtest.presence_bench --scenario fanout --registry redis --nodes 2   # across two servers
 
 Scenario ``fanout``: N participants (``hello`` clients) in one room. One at a
 time, a participant changes its awareness ``focus``; the latency is measured
 from just before that awareness frame is sent to the moment each other
 participant has decoded the ``presence.diff`` that carries the new focus
 (p50/p99 over every delivery). Changes are paced (``--interval``) so each one
-is a change after a quiet spell, as a person's would be.
+is a change after a quiet spell, as a person's would be. With ``--nodes 2``
+the participants are dealt across two servers sharing a Redis, so half of
+the deliveries cross nodes (Redis write, publish, the other node's re-read).
 
 Scenario ``scale``: R rooms with K participants each (1,000 across 100 by
 default). Reports the server's memory per participant, the CPU it spends
@@ -243,16 +246,19 @@ def ms(seconds: float) -> str:
 # ------------------------------------------------------------------ scenarios
 
 
-async def fanout(url: str, server: Child, participants: int, changes: int, interval: float) -> dict[str, Any]:
+async def fanout(
+    urls: list[str], servers: list[Child], participants: int, changes: int, interval: float
+) -> dict[str, Any]:
+    """With several URLs (nodes), participants are dealt round-robin across them."""
     relay = Tracker()
     tracker = Tracker(relay)
-    probes = [Probe(url, "bench-fanout", f"u{i:04d}", tracker) for i in range(participants)]
+    probes = [Probe(urls[i % len(urls)], "bench-fanout", f"u{i:04d}", tracker) for i in range(participants)]
     t0 = time.perf_counter()
     await connect_all(probes)
     await wait_rosters({"bench-fanout": probes}, 60)
     joined = time.perf_counter() - t0
     per_change: list[float] = []
-    cpu0 = server.cpu_seconds()
+    cpu0 = sum(s.cpu_seconds() for s in servers)
     for i in range(changes):
         changer = probes[i % participants]
         key = (changer.user, f"field.{i}")
@@ -262,11 +268,12 @@ async def fanout(url: str, server: Child, participants: int, changes: int, inter
         await asyncio.wait_for(done.wait(), 10)
         per_change.append(time.perf_counter() - start)
         await asyncio.sleep(interval)
-    cpu = server.cpu_seconds() - cpu0
+    cpu = sum(s.cpu_seconds() for s in servers) - cpu0
     diffs = sum(c.diffs for c in probes)
     await asyncio.gather(*(c.close() for c in probes), return_exceptions=True)
     lat = tracker.latencies
     return {
+        "nodes": len(urls),
         "participants": participants,
         "changes": changes,
         "deliveries": len(lat),
@@ -406,10 +413,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             **({"COLLAB_REDIS_URL": redis_url} if redis_url else {}),
         }
         server, url = start_server(workdir, env, 0 if pin else None)
+        servers, urls = [server], [url]
         try:
+            for n in range(1, args.nodes):
+                node_dir = workdir / f"node{n}"
+                node_dir.mkdir()
+                node_env = {**env, "COLLAB_NODE_ID": f"bench-node-{n}"}
+                extra, extra_url = start_server(node_dir, node_env, 0 if pin else None)
+                servers.append(extra)
+                urls.append(extra_url)
             if args.scenario in ("fanout", "all"):
                 results["fanout"] = await asyncio.wait_for(
-                    fanout(url, server, args.participants, args.changes, args.interval), args.max_seconds
+                    fanout(urls, servers, args.participants, args.changes, args.interval), args.max_seconds
                 )
             if args.scenario in ("scale", "all"):
                 results["scale"] = await asyncio.wait_for(
@@ -417,7 +432,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.max_seconds,
                 )
         finally:
-            server.stop()
+            for child in servers:
+                child.stop()
             if redis_child is not None:
                 redis_child.stop()
             if args.server_log:
@@ -430,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=["fanout", "scale", "all"], default="all")
     parser.add_argument("--registry", choices=["memory", "redis"], default="memory")
     parser.add_argument("--participants", type=int, default=100, help="fanout: participants in the room")
+    parser.add_argument("--nodes", type=int, default=1, help="fanout: servers sharing the room (with redis)")
     parser.add_argument("--changes", type=int, default=300, help="fanout: focus changes measured")
     parser.add_argument("--interval", type=float, default=0.06, help="fanout: pause after each change (s)")
     parser.add_argument("--rooms", type=int, default=100, help="scale: rooms")
@@ -442,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--server-log", help="keep a copy of the server's log here")
     args = parser.parse_args(argv)
+    if args.nodes > 1 and args.registry != "redis":
+        parser.error("--nodes > 1 needs --registry redis")
     results = asyncio.run(run(args))
     if args.json:
         print(json.dumps(results, indent=2))

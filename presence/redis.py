@@ -37,6 +37,7 @@ from presence.base import ENTRY_EXPIRY_FRACTION, HEARTBEATS_PER_TTL, ConnectionE
 log = logging.getLogger("collab.presence")
 
 _DELETE = object()  # a staged removal
+_MISSING: Any = object()
 MAX_CONNECTIONS = 16  # per node: the pub/sub reader holds one, refreshes share the rest
 _READ = """
 local ids = redis.call('SMEMBERS', KEYS[1])
@@ -100,6 +101,7 @@ class RedisPresenceRegistry:
         self._staged_locks: dict[str, list[dict[str, Any]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # one writer per workspace at a time
         self._remote_cache: dict[str, tuple[float, WorkspacePresence]] = {}
+        self._decoded: dict[str, dict[bytes, ConnectionEntry | None]] = {}  # watched workspaces only
         self._watched: set[str] = set()
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task] = []
@@ -269,13 +271,21 @@ class RedisPresenceRegistry:
             return WorkspacePresence(entries=own, locks=[])
         self._failing = False
         remote: list[ConnectionEntry] = []
+        # Most entries are unchanged since the last read: decode only new texts.
+        previous = self._decoded.get(workspace_id, {})
+        decoded: dict[bytes, ConnectionEntry | None] = {}
         for raw in raw_entries:
-            try:
-                entry = ConnectionEntry.from_json(json.loads(raw))
-            except (ValueError, KeyError, TypeError):
-                continue
-            if entry.node != self.node_id:  # our own entries come from memory, fresher
+            entry = previous.get(raw, _MISSING)
+            if entry is _MISSING:
+                try:
+                    entry = ConnectionEntry.from_json(json.loads(raw))
+                except (ValueError, KeyError, TypeError):
+                    entry = None
+            decoded[raw] = entry
+            if entry is not None and entry.node != self.node_id:  # our own entries come from memory, fresher
                 remote.append(entry)
+        if workspace_id in self._watched:
+            self._decoded[workspace_id] = decoded
         locks: list[dict[str, Any]] = []
         if locks_raw:
             with contextlib.suppress(ValueError):
@@ -304,6 +314,7 @@ class RedisPresenceRegistry:
             return
         self._watched.discard(workspace_id)
         self._remote_cache.pop(workspace_id, None)
+        self._decoded.pop(workspace_id, None)
         with contextlib.suppress(Exception):
             await self._pubsub.unsubscribe(channel(workspace_id))
 
