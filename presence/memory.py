@@ -116,10 +116,16 @@ class MemoryPresenceRegistry:
     # -------------------------------------------------------------- reads
 
     async def read(self, workspace_id: str) -> WorkspacePresence:
-        return WorkspacePresence(
-            entries=self.backend.live(workspace_id, time.monotonic()),
-            locks=list(self.backend.locks.get(workspace_id, ())),
-        )
+        entries = self.backend.live(workspace_id, time.monotonic())
+        own = self._own.get(workspace_id, {})
+        leftovers = [e.conn_id for e in entries if e.node == self.node_id and e.conn_id not in own]
+        if leftovers:  # our node id, not our connections: an earlier run of this node left them
+            table = self.backend.entries.get(workspace_id, {})
+            for conn_id in leftovers:
+                table.pop(conn_id, None)
+            entries = [e for e in entries if e.conn_id not in leftovers]
+            self.backend.notify(workspace_id, self)
+        return WorkspacePresence(entries=entries, locks=list(self.backend.locks.get(workspace_id, ())))
 
     async def watch(self, workspace_id: str) -> None:
         self.backend.watchers.setdefault(workspace_id, set()).add(self)

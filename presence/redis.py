@@ -274,6 +274,9 @@ class RedisPresenceRegistry:
         # Most entries are unchanged since the last read: decode only new texts.
         previous = self._decoded.get(workspace_id, {})
         decoded: dict[bytes, ConnectionEntry | None] = {}
+        leftovers: list[str] = []
+        own_ids = self._own.get(workspace_id, {})
+        staged = self._staged.get(workspace_id, {})
         for raw in raw_entries:
             entry = previous.get(raw, _MISSING)
             if entry is _MISSING:
@@ -282,10 +285,19 @@ class RedisPresenceRegistry:
                 except (ValueError, KeyError, TypeError):
                     entry = None
             decoded[raw] = entry
-            if entry is not None and entry.node != self.node_id:  # our own entries come from memory, fresher
+            if entry is None:
+                continue
+            if entry.node != self.node_id:
                 remote.append(entry)
+            elif entry.conn_id not in own_ids and entry.conn_id not in staged:
+                # Our node id, but not one of our connections: left by an earlier
+                # run of this node (restarted before its entries expired).
+                leftovers.append(entry.conn_id)
+            # Our own entries are served from memory, which is fresher.
         if workspace_id in self._watched:
             self._decoded[workspace_id] = decoded
+        if leftovers:
+            await self._purge(workspace_id, leftovers)
         locks: list[dict[str, Any]] = []
         if locks_raw:
             with contextlib.suppress(ValueError):
@@ -297,6 +309,19 @@ class RedisPresenceRegistry:
         if workspace_id in self._watched:
             self._remote_cache[workspace_id] = (time.monotonic(), WorkspacePresence(remote, locks))
         return WorkspacePresence(entries=remote + own, locks=locks)
+
+    async def _purge(self, workspace_id: str, conn_ids: list[str]) -> None:
+        log.info("presence: removing %d entries of an earlier run of node %s in %s", len(conn_ids), self.node_id,
+                 workspace_id)  # fmt: skip
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for conn_id in conn_ids:
+                pipe.delete(entry_prefix(workspace_id) + conn_id)
+                pipe.srem(index_key(workspace_id), conn_id)
+            pipe.publish(channel(workspace_id), self.node_id)
+            await pipe.execute()
+        except Exception as exc:  # they expire anyway
+            log.warning("presence: could not remove stale entries in %s: %s", workspace_id, exc)
 
     # ----------------------------------------------------------- watching
 

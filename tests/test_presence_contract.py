@@ -251,3 +251,15 @@ async def test_redis_outage_keeps_this_nodes_own_participants(redis_server):
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_restarted_node_clears_what_its_previous_run_left(nodes):
+    a1, b = await nodes.node("a"), await nodes.node("b")
+    a1.put(entry("a", "old-1", "alice"))
+    await a1.sync(WS)
+    await a1.close(remove_entries=False)  # crashed...
+    a2 = await nodes.node("a")  # ...and back under the same node id, before the entry expired
+    a2.put(entry("a", "new-1", "carol"))
+    await a2.sync(WS)
+    assert conn_ids(await a2.read(WS)) == {"a/new-1"}
+    assert conn_ids(await b.read(WS)) == {"a/new-1"}  # gone for everyone, not only for a2
