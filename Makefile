@@ -28,6 +28,9 @@ deps-test:
 	@command -v node >/dev/null 2>&1 || { \
 	  echo "installing nodejs/npm (stock Yjs client tests)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium (presence panel browser test, driven by playwright-core)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 BACKEND_PORT ?= 8766
 

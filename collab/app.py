@@ -232,6 +232,10 @@ def create_app(
 def default_extensions(settings: Settings) -> list[Extension]:
     """The features a server built from settings runs with, in hook order."""
     extensions: list[Extension] = []
+    from presence.extension import PresenceExtension
+
+    # Presence first: it stamps awareness states before anything else sees them.
+    extensions.append(PresenceExtension(settings))
     if settings.locks_enabled:
         from locks.extension import LockExtension
 

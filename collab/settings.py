@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +30,12 @@ class Settings(BaseSettings):
 
     # Scale-out (later): when set, Redis backs locks, presence and relay.
     redis_url: str | None = None
+    node_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        max_length=200,
+        description="this server's name in rosters and logs; unique per running process",
+    )
 
     # Rooms
     flush_interval_ms: float = Field(
@@ -70,12 +78,23 @@ class Settings(BaseSettings):
     lock_fence_block: int = Field(1000, ge=1, description="fences reserved per durable high-water-mark write")
 
     # Websocket transport
-    ping_interval: float = Field(20.0, gt=0, description="seconds between server pings")
+    # A frozen or vanished client is dropped within ping_interval + ping_timeout (30 s by default).
+    ping_interval: float = Field(10.0, gt=0, description="seconds between server pings")
     ping_timeout: float = Field(20.0, gt=0, description="a peer silent this long after a ping is closed")
     shutdown_timeout: float = Field(10.0, gt=0, description="seconds to wait for connections at shutdown")
     per_message_deflate: bool = Field(
         False, description="compress frames; costs CPU per peer per frame, saves bandwidth on big syncs"
     )
+
+    # Presence (participant rosters; Redis-backed across nodes when redis_url is set)
+    presence_ttl_seconds: float = Field(
+        30.0, ge=0.5, le=3600, description="a crashed node's participants disappear from every roster within this"
+    )
+    presence_coalesce_ms: float = Field(
+        50.0, ge=0, le=5000, description="at most one presence diff per room per window; bursts become one diff"
+    )
+    awareness_rate: float = Field(40.0, gt=0, description="awareness states accepted per second per connection")
+    awareness_burst: int = Field(80, ge=1, description="awareness states a connection may send at once")
 
     @property
     def database_path(self) -> Path:

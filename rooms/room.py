@@ -85,7 +85,16 @@ ControlHandler = Callable[["Room", PeerState, p.Control], None]
 
 
 class AwarenessRejected(Exception):
-    """Raised by an awareness filter: the entry is dropped, the sender told why."""
+    """Raised by an awareness filter: the entry is dropped, the sender told why.
+
+    ``code`` is the ``error`` message's code; ``notify=False`` drops the entry
+    silently (e.g. a flood the sender was already told about).
+    """
+
+    def __init__(self, message: str, code: str = "awareness_rejected", notify: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.notify = notify
 
 
 class RoomListener(Protocol):
@@ -104,6 +113,7 @@ class RoomListener(Protocol):
     """
 
     def on_join(self, room: Room, peer: PeerState) -> None: ...
+    def on_hello(self, room: Room, peer: PeerState) -> None: ...  # opted in to control messages
     def on_leave(self, room: Room, peer: PeerState) -> None: ...
     def on_awareness(self, room: Room, peer: PeerState, client_id: int, state: str | None) -> None: ...
     def on_config_change(self, room: Room, peer: PeerState | None, changes: Changes, config: dict) -> None: ...
@@ -348,6 +358,7 @@ class Room:
     def _receive_awareness(self, ps: PeerState, entries: tuple[p.AwarenessEntry, ...]) -> None:
         limit = self.config.max_awareness_state_bytes
         accepted: list[p.AwarenessEntry] = []
+        claimed: list[int] = []
         for entry in entries:
             cid = entry.client_id
             if entry.state is not None:
@@ -366,7 +377,8 @@ class Room:
                         for awareness_filter in self._awareness_filters:
                             parsed = awareness_filter(self, ps, cid, parsed)
                     except AwarenessRejected as exc:
-                        ps.control({"type": "error", "code": "awareness_rejected", "message": str(exc)})
+                        if exc.notify:
+                            ps.control({"type": "error", "code": exc.code, "message": str(exc)})
                         continue
                     entry = p.AwarenessEntry(cid, entry.clock, json.dumps(parsed, separators=(",", ":")))
             rec = self.awareness.get(cid)
@@ -398,8 +410,21 @@ class Room:
                     ps.client_ids.add(cid)
                     self._awareness_out[cid] = p.AwarenessEntry(cid, clock, entry.state)
                     accepted.append(entry)
+            elif entry.clock > rec.clock and not _same_user(ps, rec.owner):
+                # Owned by another user's live connection, with a clock its owner
+                # never sent: not an echo but a claim on someone else's client id.
+                # (The same user may be reconnecting before the old socket died.)
+                claimed.append(cid)
             # else: owned by another live peer. Stock clients re-send others'
             # states; silently ignoring them is what stops the echo loop.
+        if claimed:
+            ps.control(
+                {
+                    "type": "error",
+                    "code": "awareness_client_id_taken",
+                    "message": f"client id(s) {claimed[:10]} belong to another connection; dropped",
+                }
+            )
         if accepted:
             self._schedule_flush()
             if self.listeners:
@@ -421,6 +446,7 @@ class Room:
                     **({"id": message.body["id"]} if "id" in message.body else {}),
                 }
             )
+            self._emit("on_hello", ps)
             return
         if not ps.wants_control:
             raise p.ProtocolError("send 'hello' before other control messages", p.CLOSE_POLICY)
@@ -595,6 +621,11 @@ def _integrated(update: bytes, state: bytes) -> bool:
     except (ValueError, p.ProtocolError):
         return False
     return True
+
+
+def _same_user(a: PeerState, b: PeerState) -> bool:
+    ida, idb = getattr(a.identity, "user_id", None), getattr(b.identity, "user_id", None)
+    return ida is not None and ida == idb
 
 
 def _ref(message: p.Control) -> dict[str, Any]:

@@ -141,7 +141,7 @@ async def test_awareness_join_clean_close_and_killed_client(server, tmp_path):
 
 
 async def test_awareness_cannot_overwrite_another_clients_entry(server):
-    a = CollabClient(server.ws_url, "ds-own", client_id=1001)
+    a = CollabClient(server.ws_url, "ds-own", client_id=1001, query="user=a&name=A")
     await a.set_awareness({"user": {"name": "A"}})
     await a.connect()
     mallory = await CollabClient(server.ws_url, "ds-own").connect()

@@ -268,6 +268,14 @@ def py_contents(client: CollabClient) -> dict[str, Any]:
     }
 
 
+def stamped(state: Any, **fields: Any) -> bool:
+    """The server stamps an awareness state's ``user`` with the connection's
+    identity (presence): true if ``state`` is stamped and otherwise ``fields``."""
+    if not isinstance(state, dict) or not isinstance(state.get("user"), dict) or "id" not in state["user"]:
+        return False
+    return {k: v for k, v in state.items() if k != "user"} == fields
+
+
 async def py_client(server, room: str, **kw: Any) -> CollabClient:
     return await CollabClient(server.ws_url, room, **kw).connect(timeout=WAIT)
 
@@ -344,12 +352,12 @@ async def test_awareness_crosses_both_ways_and_removals_arrive(server, node_clie
 
     # Python -> node (sent to the node on join) and node -> Python.
     await node.until(
-        lambda: node.peer_states().get(py.client_id) == {"user": {"name": "py", "color": "#f00"}},
+        lambda: stamped(node.peer_states().get(py.client_id)),
         WAIT,
         "python awareness at node",
     )
     await py.until(
-        lambda: py.peer_states().get(node.client_id) == {"user": {"name": "node", "color": "#0f0"}},
+        lambda: stamped(py.peer_states().get(node.client_id)),
         WAIT,
         "node awareness at python",
     )
@@ -378,7 +386,7 @@ async def test_awareness_crosses_both_ways_and_removals_arrive(server, node_clie
     victim = await node_clients(server.ws_url, room, "victim")
     await victim.command("awareness", state={"user": {"name": "victim"}})
     await py.until(
-        lambda: py.peer_states().get(victim.client_id) == {"user": {"name": "victim"}},
+        lambda: stamped(py.peer_states().get(victim.client_id)),
         WAIT,
         "victim awareness at python",
     )
@@ -418,7 +426,7 @@ async def test_late_joining_node_client_gets_full_state(server_factory, node_cli
     late = await node_clients(server.ws_url, room, "late")
     # The first step 2 the client gets (the moment it turns synced) already holds everything.
     assert norm(late.synced_docs[0]) == expected
-    await late.until(lambda: late.peer_states().get(py.client_id) == {"user": "py"}, WAIT, "awareness on join")
+    await late.until(lambda: stamped(late.peer_states().get(py.client_id)), WAIT, "awareness on join")
     assert await late.close() == 0
 
     # After everyone left (room evicted, state only in the store), a new stock client still gets it all.
@@ -508,8 +516,8 @@ async def test_two_node_clients_converge_through_server(server, node_clients):
     assert da == db
     assert da["config"]["shared"] in {"a-19", "b-19"}
     assert da["config"]["b7"] == [7, "b"]
-    await a.until(lambda: a.peer_states().get(b.client_id) == {"user": "b"}, WAIT, "b's awareness at a")
-    await b.until(lambda: b.peer_states().get(a.client_id) == {"user": "a"}, WAIT, "a's awareness at b")
+    await a.until(lambda: stamped(a.peer_states().get(b.client_id)), WAIT, "b's awareness at a")
+    await b.until(lambda: stamped(b.peer_states().get(a.client_id)), WAIT, "a's awareness at b")
 
     # The server holds the same document.
     fresh = await py_client(server, room)
