@@ -95,4 +95,25 @@ class WebSocketPeer:
                 async with asyncio.timeout(flush_timeout):
                     await self.ws.close(self.close_code, self.close_reason[:120])
             except Exception:
-                pass  # a peer that does not read cannot be told; the transport is dropped
+                # A peer that does not read cannot be told. Closing the
+                # transport normally would wait for its send buffer to drain,
+                # which never happens: drop the TCP connection instead.
+                abort_transport(self.ws)
+
+
+def abort_transport(ws: WebSocket) -> bool:
+    """Drop the TCP connection under an ASGI websocket (best effort).
+
+    ASGI gives no handle on the transport; uvicorn's websocket protocols pass
+    their bound ``receive`` method, whose object owns ``transport``. Used
+    only for peers that stopped reading, whose close frame can't be sent.
+    """
+    owner = getattr(getattr(ws, "_receive", None), "__self__", None)
+    transport = getattr(owner, "transport", None)
+    if transport is None or not hasattr(transport, "abort"):
+        return False
+    try:
+        transport.abort()
+    except Exception:
+        return False
+    return True

@@ -47,6 +47,8 @@ class RoomConfig:
     compact_every_updates: int = 500
     compact_every_bytes: int = 4 * 1024 * 1024
     max_awareness_state_bytes: int = 64 * 1024
+    max_awareness_clients: int = 0  # awareness client ids one peer may own (0 = no limit)
+    max_document_bytes: int = 0  # encoded size past which growing updates are refused (0 = no limit)
     tombstone_seconds: float = 60.0
     limits: dict[str, Any] = field(default_factory=dict)  # advertised in `welcome`
     server_version: str = "0"
@@ -64,6 +66,11 @@ class PeerState:
     updates_received: int = 0
     updates_acked: int = 0
     alive: bool = True
+
+    @property
+    def read_only(self) -> bool:
+        """A viewer: its updates are refused (and compensated), the rest works."""
+        return getattr(self.identity, "role", None) == "viewer"
 
     def control(self, body: dict[str, Any]) -> None:
         """Send a control message, only if the peer opted in with hello."""
@@ -121,6 +128,11 @@ class Room:
         # Plain view of the `config` map, kept only when someone looks at it.
         self.config_view: dict[str, Any] = {}
         self._applying_client_update = False
+        self._refusing = False  # inside _refuse_update: doc events are not news
+        # Encoded size of the document: exact after a measurement, an upper
+        # bound (exact + bytes applied since) otherwise.
+        self.size_bytes = 0
+        self._size_exact = False
         self.doc = pycrdt.Doc()
         self._doc_sub = self.doc.observe(self._on_doc_update)
         self.peers: dict[Peer, PeerState] = {}
@@ -162,6 +174,8 @@ class Room:
         self._snapshot_seq = stored.snapshot_seq
         self._tail_updates = len(stored.updates)
         self._tail_bytes = sum(len(u) for u in stored.updates)
+        self.size_bytes = len(self.doc.get_update())
+        self._size_exact = True
         self.loaded = True
 
     # --------------------------------------------------------- membership
@@ -237,7 +251,17 @@ class Room:
     def _receive_update(self, ps: PeerState, update: bytes) -> None:
         ps.updates_received += 1
         self.stats["updates_in"] += 1
+        refusal = None
         if update != p.EMPTY_UPDATE:
+            if ps.read_only:
+                refusal = "read-only"
+            elif self._too_large(update):
+                refusal = "document_too_large"
+        if refusal is not None:
+            self._refuse_update(ps, update, refusal)
+        elif update != p.EMPTY_UPDATE:
+            self.size_bytes += len(update)
+            self._size_exact = False
             self._applying_client_update = True
             try:
                 self.doc.apply_update(update)
@@ -255,6 +279,8 @@ class Room:
         self._schedule_flush()
 
     def _on_doc_update(self, event: pycrdt.TransactionEvent) -> None:
+        if self._refusing:
+            return  # _refuse_update sends the net effect itself
         update = event.update
         self._outgoing.append(update)
         if not self._applying_client_update and self.loaded:
@@ -262,6 +288,103 @@ class Room:
             # it is stored like a client's update.
             self._to_store.append(update)
             self._schedule_flush()
+
+    # ------------------------------------------------------------ refusal
+
+    def _too_large(self, update: bytes) -> bool:
+        """Whether applying ``update`` could take the document past its cap."""
+        cap = self.config.max_document_bytes
+        if not cap or update[:1] == b"\x00":
+            return False  # no cap, or no structs: only deletions, which never grow it
+        if self.size_bytes + len(update) <= cap:
+            return False
+        if not self._size_exact:
+            self.size_bytes = len(self.doc.get_update())
+            self._size_exact = True
+        return self.size_bytes + len(update) > cap
+
+    def _refuse_update(self, ps: PeerState, update: bytes, reason: str) -> None:
+        """Apply an update and revert it at once, so that its author converges back.
+
+        A refused update can't just be dropped: its author already shows the
+        change, and only a server change that deletes what it inserted (and
+        re-inserts what it deleted) makes the author's copy converge back.
+        The update is applied in a transaction tracked by an UndoManager;
+        everything it inserted is deleted by id (this covers root types the
+        UndoManager could not scope), then the undo restores what it deleted.
+        The net effect, taken from the document after the garbage collector
+        dropped the refused content, is what peers receive and the store
+        keeps: the refused content never leaves the server.
+        """
+        if ps.read_only:
+            # A viewer's update must integrate completely: structs or deletions
+            # left pending would be completed later by someone else's update
+            # and slip in unchecked. Prove it on a scratch copy first.
+            scratch = pycrdt.Doc()
+            try:
+                scratch.apply_update(self.doc.get_update())
+                scratch.apply_update(update)
+            except ValueError as exc:
+                raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
+            if not _integrated(update, scratch.get_state()):
+                self._tell_refused(ps, [], reason)
+                return
+        config_before = config_snapshot(self.doc)
+        sv_before = self.doc.get_state()
+        undo = None
+        self._refusing = True
+        try:
+            roots = self._undo_scopes()
+            if roots:
+                undo = pycrdt.UndoManager(scopes=roots, capture_timeout_millis=0)
+                undo.include_origin(_REFUSED)
+            try:
+                with self.doc.transaction(origin=_REFUSED):
+                    self.doc.apply_update(update)
+            except ValueError as exc:
+                raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
+            paths = sorted(diff(config_before, config_snapshot(self.doc)))
+            inserted = _new_ranges(sv_before, self.doc.get_state())
+            if inserted:
+                with self.doc.transaction(origin="server"):
+                    self.doc.apply_update(_delete_set_update(inserted))
+            if undo is not None and undo.can_undo():
+                undo.undo()
+        finally:
+            self._refusing = False
+            if undo is not None:
+                undo.clear()
+        net = self.doc.get_update(sv_before)
+        self._outgoing.append(net)
+        self._to_store.append(net)
+        self.size_bytes += len(net)  # tombstones and re-inserted content
+        if self._tracks_config:
+            self.config_view = config_snapshot(self.doc)
+        self._tell_refused(ps, paths, reason)
+        self._schedule_flush()
+
+    def _undo_scopes(self) -> list[Any]:
+        """Every root type, for an UndoManager's scope.
+
+        Roots that only clients have typed (created by their updates) come
+        back untyped; any type will do to name the branch for the scope, so
+        they are cast to Text (which changes nothing that is encoded).
+        """
+        scopes = []
+        for name, root in list(self.doc.items()):
+            if root is None:
+                try:
+                    root = self.doc.get(name, type=pycrdt.Text)
+                except Exception:
+                    continue
+            scopes.append(root)
+        return scopes
+
+    def _tell_refused(self, ps: PeerState, paths: list[str], reason: str) -> None:
+        body: dict[str, Any] = {"type": "rejected", "paths": paths, "reason": reason}
+        if reason == "document_too_large":
+            body["limit"] = self.config.max_document_bytes
+        ps.control(body)
 
     # ------------------------------------------------------- configuration
 
@@ -323,9 +446,25 @@ class Room:
 
     def _receive_awareness(self, ps: PeerState, entries: tuple[p.AwarenessEntry, ...]) -> None:
         limit = self.config.max_awareness_state_bytes
+        max_clients = self.config.max_awareness_clients
         accepted: list[p.AwarenessEntry] = []
         for entry in entries:
             cid = entry.client_id
+            if (
+                max_clients
+                and entry.state is not None
+                and cid not in ps.client_ids
+                and len(ps.client_ids) >= max_clients
+                and (cid not in self.awareness or self.awareness[cid].owner is None)
+            ):
+                ps.control(
+                    {
+                        "type": "error",
+                        "code": "awareness_rejected",
+                        "message": f"a connection may own at most {max_clients} awareness client ids",
+                    }
+                )
+                continue
             if entry.state is not None:
                 if len(entry.state) > limit or len(entry.state.encode()) > limit:
                     ps.control(
@@ -540,6 +679,32 @@ class Room:
         stale = [cid for cid, rec in self.awareness.items() if rec.owner is None and rec.removed_at < horizon]
         for cid in stale:
             del self.awareness[cid]
+
+
+_REFUSED = "refused"  # transaction origin of updates applied only to be reverted
+
+
+def _parse_state_vector(sv: bytes) -> dict[int, int]:
+    count, pos = p.read_var_uint(sv, 0)
+    out = {}
+    for _ in range(count):
+        client, pos = p.read_var_uint(sv, pos)
+        out[client], pos = p.read_var_uint(sv, pos)
+    return out
+
+
+def _new_ranges(before: bytes, after: bytes) -> dict[int, tuple[int, int]]:
+    """Per client, the clock range [start, end) that ``after`` has beyond ``before``."""
+    old = _parse_state_vector(before)
+    return {c: (old.get(c, 0), clock) for c, clock in _parse_state_vector(after).items() if clock > old.get(c, 0)}
+
+
+def _delete_set_update(ranges: dict[int, tuple[int, int]]) -> bytes:
+    """A Yjs v1 update with no structs and a delete set covering ``ranges``."""
+    parts = [b"\x00", p.write_var_uint(len(ranges))]
+    for client, (start, end) in ranges.items():
+        parts += [p.write_var_uint(client), b"\x01", p.write_var_uint(start), p.write_var_uint(end - start)]
+    return b"".join(parts)
 
 
 def _integrated(update: bytes, state: bytes) -> bool:
