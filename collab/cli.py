@@ -10,7 +10,10 @@ import argparse
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from collab import __version__
+from collab.security import install_log_redaction
 from collab.settings import Settings
 
 
@@ -48,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         settings = Settings(**overrides)
-    except Exception as exc:  # pydantic's message names the bad field
-        print(f"collab: invalid settings: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        # Name the fields and the problems, never the values (they may be secrets).
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ())) or "settings"
+            print(f"collab: invalid settings: {where}: {error.get('msg')}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"collab: invalid settings: {type(exc).__name__}", file=sys.stderr)
         return 2
     return serve(settings)
 
@@ -59,6 +68,7 @@ def serve(settings: Settings) -> int:
 
     from collab.app import create_app
 
+    install_log_redaction()  # uvicorn logs websocket paths with their query string (?token=...)
     logging.basicConfig(
         level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -76,6 +86,10 @@ def serve(settings: Settings) -> int:
         ws_ping_timeout=settings.ping_timeout,
         ws_per_message_deflate=settings.per_message_deflate,
         lifespan="on",
+        # Client addresses (per-address limits) from X-Forwarded-For, only
+        # when the request comes from one of these proxies.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         access_log=False,
         # Long-lived streams (SSE) must not hold a shutdown forever.
         timeout_graceful_shutdown=settings.shutdown_timeout,
