@@ -19,7 +19,18 @@ log = logging.getLogger("collab.connection")
 
 
 class WebSocketPeer:
-    __slots__ = ("ws", "max_queue", "_queue", "_wake", "_writer", "closed", "close_code", "close_reason", "label")
+    __slots__ = (
+        "ws",
+        "max_queue",
+        "_queue",
+        "_wake",
+        "_writer",
+        "closed",
+        "close_code",
+        "close_reason",
+        "label",
+        "overflowed",
+    )
 
     def __init__(self, ws: WebSocket, max_queue: int, label: str = "") -> None:
         self.ws = ws
@@ -30,6 +41,7 @@ class WebSocketPeer:
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.close_code: int | None = None
         self.close_reason = ""
+        self.overflowed = False
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     # -- Peer protocol
@@ -38,6 +50,7 @@ class WebSocketPeer:
         if self.closed.done():
             return
         if len(self._queue) >= self.max_queue:
+            self.overflowed = True
             self.close(p.CLOSE_TRY_AGAIN, "outgoing queue overflow; reconnect to resync")
             return
         self._queue.append(frame)
@@ -90,6 +103,11 @@ class WebSocketPeer:
                 pass
         self._writer.cancel()
         self._queue.clear()
+        if self.overflowed and abort_transport(self.ws):
+            # It stopped reading: a close frame would wait behind megabytes in
+            # the socket buffers, which stay allocated until then. Drop the TCP
+            # connection; the client reconnects (1006) and resyncs.
+            return
         if self.close_code is not None:
             try:
                 async with asyncio.timeout(flush_timeout):
