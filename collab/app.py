@@ -127,6 +127,8 @@ class App:
             max_rooms=settings.max_rooms,
         )
         self.peers: set[WebSocketPeer] = set()
+        self._no_peers = asyncio.Event()
+        self._no_peers.set()
         self.accepting = False
 
     def _make_room(self, workspace_id: str) -> Room:
@@ -189,6 +191,26 @@ class App:
                 "COLLAB_ALLOWED_ORIGINS is empty: every browser page (any websocket with an Origin "
                 "header) is refused; non-browser clients are served"
             )
+
+    async def close_connections(self, timeout: float) -> None:
+        """First step of a graceful shutdown, while the server still reads sockets.
+
+        Stop accepting, make everything received durable (so its ``saved``
+        acks go out), then close every peer with 1012 through a proper
+        closing handshake, and wait (bounded) until they are gone. uvicorn's
+        own shutdown sends 1012 and closes the socket at once, which resets
+        the connection of a client that is still sending: its close frame is
+        lost and it sees 1006.
+        """
+        self.accepting = False
+        try:
+            async with asyncio.timeout(timeout):
+                await self.rooms.close()
+                for peer in list(self.peers):
+                    peer.close(p.CLOSE_RESTART, "server restarting")
+                await self._no_peers.wait()
+        except TimeoutError:
+            log.warning("%d connections still open after %.1fs; closing them abruptly", len(self.peers), timeout)
 
     async def shutdown(self) -> None:
         """Stop accepting, flush every room, tell clients to reconnect (1012)."""
@@ -326,6 +348,7 @@ class App:
             label=f"{workspace_id} {client.host}:{client.port}" if client else workspace_id,
         )
         self.peers.add(peer)
+        self._no_peers.clear()
         state = room.join(peer, identity)
         session = _Session()
         loop = asyncio.get_running_loop()
@@ -339,8 +362,12 @@ class App:
                 task.cancel()
             room.leave(peer)
             self.rooms.room_left(room)
-            self.peers.discard(peer)
-            await peer.finish()
+            try:
+                await peer.finish()
+            finally:
+                self.peers.discard(peer)
+                if not self.peers:
+                    self._no_peers.set()
 
     async def _deny(self, ws: WebSocket, status: int, reason: str) -> None:
         """Refuse the handshake with an HTTP status (no websocket is opened)."""

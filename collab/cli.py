@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+import uvicorn
 from pydantic import ValidationError
 
 from collab import __version__
@@ -64,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     from collab.app import create_app
 
     install_log_redaction()  # uvicorn logs websocket paths with their query string (?token=...)
@@ -94,10 +93,25 @@ def serve(settings: Settings) -> int:
         # Long-lived streams (SSE) must not hold a shutdown forever.
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
-    server = uvicorn.Server(config)
+    server = CollabServer(config, app.state.core, settings.shutdown_timeout)
     _announce_when_started(server, settings)
     server.run()
     return 0
+
+
+class CollabServer(uvicorn.Server):
+    """uvicorn's server, with our connections closed gracefully before its own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, core, timeout: float) -> None:
+        super().__init__(config)
+        self.core = core
+        self.close_timeout = timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        for srv in getattr(self, "servers", []):
+            srv.close()  # stop accepting first
+        await self.core.close_connections(self.close_timeout)
+        await super().shutdown(sockets=sockets)
 
 
 def _announce_when_started(server, settings: Settings) -> None:
