@@ -7,6 +7,7 @@ not given falls back to the environment, then to the defaults in Settings.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
@@ -111,6 +112,16 @@ class CollabServer(uvicorn.Server):
         for srv in getattr(self, "servers", []):
             srv.close()  # stop accepting first
         await self.core.close_connections(self.close_timeout)
+        # Let the closing handshakes finish: closing a socket that still has
+        # unread data from the client resets it, and the client loses the
+        # close frame (1006 instead of 1012).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(2.0, self.close_timeout)
+        while loop.time() < deadline and any(
+            getattr(c, "close_sent", False) and not getattr(c, "disconnected", True)
+            for c in self.server_state.connections
+        ):
+            await asyncio.sleep(0.02)
         await super().shutdown(sockets=sockets)
 
 

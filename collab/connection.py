@@ -112,10 +112,12 @@ class WebSocketPeer:
             try:
                 async with asyncio.timeout(flush_timeout):
                     await self.ws.close(self.close_code, self.close_reason[:120])
-            except Exception:
+            except Exception as exc:
                 # A peer that does not read cannot be told. Closing the
                 # transport normally would wait for its send buffer to drain,
                 # which never happens: drop the TCP connection instead.
+                log.info("cannot send close %d to %s (%s): dropping the connection", self.close_code, self.label,
+                         type(exc).__name__)
                 abort_transport(self.ws)
 
 
