@@ -26,6 +26,7 @@ import pycrdt
 
 from collab import protocol as p
 from persistence.base import DocumentStore, StoreError
+from rooms import ystructs
 from rooms.config import Changes, Rejection, UpdateGuard, config_snapshot, diff, restore
 
 log = logging.getLogger("collab.room")
@@ -135,6 +136,13 @@ class Room:
         self._size_exact = False
         self.doc = pycrdt.Doc()
         self._doc_sub = self.doc.observe(self._on_doc_update)
+        # A twin of the document where every client update is tried first. An
+        # update that would leave structs pending (a gap in a client's clocks,
+        # an origin the server never saw) must not reach self.doc: pycrdt shows
+        # pending structs in the document and in get_update() -- so late
+        # joiners get them -- but not in the update events that live peers get,
+        # and the two would diverge for as long as the gap stays open.
+        self._twin = pycrdt.Doc()
         self.peers: dict[Peer, PeerState] = {}
         self.awareness: dict[int, AwarenessRecord] = {}
         self._epoch = 0
@@ -166,6 +174,7 @@ class Room:
                 self.doc.apply_update(stored.snapshot)
             for update in stored.updates:
                 self.doc.apply_update(update)
+        self._twin.apply_update(self.doc.get_update())
         self._outgoing.clear()  # the load is not news to anyone
         self._to_store.clear()
         if self._tracks_config:
@@ -260,13 +269,12 @@ class Room:
         if refusal is not None:
             self._refuse_update(ps, update, refusal)
         elif update != p.EMPTY_UPDATE:
+            self._try_on_twin(update)
             self.size_bytes += len(update)
             self._size_exact = False
             self._applying_client_update = True
             try:
-                self.doc.apply_update(update)
-            except ValueError as exc:
-                raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
+                _apply(self.doc, update)
             finally:
                 self._applying_client_update = False
             # The raw update is stored (not only its integrated delta), so
@@ -282,6 +290,8 @@ class Room:
         if self._refusing:
             return  # _refuse_update sends the net effect itself
         update = event.update
+        if not self._applying_client_update:
+            self._twin.apply_update(update)  # server changes; client updates were tried there first
         self._outgoing.append(update)
         if not self._applying_client_update and self.loaded:
             # A change made by the server itself (compensation, seeding):
@@ -317,18 +327,20 @@ class Room:
         keeps: the refused content never leaves the server.
         """
         if ps.read_only:
-            # A viewer's update must integrate completely: structs or deletions
-            # left pending would be completed later by someone else's update
-            # and slip in unchecked. Prove it on a scratch copy first.
-            scratch = pycrdt.Doc()
+            # A viewer's update must integrate completely, deletions included:
+            # anything left pending would be completed later by someone else's
+            # update and slip in unchecked.
             try:
-                scratch.apply_update(self.doc.get_update())
-                scratch.apply_update(update)
-            except ValueError as exc:
-                raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
-            if not _integrated(update, scratch.get_state()):
+                self._try_on_twin(update)
+            except p.ProtocolError:
                 self._tell_refused(ps, [], reason)
                 return
+            if not _integrated(update, self._twin.get_state()):
+                self._rebuild_twin()
+                self._tell_refused(ps, [], reason)
+                return
+        else:
+            self._try_on_twin(update)
         config_before = config_snapshot(self.doc)
         sv_before = self.doc.get_state()
         undo = None
@@ -338,11 +350,8 @@ class Room:
             if roots:
                 undo = pycrdt.UndoManager(scopes=roots, capture_timeout_millis=0)
                 undo.include_origin(_REFUSED)
-            try:
-                with self.doc.transaction(origin=_REFUSED):
-                    self.doc.apply_update(update)
-            except ValueError as exc:
-                raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
+            with self.doc.transaction(origin=_REFUSED):
+                _apply(self.doc, update)
             paths = sorted(diff(config_before, config_snapshot(self.doc)))
             inserted = _new_ranges(sv_before, self.doc.get_state())
             if inserted:
@@ -355,6 +364,7 @@ class Room:
             if undo is not None:
                 undo.clear()
         net = self.doc.get_update(sv_before)
+        self._twin.apply_update(net)  # it holds the update already; now the reversal too
         self._outgoing.append(net)
         self._to_store.append(net)
         self.size_bytes += len(net)  # tombstones and re-inserted content
@@ -362,6 +372,28 @@ class Room:
             self.config_view = config_snapshot(self.doc)
         self._tell_refused(ps, paths, reason)
         self._schedule_flush()
+
+    def _try_on_twin(self, update: bytes) -> None:
+        """Apply a client update to the twin; ProtocolError if it is invalid or leaves structs pending."""
+        if _overlaps_partially(update, self.doc.get_state()):
+            # Part of a run of structs the server has and part new: a legitimate
+            # client sends from where the server stands (its step 2 is cut at our
+            # state vector), so this is another history under the same client
+            # id. pycrdt would splice the new part onto the other history's
+            # structs, and live peers and newcomers would end up disagreeing.
+            raise p.ProtocolError("update conflicts with what this server has for its client id; reconnect")
+        try:
+            _apply(self._twin, update)
+        except p.ProtocolError:
+            self._rebuild_twin()  # it may hold part of the update
+            raise
+        if pycrdt.get_update(update, self._twin.get_state())[:1] != b"\x00":
+            self._rebuild_twin()
+            raise p.ProtocolError("update depends on data this server does not have; reconnect to resync")
+
+    def _rebuild_twin(self) -> None:
+        self._twin = pycrdt.Doc()
+        self._twin.apply_update(self.doc.get_update())
 
     def _undo_scopes(self) -> list[Any]:
         """Every root type, for an UndoManager's scope.
@@ -682,6 +714,38 @@ class Room:
 
 
 _REFUSED = "refused"  # transaction origin of updates applied only to be reverted
+
+
+def _apply(doc: pycrdt.Doc, update: bytes) -> None:
+    """Apply a client's update; anything pycrdt refuses becomes a ProtocolError (1007).
+
+    Besides ValueError, pycrdt raises RuntimeError for some structurally
+    invalid updates ("block parent must be deleted or shared ref type"), and
+    a Rust panic surfaces as pyo3's PanicException, a BaseException.
+    """
+    try:
+        doc.apply_update(update)
+    except (ValueError, RuntimeError) as exc:
+        raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise p.ProtocolError("invalid CRDT update (decoder panic)") from None
+
+
+def _overlaps_partially(update: bytes, state: bytes) -> bool:
+    """Whether some client's structs in ``update`` start below ``state`` and end above it."""
+    if update[:1] == b"\x00":
+        return False  # no structs
+    known = None
+    for client, start, end in ystructs.block_ranges(update):
+        if start == end:
+            continue
+        if known is None:
+            known = _parse_state_vector(state)
+        if start < known.get(client, 0) < end:
+            return True
+    return False
 
 
 def _parse_state_vector(sv: bytes) -> dict[int, int]:
