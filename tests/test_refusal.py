@@ -11,10 +11,13 @@ import asyncio
 from types import SimpleNamespace
 
 import pycrdt
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from collab import protocol as p
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.room import Room, RoomConfig
+from tests.test_hostile import crdt_updates, mutated_updates
 from tests.test_room import FakePeer
 
 VIEWER = SimpleNamespace(role="viewer", user_id="v")
@@ -200,3 +203,48 @@ async def test_awareness_client_ids_per_connection_are_capped(tmp_path):
     room.receive(ps, p.AwarenessMessage((p.AwarenessEntry(2, 2, '{"n":2}'),)))
     assert room.awareness[2].state == '{"n":2}'
     await store.close()
+
+
+# ------------------------------------------------------- hostile sequences
+
+
+def _content(doc: pycrdt.Doc) -> tuple[str, dict]:
+    return str(doc.get("notes", type=pycrdt.Text)), doc.get("config", type=pycrdt.Map).to_py() or {}
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(updates=st.lists(st.one_of(mutated_updates(), crdt_updates()), min_size=1, max_size=8))
+def test_hostile_update_sequences_keep_peers_newcomers_and_the_server_consistent(tmp_path_factory, updates):
+    """Mutated updates and updates under colliding client ids, each from its own
+    connection: a live peer (applying what was broadcast), a newcomer (the
+    encoded document), the room's own view (what guards read) and the room
+    reloaded from the store all agree."""
+
+    async def run() -> None:
+        store = SQLiteDocumentStore(tmp_path_factory.mktemp("seq") / "db.sqlite3")
+        await store.open()
+        room = Room("ds-1", store)
+        await room.load()
+        watcher = FakePeer("watcher")
+        room.join(watcher)
+        for update in updates:
+            peer = FakePeer("x")
+            ps = room.join(peer)
+            try:
+                room.receive(ps, p.decode_message(p.encode_sync_update(update)))
+            except p.ProtocolError:
+                pass
+            room.leave(peer)
+        await room.drain()
+        live = pycrdt.Doc()
+        for msg in watcher.messages():
+            if isinstance(msg, p.SyncUpdate | p.SyncStep2):
+                live.apply_update(msg.update)
+        newcomer = pycrdt.Doc()
+        newcomer.apply_update(room.doc.get_update())
+        reloaded = Room("ds-1", store)
+        await reloaded.load()
+        await store.close()
+        assert _content(live) == _content(newcomer) == _content(room.doc) == _content(reloaded.doc)
+
+    asyncio.run(run())
