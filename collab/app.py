@@ -330,8 +330,15 @@ class App:
         except _Close as exc:
             await _close(ws, exc.code, exc.reason)
             return
+        except Exception:  # a broken authenticator: refuse, never let the client in
+            log.exception("authenticator failed for %s", workspace_id)
+            await _close(ws, p.CLOSE_INTERNAL_ERROR, "authentication failed")
+            return
         if identity is None:
             return  # the client went away before authenticating
+        if not self.accepting:  # the shutdown began while it authenticated
+            await _close(ws, p.CLOSE_RESTART, "server restarting")
+            return
         try:
             room = await self.rooms.open_room(workspace_id)
         except RoomLimitReached:
@@ -353,7 +360,7 @@ class App:
         session = _Session()
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self._read_loop(ws, peer, room, state, rate, pending, session))]
-        if identity.expires_at is not None:
+        if getattr(identity, "expires_at", None) is not None:
             tasks.append(loop.create_task(self._watch_expiry(peer, state, session)))
         try:
             await peer.closed
@@ -484,7 +491,7 @@ class App:
             return
         was_opted_in = state.wants_control
         room.receive(state, msg)
-        if not was_opted_in and state.wants_control and state.identity.expires_at is not None:
+        if not was_opted_in and state.wants_control and getattr(state.identity, "expires_at", None) is not None:
             self._send_auth_status(state)  # tells a token client when to refresh
 
     def _send_auth_status(self, state: PeerState, request: p.Control | None = None) -> None:
