@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sys
 import time
 from typing import Any
 
@@ -176,7 +177,9 @@ class App:
         settings = self.settings
         if settings.auth_mode == "development" and isinstance(self.authenticator, DevelopmentAuthenticator):
             banner = "!" * 78
-            log.warning(
+            # Loud even when the log level hides warnings.
+            emit = log.warning if log.isEnabledFor(logging.WARNING) else _stderr_warning
+            emit(
                 "\n%s\n"
                 "!! DEVELOPMENT MODE: NO AUTHENTICATION. Anyone who can reach this port may\n"
                 "!! connect as anyone, with any role (?user=alice&role=admin), to any workspace,\n"
@@ -539,6 +542,10 @@ class App:
             if state.identity is identity:
                 peer.close(CLOSE_UNAUTHENTICATED, "token expired")
                 return
+
+
+def _stderr_warning(message: str, *args: Any) -> None:
+    print(message % args, file=sys.stderr, flush=True)
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:

@@ -26,6 +26,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -42,10 +43,11 @@ from collab.client import CollabClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_server(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+def start_server(data_dir: Path, env: dict[str, str], cpu: int | None = None) -> tuple[subprocess.Popen, int]:
     log = open(data_dir / "server.log", "wb")
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "collab", "serve", "--port", "0", "--data-dir", str(data_dir / "data")],
+        [*pin, sys.executable, "-m", "collab", "serve", "--port", "0", "--data-dir", str(data_dir / "data")],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLLAB_LOG_LEVEL": "info", **env},
         stdout=log,
@@ -103,7 +105,10 @@ def percentiles(values: list[float]) -> dict[str, float]:
 async def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="slow-consumer-"))
     # The writer runs above the default per-connection message rate: lift it for the benchmark.
-    proc, port = start_server(tmp, {"COLLAB_PEER_QUEUE_FRAMES": str(args.queue_frames), "COLLAB_MESSAGE_RATE": "0"})
+    env = {"COLLAB_PEER_QUEUE_FRAMES": str(args.queue_frames), "COLLAB_MESSAGE_RATE": "0"}
+    if args.client_cpu is not None:
+        os.sched_setaffinity(0, {args.client_cpu})
+    proc, port = start_server(tmp, env, args.server_cpu)
     url = f"ws://127.0.0.1:{port}/ws"
     room = "bench-slow"
     sent: dict[int, float] = {}
@@ -180,6 +185,7 @@ async def run(args: argparse.Namespace) -> dict:
         )
         await writer.close()
         return {
+            "pinned": {"server": args.server_cpu, "clients": args.client_cpu},
             "readers": args.readers,
             "rate_per_s": args.rate,
             "payload_bytes": args.payload,
@@ -210,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-frames", type=int, default=2048, help="COLLAB_PEER_QUEUE_FRAMES for the server")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the baseline and after phases")
     parser.add_argument("--max-stuck-seconds", type=float, default=60.0, help="bound on the stuck phase")
+    parser.add_argument("--server-cpu", type=int, help="pin the server to this CPU (taskset)")
+    parser.add_argument("--client-cpu", type=int, help="pin this load generator to this CPU")
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(run(args)), indent=2))
     return 0
