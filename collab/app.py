@@ -49,6 +49,26 @@ log = logging.getLogger("collab.app")
 WORKSPACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
+# Control messages that need a role, checked before any handler sees them (a
+# second line of defence: handlers check the role too). Any other `lock.*`
+# message needs the editor role; `*force*` lock messages need admin.
+CONTROL_ROLES: dict[str, str] = {
+    "lock.acquire": "editor",
+    "lock.release": "editor",
+    "lock.renew": "editor",
+    "lock.force_release": "admin",
+    "lock.force-release": "admin",
+    "lock.forceRelease": "admin",
+}
+
+
+def required_role(control_type: str) -> str | None:
+    role = CONTROL_ROLES.get(control_type)
+    if role is None and control_type.startswith("lock."):
+        role = "admin" if "force" in control_type.lower() else "editor"
+    return role
+
+
 class _Close(Exception):
     """Close the websocket with this code and reason (before it joined a room)."""
 
@@ -489,9 +509,21 @@ class App:
     async def _handle(
         self, peer: WebSocketPeer, room: Room, state: PeerState, msg: p.Message, session: _Session
     ) -> None:
-        if isinstance(msg, p.Control) and msg.type == "auth":
-            await self._refresh(peer, room, state, msg, session)
-            return
+        if isinstance(msg, p.Control):
+            if msg.type == "auth":
+                await self._refresh(peer, room, state, msg, session)
+                return
+            role = required_role(msg.type)
+            if role is not None and state.wants_control and not has_role(state.identity, role):
+                state.control(
+                    {
+                        "type": "error",
+                        "code": "forbidden",
+                        "message": f"{msg.type} needs the {role} role",
+                        **({"id": msg.body["id"]} if "id" in msg.body else {}),
+                    }
+                )
+                return
         was_opted_in = state.wants_control
         room.receive(state, msg)
         if not was_opted_in and state.wants_control and getattr(state.identity, "expires_at", None) is not None:

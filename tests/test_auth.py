@@ -256,6 +256,24 @@ async def test_viewer_sees_everything_but_its_edits_are_reverted(jwt_server):
         await c.close()
 
 
+async def test_lock_requests_need_the_editor_role_and_force_release_admin(jwt_server):
+    async def answer(role: str, body: dict) -> dict:
+        c = await CollabClient(
+            jwt_server.ws_url, "ds-locks", hello=True, token=make_token(f"u-{role}", {"ds-locks": role})
+        ).connect()
+        await c.send_raw(p.encode_control({**body, "id": 9}))
+        await c.until(lambda: any(m.get("id") == 9 for m in c.control), 5, "answer")
+        await c.close()
+        return next(m for m in c.control if m.get("id") == 9)
+
+    acquire = {"type": "lock.acquire", "path": "connection.host"}
+    assert (await answer("viewer", acquire))["code"] == "forbidden"
+    assert (await answer("editor", acquire)).get("code") != "forbidden"  # up to the lock handler
+    force = {"type": "lock.force_release", "path": "connection.host"}
+    assert (await answer("editor", force))["code"] == "forbidden"
+    assert (await answer("admin", force)).get("code") != "forbidden"
+
+
 async def test_admin_endpoint_needs_the_admin_role(jwt_server):
     url = f"{jwt_server.http_url}/admin/stats"
     async with httpx.AsyncClient(timeout=5) as http:
