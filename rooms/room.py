@@ -136,13 +136,8 @@ class Room:
         self._size_exact = False
         self.doc = pycrdt.Doc()
         self._doc_sub = self.doc.observe(self._on_doc_update)
-        # A twin of the document where every client update is tried first. An
-        # update that would leave structs pending (a gap in a client's clocks,
-        # an origin the server never saw) must not reach self.doc: pycrdt shows
-        # pending structs in the document and in get_update() -- so late
-        # joiners get them -- but not in the update events that live peers get,
-        # and the two would diverge for as long as the gap stays open.
-        self._twin = pycrdt.Doc()
+        self._sv: dict[int, int] | None = None  # parsed state vector of self.doc (None: recompute)
+        self._client_delta: bytes | None = None  # what the client update being applied integrated
         self.peers: dict[Peer, PeerState] = {}
         self.awareness: dict[int, AwarenessRecord] = {}
         self._epoch = 0
@@ -174,7 +169,6 @@ class Room:
                 self.doc.apply_update(stored.snapshot)
             for update in stored.updates:
                 self.doc.apply_update(update)
-        self._twin.apply_update(self.doc.get_update())
         self._outgoing.clear()  # the load is not news to anyone
         self._to_store.clear()
         if self._tracks_config:
@@ -269,14 +263,27 @@ class Room:
         if refusal is not None:
             self._refuse_update(ps, update, refusal)
         elif update != p.EMPTY_UPDATE:
-            self._try_on_twin(update)
+            ranges = self._check_client_update(update)
             self.size_bytes += len(update)
             self._size_exact = False
             self._applying_client_update = True
+            self._client_delta = None
             try:
                 _apply(self.doc, update)
+            except BaseException:
+                self._sv = None
+                if self._client_delta is not None:
+                    # pycrdt failed halfway and kept what it had integrated (peers
+                    # get it in the broadcast): store it too, or a restart loses it.
+                    self._to_store.append(self._client_delta)
+                    self._schedule_flush()
+                raise
             finally:
                 self._applying_client_update = False
+            known = self._state_vector()
+            for client, _, end in ranges:  # it integrated completely (checked above)
+                if end > known.get(client, 0):
+                    known[client] = end
             # The raw update is stored (not only its integrated delta), so
             # structs still waiting for missing dependencies survive a restart.
             self._to_store.append(update)
@@ -290,8 +297,10 @@ class Room:
         if self._refusing:
             return  # _refuse_update sends the net effect itself
         update = event.update
-        if not self._applying_client_update:
-            self._twin.apply_update(update)  # server changes; client updates were tried there first
+        if self._applying_client_update:
+            self._client_delta = update
+        else:
+            self._sv = None  # a server change: the cached state vector is stale
         self._outgoing.append(update)
         if not self._applying_client_update and self.loaded:
             # A change made by the server itself (compensation, seeding):
@@ -331,27 +340,27 @@ class Room:
             # anything left pending would be completed later by someone else's
             # update and slip in unchecked.
             try:
-                self._try_on_twin(update)
+                self._check_client_update(update, deletes=True)
             except p.ProtocolError:
                 self._tell_refused(ps, [], reason)
                 return
-            if not _integrated(update, self._twin.get_state()):
-                self._rebuild_twin()
-                self._tell_refused(ps, [], reason)
-                return
         else:
-            self._try_on_twin(update)
+            self._check_client_update(update)
         config_before = config_snapshot(self.doc)
         sv_before = self.doc.get_state()
         undo = None
+        error: p.ProtocolError | None = None
         self._refusing = True
         try:
             roots = self._undo_scopes()
             if roots:
                 undo = pycrdt.UndoManager(scopes=roots, capture_timeout_millis=0)
                 undo.include_origin(_REFUSED)
-            with self.doc.transaction(origin=_REFUSED):
-                _apply(self.doc, update)
+            try:
+                with self.doc.transaction(origin=_REFUSED):
+                    _apply(self.doc, update)
+            except p.ProtocolError as exc:
+                error = exc  # pycrdt may have integrated part of it: revert that too, then drop the peer
             paths = sorted(diff(config_before, config_snapshot(self.doc)))
             inserted = _new_ranges(sv_before, self.doc.get_state())
             if inserted:
@@ -361,10 +370,10 @@ class Room:
                 undo.undo()
         finally:
             self._refusing = False
+            self._sv = None
             if undo is not None:
                 undo.clear()
         net = self.doc.get_update(sv_before)
-        self._twin.apply_update(net)  # it holds the update already; now the reversal too
         self._outgoing.append(net)
         self._to_store.append(net)
         self.size_bytes += len(net)  # tombstones and re-inserted content
@@ -372,28 +381,68 @@ class Room:
             self.config_view = config_snapshot(self.doc)
         self._tell_refused(ps, paths, reason)
         self._schedule_flush()
+        if error is not None:
+            raise error
 
-    def _try_on_twin(self, update: bytes) -> None:
-        """Apply a client update to the twin; ProtocolError if it is invalid or leaves structs pending."""
-        if _overlaps_partially(update, self.doc.get_state()):
-            # Part of a run of structs the server has and part new: a legitimate
-            # client sends from where the server stands (its step 2 is cut at our
-            # state vector), so this is another history under the same client
-            # id. pycrdt would splice the new part onto the other history's
-            # structs, and live peers and newcomers would end up disagreeing.
-            raise p.ProtocolError("update conflicts with what this server has for its client id; reconnect")
-        try:
-            _apply(self._twin, update)
-        except p.ProtocolError:
-            self._rebuild_twin()  # it may hold part of the update
-            raise
-        if pycrdt.get_update(update, self._twin.get_state())[:1] != b"\x00":
-            self._rebuild_twin()
-            raise p.ProtocolError("update depends on data this server does not have; reconnect to resync")
+    def _check_client_update(self, update: bytes, deletes: bool = False) -> list[tuple[int, int, int]]:
+        """Refuse (ProtocolError 1007) an update that would not integrate completely.
 
-    def _rebuild_twin(self) -> None:
-        self._twin = pycrdt.Doc()
-        self._twin.apply_update(self.doc.get_update())
+        pycrdt keeps structs whose dependencies it lacks (a gap in a client's
+        clocks, an origin the server never saw) "pending", and shows them in
+        the document and in get_update() -- so newcomers get them -- but not
+        in the update events that live peers get: the two would diverge for
+        as long as the gap stays open. A run of structs that starts below the
+        server's clock for its client and ends above it restates part of that
+        client's history (a forged or colliding id: a real client's step 2 is
+        cut at our state vector), and pycrdt splices the new part onto what
+        the server has: peers and newcomers end up disagreeing too.
+
+        Decided from the update's layout and the state vector, without
+        applying anything; only an update whose structs refer to other
+        clients' new structs in the same update is tried on a scratch copy
+        (only pycrdt knows whether such references resolve). With
+        ``deletes``, deletions of unknown items count as missing too.
+        Returns the update's runs of structs, ``[(client, start, end)]``.
+        """
+        if update[:1] == b"\x00" and not deletes:
+            return []  # deletions only: pycrdt applies them when the items arrive, for everyone alike
+        shape = ystructs.shape(update)
+        known = self._state_vector()
+        ends: dict[int, int] = {}
+        for client, start, end in shape.ranges:
+            have = known.get(client, 0)
+            if start > have:
+                raise p.ProtocolError(_MISSING)
+            if start < have < end:
+                raise p.ProtocolError("update conflicts with what this server has for its client id; reconnect")
+            ends[client] = max(have, end, ends.get(client, 0))
+        if shape.skips:
+            raise p.ProtocolError(_MISSING)
+        within = False
+        for client, _clock, end, ref_client, ref_clock in shape.refs:
+            if end <= known.get(client, 0) or ref_clock < known.get(ref_client, 0):
+                continue  # a struct the server has (ignored), or a reference to one it has
+            if ref_clock < ends.get(ref_client, 0):
+                within = True  # another client's new struct in this update
+                continue
+            raise p.ProtocolError(_MISSING)
+        if deletes:
+            for client, clock, length in shape.deletes:
+                if clock + length > ends.get(client, known.get(client, 0)):
+                    raise p.ProtocolError(_MISSING)
+        if within:
+            scratch = pycrdt.Doc()
+            scratch.apply_update(self.doc.get_update())
+            _apply(scratch, update)
+            if pycrdt.get_update(update, scratch.get_state())[:1] != b"\x00":
+                raise p.ProtocolError(_MISSING)
+        return shape.ranges
+
+    def _state_vector(self) -> dict[int, int]:
+        """The document's state vector as a dict, kept up to date between client updates."""
+        if self._sv is None:
+            self._sv = _parse_state_vector(self.doc.get_state())
+        return self._sv
 
     def _undo_scopes(self) -> list[Any]:
         """Every root type, for an UndoManager's scope.
@@ -714,6 +763,7 @@ class Room:
 
 
 _REFUSED = "refused"  # transaction origin of updates applied only to be reverted
+_MISSING = "update depends on data this server does not have; reconnect to resync"
 
 
 def _apply(doc: pycrdt.Doc, update: bytes) -> None:
@@ -731,21 +781,6 @@ def _apply(doc: pycrdt.Doc, update: bytes) -> None:
         if type(exc).__name__ != "PanicException":
             raise
         raise p.ProtocolError("invalid CRDT update (decoder panic)") from None
-
-
-def _overlaps_partially(update: bytes, state: bytes) -> bool:
-    """Whether some client's structs in ``update`` start below ``state`` and end above it."""
-    if update[:1] == b"\x00":
-        return False  # no structs
-    known = None
-    for client, start, end in ystructs.block_ranges(update):
-        if start == end:
-            continue
-        if known is None:
-            known = _parse_state_vector(state)
-        if start < known.get(client, 0) < end:
-            return True
-    return False
 
 
 def _parse_state_vector(sv: bytes) -> dict[int, int]:

@@ -19,20 +19,38 @@ from collab import protocol as p
 _UTF16 = "utf-16-le"
 
 
+class Shape:
+    """What an update holds, as far as dependencies go."""
+
+    __slots__ = ("ranges", "refs", "skips", "deletes")
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int, int]] = []  # (client, first clock, end clock) per block
+        # (client, clock, end) of a struct, and (client, clock) of an item it
+        # refers to (origin, right origin, parent) in another client's run.
+        self.refs: list[tuple[int, int, int, int, int]] = []
+        self.skips = False  # a Skip struct: a gap in a client's run
+        self.deletes: list[tuple[int, int, int]] = []  # (client, clock, length) of the delete set
+
+
 def block_ranges(update: bytes) -> list[tuple[int, int, int]]:
     """``[(client, first clock, end clock)]`` for each client block of the update."""
+    return shape(update).ranges
+
+
+def shape(update: bytes) -> Shape:
     try:
         return _walk(update)
     except (IndexError, UnicodeDecodeError, RecursionError):
         raise p.ProtocolError("malformed update") from None
 
 
-def _walk(buf: bytes) -> list[tuple[int, int, int]]:
+def _walk(buf: bytes) -> Shape:
     read = p.read_var_uint
+    out = Shape()
     clients, pos = read(buf, 0)
     if clients * 3 > len(buf) - pos:
         raise p.ProtocolError("update declares more clients than it holds")
-    out = []
     for _ in range(clients):
         structs, pos = read(buf, pos)
         if structs > len(buf) - pos:
@@ -46,25 +64,46 @@ def _walk(buf: bytes) -> list[tuple[int, int, int]]:
             kind = info & 0x1F
             if kind in (0, 10):  # GC, Skip
                 length, pos = read(buf, pos)
+                if kind == 10:
+                    out.skips = True
             else:
+                refs = []
                 if info & 0x80:  # origin
-                    _, pos = read(buf, pos)
-                    _, pos = read(buf, pos)
+                    ref_client, pos = read(buf, pos)
+                    ref_clock, pos = read(buf, pos)
+                    refs.append((ref_client, ref_clock))
                 if info & 0x40:  # right origin
-                    _, pos = read(buf, pos)
-                    _, pos = read(buf, pos)
+                    ref_client, pos = read(buf, pos)
+                    ref_clock, pos = read(buf, pos)
+                    refs.append((ref_client, ref_clock))
                 if not info & 0xC0:
                     parent_is_root, pos = read(buf, pos)
                     if parent_is_root == 1:
                         _, pos = p.read_var_bytes(buf, pos)
                     else:
-                        _, pos = read(buf, pos)
-                        _, pos = read(buf, pos)
+                        ref_client, pos = read(buf, pos)
+                        ref_clock, pos = read(buf, pos)
+                        refs.append((ref_client, ref_clock))
                     if info & 0x20:
                         _, pos = p.read_var_bytes(buf, pos)
                 length, pos = _content(buf, pos, kind)
+                for ref_client, ref_clock in refs:
+                    if ref_client != client:  # a client's own run integrates in clock order
+                        out.refs.append((client, clock, clock + length, ref_client, ref_clock))
             clock += length
-        out.append((client, start, clock))
+        out.ranges.append((client, start, clock))
+    clients, pos = read(buf, pos)
+    if clients * 2 > len(buf) - pos:
+        raise p.ProtocolError("delete set declares more clients than it holds")
+    for _ in range(clients):
+        client, pos = read(buf, pos)
+        count, pos = read(buf, pos)
+        if count * 2 > len(buf) - pos:
+            raise p.ProtocolError("delete set declares more ranges than it holds")
+        for _ in range(count):
+            clock, pos = read(buf, pos)
+            length, pos = read(buf, pos)
+            out.deletes.append((client, clock, length))
     return out
 
 
