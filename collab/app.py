@@ -138,6 +138,8 @@ class App:
                 "max_document_bytes": settings.max_document_bytes,
                 "message_rate": settings.message_rate,
                 "message_burst": settings.message_burst,
+                "byte_rate": settings.byte_rate,
+                "byte_burst": settings.byte_burst,
             },
         )
         self.rooms = RoomManager(
@@ -335,7 +337,10 @@ class App:
             await _close(ws, p.CLOSE_RESTART, "server shutting down")
             return
         settings = self.settings
-        rate = RateLimiter(settings.message_rate, settings.message_burst, settings.rate_limit_grace)
+        rate = (
+            RateLimiter(settings.message_rate, settings.message_burst, settings.rate_limit_grace),
+            RateLimiter(settings.byte_rate, settings.byte_burst, settings.rate_limit_grace, unit="bytes"),
+        )
         try:
             async with asyncio.timeout(settings.preauth_timeout):
                 identity = await self.authenticator.authenticate(ws, workspace_id)
@@ -415,7 +420,7 @@ class App:
             log.warning(message + " (refusals so far: %s)", *args, self.stats)
 
     async def _authenticate_by_message(
-        self, ws: WebSocket, workspace_id: str, rate: RateLimiter
+        self, ws: WebSocket, workspace_id: str, rate: tuple[RateLimiter, RateLimiter]
     ) -> tuple[Identity | None, list[p.Message]]:
         """No credentials in the handshake: the first control message must be ``auth``.
 
@@ -436,7 +441,7 @@ class App:
                 if message["type"] == "websocket.disconnect":
                     return None, []
                 raise _Close(p.CLOSE_UNSUPPORTED_DATA, "text frames are not supported; send binary")
-            await self._throttle(rate)
+            await self._throttle(rate, len(data))
             if len(data) > settings.preauth_max_bytes:
                 raise _Close(p.CLOSE_TOO_BIG, "message too large before authentication")
             try:
@@ -452,10 +457,14 @@ class App:
                 raise _Close(p.CLOSE_POLICY, "too much data before authentication")
             pending.append(msg)
 
-    async def _throttle(self, rate: RateLimiter) -> None:
-        """Take a token; wait for one if the client is over its rate (raises past the grace)."""
+    async def _throttle(self, rate: tuple[RateLimiter, RateLimiter], size: int) -> None:
+        """Take a message's tokens; wait for them if the client is over its rate (raises past the grace).
+
+        Messages and bytes are counted apart: CPU goes with both (decoding an
+        update costs about 1 s per MiB of small structs on one core).
+        """
         try:
-            delay = rate.take()
+            delay = max(rate[0].take(), rate[1].take(size))
         except RateExceeded as exc:
             self.stats["rate_limited"] += 1
             raise _Close(p.CLOSE_POLICY, str(exc)) from None
@@ -468,7 +477,7 @@ class App:
         peer: WebSocketPeer,
         room: Room,
         state: PeerState,
-        rate: RateLimiter,
+        rate: tuple[RateLimiter, RateLimiter],
         pending: list[p.Message],
         session: _Session,
     ) -> None:
@@ -492,7 +501,7 @@ class App:
                 if len(data) > max_bytes:
                     peer.close(p.CLOSE_TOO_BIG, f"message exceeds {max_bytes} bytes")
                     return
-                await self._throttle(rate)
+                await self._throttle(rate, len(data))
                 await self._handle(peer, room, state, p.decode_message(data), session)
                 if peer.closed.done():
                     return

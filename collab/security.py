@@ -121,34 +121,36 @@ class RateLimiter:
     token to come back starts over.
     """
 
-    __slots__ = ("rate", "burst", "grace", "tokens", "stamp", "excess_since", "clock")
+    __slots__ = ("rate", "burst", "grace", "tokens", "stamp", "excess_since", "clock", "unit")
 
-    def __init__(self, rate: float, burst: int, grace: float, clock=time.monotonic) -> None:
+    def __init__(self, rate: float, burst: int, grace: float, clock=time.monotonic, unit: str = "messages") -> None:
         self.rate = rate
         self.burst = float(burst)
         self.grace = grace
         self.clock = clock
+        self.unit = unit
         self.tokens = float(burst)
         self.stamp = clock()
         self.excess_since: float | None = None
 
-    def take(self) -> float:
+    def take(self, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens (1 per message, or the bytes of a message)."""
         if self.rate <= 0:
             return 0.0
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= cost:
+            self.tokens -= cost
             self.excess_since = None
             return 0.0
         if self.excess_since is None:
             self.excess_since = now
         elif now - self.excess_since >= self.grace:
-            raise RateExceeded(f"rate limit: more than {self.rate:g} messages/s for {self.grace:g}s")
-        # Wait for the next token, then spend it.
-        wait = (1.0 - self.tokens) / self.rate
-        self.tokens -= 1.0
+            raise RateExceeded(f"rate limit: more than {self.rate:g} {self.unit}/s for {self.grace:g}s")
+        # Wait until the bucket holds the cost, then spend it.
+        wait = (cost - self.tokens) / self.rate
+        self.tokens -= cost
         return wait
 
 

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     )
     message_rate: float = Field(100.0, ge=0, description="messages per second per connection (0 = no limit)")
     message_burst: int = Field(300, ge=1, description="token-bucket size: messages a client may send at once")
+    byte_rate: int = Field(
+        512 * 1024, ge=0, description="bytes per second per connection, sustained (0 = no limit)"
+    )
+    byte_burst: int = Field(8 * 1024 * 1024, ge=1024, description="bytes a client may send at once")
     rate_limit_grace: float = Field(
         5.0, ge=0, description="seconds of sustained excess (reads throttled meanwhile) before close 1008"
     )

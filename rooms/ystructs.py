@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from collab import protocol as p
 
-_UTF16 = "utf-16-le"
-
 
 class Shape:
     """What an update holds, as far as dependencies go."""
@@ -63,7 +61,11 @@ def _walk(buf: bytes) -> Shape:
             pos += 1
             kind = info & 0x1F
             if kind in (0, 10):  # GC, Skip
-                length, pos = read(buf, pos)
+                length = buf[pos]
+                if length < 0x80:
+                    pos += 1
+                else:
+                    length, pos = read(buf, pos)
                 if kind == 10:
                     out.skips = True
             else:
@@ -121,8 +123,19 @@ def _content(buf: bytes, pos: int, kind: int) -> tuple[int, int]:
         _, pos = p.read_var_bytes(buf, pos)
         return 1, pos
     if kind == 4:  # string: its length counts UTF-16 code units
-        raw, pos = p.read_var_bytes(buf, pos)
-        return len(raw.decode("utf-8", "surrogatepass").encode(_UTF16, "surrogatepass")) // 2, pos
+        size = buf[pos]
+        if size < 0x80:
+            pos += 1
+        else:
+            size, pos = read(buf, pos)
+        end = pos + size
+        if end > len(buf):
+            raise p.ProtocolError("length prefix exceeds message")
+        raw = buf[pos:end]
+        if raw.isascii():
+            return size, end
+        text = raw.decode("utf-8", "surrogatepass")
+        return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF), end
     if kind == 5:  # embed
         _, pos = p.read_var_bytes(buf, pos)
         return 1, pos

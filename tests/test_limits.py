@@ -91,6 +91,36 @@ async def test_message_rate_throttles_then_closes_after_the_grace(server_factory
         await c.close()
 
 
+async def test_byte_rate_closes_a_sustained_flood_of_big_messages(server_factory):
+    srv = server_factory(
+        env={"COLLAB_BYTE_RATE": "65536", "COLLAB_BYTE_BURST": "131072", "COLLAB_RATE_LIMIT_GRACE": "0.5"}
+    )
+    bystander = await CollabClient(srv.ws_url, "ds-bytes", hello=True).connect()
+    # A valid 24 KB state vector: the server answers each with a small step 2.
+    entries = 8000
+    sv = p.write_var_uint(entries) + b"".join(p.write_var_uint(c) + b"\x00" for c in range(1000, 1000 + entries))
+    frame = p.encode_sync_step1(sv)
+    assert 20_000 < len(frame) < 60_000
+    flooder = await websockets.connect(f"{srv.ws_url}/ds-bytes", compression=None, max_size=None)
+
+    async def flood() -> None:
+        try:
+            for _ in range(200):  # 8 MB at most
+                await flooder.send(frame)
+        except websockets.ConnectionClosed:
+            pass
+
+    started = time.monotonic()
+    flooding = asyncio.create_task(flood())
+    code, reason = await closed_with(flooder, 10)
+    await flooding
+    assert (code, reason) == (1008, "rate limit: more than 65536 bytes/s for 0.5s")
+    assert time.monotonic() - started < 6
+    bystander.doc.get("config", type=pycrdt.Map)["fine"] = True
+    await bystander.wait_saved()
+    await bystander.close()
+
+
 async def test_document_size_and_room_count_limits(server_factory):
     srv = server_factory(
         env={"COLLAB_MAX_DOCUMENT_BYTES": "8192", "COLLAB_MAX_ROOMS": "2", "COLLAB_ROOM_IDLE_SECONDS": "60"}

@@ -57,6 +57,15 @@ def test_rate_limiter_throttles_then_gives_up_after_the_grace():
         now[0] += 0.2
         assert polite.take() == 0.0
     assert RateLimiter(rate=0, burst=1, grace=0).take() == 0.0  # disabled
+    # Costs: a byte bucket.
+    now[0] = 0.0
+    data = RateLimiter(rate=1000, burst=4000, grace=1.0, clock=lambda: now[0], unit="bytes")
+    assert data.take(3000) == 0.0
+    assert data.take(3000) == pytest.approx(2.0)  # 2,000 bytes short at 1,000/s
+    now[0] += 2.0
+    with pytest.raises(RateExceeded, match="1000 bytes/s"):
+        for _ in range(10):
+            now[0] += data.take(3000)
 
 
 def test_connection_limiter():
