@@ -489,7 +489,13 @@ class App:
                 if peer.closed.done():
                     return
             pending.clear()
+            handled = 0
             while True:
+                handled += 1
+                if handled % 32 == 0:
+                    # receive() does not suspend while uvicorn has frames queued:
+                    # give flushes, acks and other peers a turn now and then.
+                    await asyncio.sleep(0)
                 message = await receive()
                 data = message.get("bytes")
                 if data is None:
@@ -524,9 +530,11 @@ class App:
                 return
             role = required_role(msg.type)
             if role is not None and state.wants_control and not has_role(state.identity, role):
+                # Answer in the family's own error type (lock.* -> lock.error).
+                family = msg.type.split(".", 1)[0] if "." in msg.type else ""
                 state.control(
                     {
-                        "type": "error",
+                        "type": f"{family}.error" if family else "error",
                         "code": "forbidden",
                         "message": f"{msg.type} needs the {role} role",
                         **({"id": msg.body["id"]} if "id" in msg.body else {}),

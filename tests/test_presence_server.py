@@ -202,6 +202,7 @@ async def test_bad_awareness_is_dropped_with_an_error_to_its_sender_only(server_
     await bad.until(lambda: errors(bad) == expected, 5, "an error for each bad state")
 
     # A flood: 500 states at once. One error, a handful of diffs, nobody else disturbed.
+    flood_started = time.monotonic()
     for clock in range(200, 700):
         await bad.send_raw(p.encode_awareness([p.AwarenessEntry(cid, clock, json.dumps({"focus": f"f{clock}"}))]))
     await bad.until(lambda: "awareness_rate_limited" in errors(bad), 5, "rate-limit error")
@@ -213,7 +214,10 @@ async def test_bad_awareness_is_dropped_with_an_error_to_its_sender_only(server_
     await watcher.until(lambda: any(m.get("id") == "w" for m in watcher.control), 5, "watcher unaffected")
     assert errors(watcher) == []
     diffs = sum(m["type"] == "presence.diff" for m in watcher.control) - diffs_before
-    assert diffs <= 5, diffs
+    # Coalescing sends at most one diff per 50 ms window, however many states
+    # arrive in it; on a loaded machine the flood itself takes longer to send.
+    windows = (time.monotonic() - flood_started) / 0.05
+    assert diffs <= windows + 2 and diffs < 80, (diffs, windows)
     assert watcher.peer_states()[cid]["user"]["id"] == "mallory"
     assert not bad.closed.is_set()
     await close_all(watcher, bad)

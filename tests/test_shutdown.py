@@ -17,7 +17,7 @@ async def test_sigterm_closes_clients_with_1012_and_loses_nothing_acknowledged(s
     written = [0, 0, 0]
 
     async def write(i: int, w: CollabClient) -> None:
-        cfg = w.doc.get("config", type=pycrdt.Map)
+        cfg = w.doc.get("notes", type=pycrdt.Map)  # a plain map: this is about durability
         try:
             while not w.closed.is_set() and written[i] < 50_000:
                 cfg[f"w{i}-{written[i]}"] = written[i]
@@ -42,7 +42,7 @@ async def test_sigterm_closes_clients_with_1012_and_loses_nothing_acknowledged(s
 
     srv.restart()
     fresh = await CollabClient(srv.ws_url, "ds-term").connect()
-    stored = fresh.doc.get("config", type=pycrdt.Map).to_py()
+    stored = fresh.doc.get("notes", type=pycrdt.Map).to_py()
     missing = [f"w{i}-{n}" for i in range(3) for n in range(acked[i]) if f"w{i}-{n}" not in stored]
     assert missing == [], f"{len(missing)} acknowledged updates lost"
     # Typically everything the server had received is there too: rooms are
