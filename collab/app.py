@@ -487,6 +487,7 @@ class App:
                 if peer.closed.done():
                     return
             pending.clear()
+            handled = 0
             while True:
                 message = await receive()
                 data = message.get("bytes")
@@ -503,6 +504,13 @@ class App:
                 await self._handle(peer, room, state, p.decode_message(data), session)
                 if peer.closed.done():
                     return
+                handled += 1
+                if handled % 4 == 0:
+                    # receive() doesn't suspend while uvicorn has messages queued: without
+                    # this, one client's burst (a TCP read can hold thousands of small
+                    # messages) would run to the end before any flush, ack or other
+                    # connection got a turn.
+                    await asyncio.sleep(0)
         except p.ProtocolError as exc:
             peer.close(exc.code, exc.reason)
         except _Close as exc:
