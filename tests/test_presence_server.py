@@ -176,7 +176,11 @@ async def test_rest_and_event_stream_feeds(server):
 
 
 async def test_bad_awareness_is_dropped_with_an_error_to_its_sender_only(server_factory):
-    server = server_factory(env={"COLLAB_AWARENESS_RATE": "20", "COLLAB_AWARENESS_BURST": "10"})
+    # The flood below must reach the server as one burst: the per-connection
+    # message rate limit (burst 300 by default) would spread it over seconds.
+    server = server_factory(
+        env={"COLLAB_AWARENESS_RATE": "20", "COLLAB_AWARENESS_BURST": "10", "COLLAB_MESSAGE_BURST": "1000"}
+    )
     ws = "ds-bad-awareness"
     watcher = await person(server.ws_url, ws, "watcher")
     bad = await person(server.ws_url, ws, "mallory")
