@@ -1,4 +1,5 @@
-# Two entry points: `make run` (server on embedded defaults) and `make test`.
+# Two entry points: `make run` (server on embedded defaults, with the reference
+# data-source backend) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -31,8 +32,15 @@ deps-test:
 	  echo "installing chromium (presence panel browser test, driven by playwright-core)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+BACKEND_PORT ?= 8766
+
+# The reference data-source backend runs in the background (SQLite in ./data) and
+# stops when the collaboration server exits; changes are forwarded to it.
 run: $(STAMP)
-	$(BIN)/collab serve
+	@mkdir -p data
+	@$(BIN)/collab-refbackend --port $(BACKEND_PORT) --db data/refbackend.sqlite3 & backend=$$!; \
+	trap 'kill $$backend 2>/dev/null; wait $$backend 2>/dev/null' EXIT INT TERM; \
+	COLLAB_BACKEND_URL=$${COLLAB_BACKEND_URL:-http://127.0.0.1:$(BACKEND_PORT)} $(BIN)/collab serve
 
 test: $(STAMP) deps-test js
 	$(BIN)/python -m pytest -q

@@ -231,6 +231,18 @@ def create_app(
 
 def default_extensions(settings: Settings) -> list[Extension]:
     """The features a server built from settings runs with, in hook order."""
+    extensions: list[Extension] = []
     from presence.extension import PresenceExtension
 
-    return [PresenceExtension(settings)]
+    # Presence first: it stamps awareness states before anything else sees them.
+    extensions.append(PresenceExtension(settings))
+    if settings.locks_enabled:
+        from locks.extension import LockExtension
+
+        extensions.append(LockExtension(settings))
+    from forwarding.extension import ForwardingExtension
+
+    # Forwarding goes last: its validation guard sees what other guards (locks)
+    # let through, and it finds their ``fence_for`` among the extensions.
+    extensions.append(ForwardingExtension())
+    return extensions

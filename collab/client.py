@@ -229,3 +229,49 @@ class CollabClient:
             return await asyncio.wait_for(aw, timeout)
         except TimeoutError:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}") from None
+
+    # ------------------------------------------------- control requests (locks)
+
+    async def request(self, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Send a control request with a fresh ``id``; return the reply carrying it."""
+        self._request_ids = getattr(self, "_request_ids", 0) + 1
+        rid = self._request_ids
+        start = len(self.control)
+        await self.ws.send(p.encode_control({**body, "id": rid}))
+        reply: dict[str, Any] = {}
+
+        def answered() -> bool:
+            for message in self.control[start:]:
+                if message.get("id") == rid:
+                    reply.update(message)
+                    return True
+            return False
+
+        await self.until(answered, timeout, f"reply to {body.get('type')}")
+        return reply
+
+    async def acquire_lock(
+        self, path: str, ttl: float | None = None, wait: float | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``lock.acquire``: returns lock.granted, lock.conflict or lock.error."""
+        body: dict[str, Any] = {"type": "lock.acquire", "path": path}
+        if ttl is not None:
+            body["ttl"] = ttl
+        if wait is not None:
+            body["wait"] = wait
+        return await self.request(body, timeout if timeout is not None else (wait or 0) + 10.0)
+
+    async def release_lock(self, path: str, timeout: float = 10.0) -> dict[str, Any]:
+        """``lock.release``: returns lock.release.ok or lock.error."""
+        return await self.request({"type": "lock.release", "path": path}, timeout)
+
+    def keepalive(self, interval: float) -> None:
+        """Send a ``ping`` every ``interval`` seconds: lock holders must show they
+        are alive at least once per lease TTL (the server renews only then)."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await self.ws.send(p.encode_control({"type": "ping"}))
+
+        self._tasks.append(asyncio.create_task(loop()))

@@ -50,6 +50,33 @@ class Settings(BaseSettings):
     )
     max_awareness_state_bytes: int = Field(64 * 1024, ge=64)
 
+    # Configuration locks (leases). In process by default; in Redis when redis_url is set.
+    locks_enabled: bool = True
+    lock_ttl_seconds: float = Field(30.0, gt=0, le=3600, description="lease TTL when a request gives none")
+    lock_min_ttl_seconds: float = Field(1.0, gt=0, description="shorter requested TTLs are raised to this")
+    lock_max_ttl_seconds: float = Field(300.0, gt=0, description="longer requested TTLs are capped to this")
+    lock_max_wait_seconds: float = Field(60.0, ge=0, description="longer waits for a lock are capped to this")
+    lockable_paths: list[str] = Field(
+        default_factory=lambda: [
+            "name",
+            "description",
+            "connection",
+            "schedule",
+            "scan_rules",
+            "tags",
+            "owners",
+            "notifications",
+        ],
+        description="roots of lockable configuration paths: a root and any path below it (JSON list in env)",
+    )
+    lock_max_depth: int = Field(4, ge=1, le=16, description="segments in a lockable path, at most")
+    lock_max_per_connection: int = Field(32, ge=1, description="leases held or requested by one connection")
+    lock_max_pending_per_connection: int = Field(8, ge=1, description="lock requests in flight per connection")
+    lock_rate_per_second: float = Field(50.0, gt=0, description="lock requests per connection per second")
+    lock_rate_burst: int = Field(100, ge=1)
+    lock_redis_timeout_seconds: float = Field(0.5, gt=0, description="Redis socket timeout: lock requests fail fast")
+    lock_fence_block: int = Field(1000, ge=1, description="fences reserved per durable high-water-mark write")
+
     # Websocket transport
     # A frozen or vanished client is dropped within ping_interval + ping_timeout (30 s by default).
     ping_interval: float = Field(10.0, gt=0, description="seconds between server pings")

@@ -9,6 +9,8 @@
 // Commands:
 //   {"cmd":"set","map":"config","key":"k","value":v}      Y.Map set
 //   {"cmd":"delete","map":"config","key":"k"}              Y.Map delete
+//     (set/delete take an optional "path":["connection"] of nested Y.Map keys under the map;
+//      "ymap":true with an object value sets a nested Y.Map instead of a plain JSON value)
 //   {"cmd":"text_insert","text":"text","index":0,"content":"abc"}
 //   {"cmd":"text_delete","text":"text","index":0,"length":2}
 //   {"cmd":"transact","ops":[{...set/delete/text_* command...}, ...]}  one transaction
@@ -156,13 +158,32 @@ doc.on('update', (_update, origin) => {
 })
 awareness.on('change', () => emit({ event: 'awareness', states: awarenessStates() }))
 
+// The Y.Map at op.map (default "config"), then down op.path (nested Y.Map keys).
+const targetMap = (op) => {
+  let map = doc.getMap(op.map ?? 'config')
+  for (const key of op.path ?? []) {
+    const child = map.get(key)
+    if (!(child instanceof Y.Map)) throw new Error(`no nested Y.Map at ${key}`)
+    map = child
+  }
+  return map
+}
+
+const toYMap = (value) => {
+  const map = new Y.Map()
+  for (const [k, v] of Object.entries(value)) {
+    map.set(k, v !== null && typeof v === 'object' && !Array.isArray(v) ? toYMap(v) : v)
+  }
+  return map
+}
+
 const applyOp = (op) => {
   switch (op.cmd) {
     case 'set':
-      doc.getMap(op.map ?? 'config').set(op.key, op.value)
+      targetMap(op).set(op.key, op.ymap ? toYMap(op.value) : op.value)
       break
     case 'delete':
-      doc.getMap(op.map ?? 'config').delete(op.key)
+      targetMap(op).delete(op.key)
       break
     case 'text_insert':
       doc.getText(op.text ?? 'text').insert(op.index ?? 0, op.content)

@@ -39,10 +39,12 @@ class DocumentStore(Protocol):
     async def load(self, workspace_id: str) -> StoredDocument:
         """The stored snapshot and update tail of a workspace (empty if new)."""
 
-    async def append(self, workspace_id: str, updates: list[bytes]) -> int:
+    async def append(self, workspace_id: str, updates: list[bytes], outbox: list | None = None) -> int:
         """Durably append updates; return the sequence number of the last one.
 
         When this returns, the updates survive a crash of the process.
+        ``outbox``: ChangeRecords (persistence/outbox.py) to write in the
+        same transaction; only passed to stores that are OutboxStores.
         """
 
     async def compact(self, workspace_id: str, snapshot: bytes, upto_seq: int) -> None:
@@ -53,3 +55,9 @@ class DocumentStore(Protocol):
 
     async def check(self) -> None:
         """Raise StoreError if the store cannot serve requests (for /readyz)."""
+
+    async def get_meta(self, workspace_id: str, key: str) -> bytes | None:
+        """A small per-workspace metadata value (None if never set)."""
+
+    async def put_meta(self, workspace_id: str, key: str, value: bytes) -> None:
+        """Durably set a per-workspace metadata value (survives a crash when this returns)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from persistence.base import StoredDocument, StoreError
+from persistence.outbox import OUTBOX_SCHEMA, ChangeRecord, SQLiteOutboxMixin, write_records
 
 log = logging.getLogger("collab.store")
 
@@ -35,19 +36,28 @@ CREATE TABLE IF NOT EXISTS updates (
     data      BLOB NOT NULL,
     PRIMARY KEY (workspace, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    workspace TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    value     BLOB NOT NULL,
+    PRIMARY KEY (workspace, key)
+) WITHOUT ROWID;
 """
 
 _STOP = object()
 
 
 class _Append:
-    __slots__ = ("workspace", "updates", "future", "loop")
+    __slots__ = ("workspace", "updates", "future", "loop", "outbox")
 
-    def __init__(self, workspace: str, updates: list[bytes], future: asyncio.Future, loop) -> None:
+    def __init__(
+        self, workspace: str, updates: list[bytes], future: asyncio.Future, loop, outbox: list | None = None
+    ) -> None:
         self.workspace = workspace
         self.updates = updates
         self.future = future
         self.loop = loop
+        self.outbox = outbox
 
 
 class _Call:
@@ -59,6 +69,12 @@ class _Call:
         self.loop = loop
 
 
+class _Grouped(_Call):
+    """A small write committed together with the appends of its group (one fsync for all)."""
+
+    __slots__ = ()
+
+
 def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
     if future.done():
         return
@@ -68,8 +84,12 @@ def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | 
         future.set_result(result)
 
 
-class SQLiteDocumentStore:
-    """DocumentStore on one SQLite file; see the module docstring."""
+class SQLiteDocumentStore(SQLiteOutboxMixin):
+    """DocumentStore on one SQLite file; see the module docstring.
+
+    Also an ``OutboxStore`` (persistence/outbox.py): outbox and audit rows
+    passed to ``append`` commit in the same transaction as the updates.
+    """
 
     def __init__(self, path: str | Path, synchronous: str = "FULL", max_batch: int = 4096) -> None:
         self.path = Path(path)
@@ -107,12 +127,14 @@ class SQLiteDocumentStore:
     async def load(self, workspace_id: str) -> StoredDocument:
         return await self._call(lambda db: self._load(db, workspace_id))
 
-    async def append(self, workspace_id: str, updates: list[bytes]) -> int:
+    async def append(
+        self, workspace_id: str, updates: list[bytes], outbox: list[ChangeRecord] | None = None
+    ) -> int:
         if self._thread is None:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Append(workspace_id, list(updates), future, loop))
+        self._queue.put(_Append(workspace_id, list(updates), future, loop, list(outbox) if outbox else None))
         return await future
 
     async def compact(self, workspace_id: str, snapshot: bytes, upto_seq: int) -> None:
@@ -121,12 +143,41 @@ class SQLiteDocumentStore:
     async def check(self) -> None:
         await self._call(lambda db: db.execute("SELECT 1").fetchone())
 
+    # Per-workspace metadata (e.g. the lock fence high-water mark). Each put is
+    # its own committed transaction: durable when the call returns.
+
+    async def get_meta(self, workspace_id: str, key: str) -> bytes | None:
+        def get(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT value FROM meta WHERE workspace=? AND key=?", (workspace_id, key)).fetchone()
+            return bytes(row[0]) if row else None
+
+        return await self._call(get)
+
+    async def put_meta(self, workspace_id: str, key: str, value: bytes) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO meta (workspace, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT(workspace, key) DO UPDATE SET value=excluded.value",
+                (workspace_id, key, bytes(value)),
+            )
+
+        await self._call(put)
+
     async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._thread is None:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put(_Call(fn, future, loop))
+        return await future
+
+    async def _grouped(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn`` inside the next group commit (no BEGIN/COMMIT of its own; a savepoint isolates it)."""
+        if self._thread is None:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Grouped(fn, future, loop))
         return await future
 
     # ------------------------------------------------------- writer thread
@@ -137,6 +188,7 @@ class SQLiteDocumentStore:
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
+        db.executescript(OUTBOX_SCHEMA)
         return db
 
     def _run(self) -> None:
@@ -159,7 +211,7 @@ class SQLiteDocumentStore:
             for item in batch:
                 if item is _STOP:
                     stop = True
-                elif isinstance(item, _Append):
+                elif isinstance(item, _Append | _Grouped):
                     appends.append(item)
                 else:
                     # Keep order: commit appends queued before this call first.
@@ -188,11 +240,15 @@ class SQLiteDocumentStore:
             self._last_seq[workspace] = seq
         return seq
 
-    def _commit_appends(self, db: sqlite3.Connection, appends: list[_Append]) -> None:
-        if not appends:
+    def _commit_appends(self, db: sqlite3.Connection, items: list[_Append | _Grouped]) -> None:
+        if not items:
             return
+        appends = [item for item in items if isinstance(item, _Append)]
+        grouped = [item for item in items if isinstance(item, _Grouped)]
+        done: list[tuple[_Grouped, Any, BaseException | None]] = []
         results: list[int] = []
         touched: dict[str, int] = {}
+        recorded: list = []
         try:
             db.execute("BEGIN IMMEDIATE")
             rows = []
@@ -211,6 +267,18 @@ class SQLiteDocumentStore:
                 "ON CONFLICT(workspace) DO UPDATE SET last_seq=excluded.last_seq",
                 list(touched.items()),
             )
+            change_seqs: dict[str, int] = {}
+            for item in appends:
+                if item.outbox:
+                    recorded.extend(write_records(db, item.workspace, item.outbox, change_seqs))
+            for op in grouped:
+                db.execute("SAVEPOINT grouped")
+                try:
+                    done.append((op, op.fn(db), None))
+                except Exception as exc:  # only this op fails
+                    db.execute("ROLLBACK TO grouped")
+                    done.append((op, None, StoreError(str(exc))))
+                db.execute("RELEASE grouped")
             db.execute("COMMIT")
         except BaseException as exc:
             if db.in_transaction:
@@ -219,12 +287,16 @@ class SQLiteDocumentStore:
                 self._last_seq.pop(workspace, None)  # re-read after a failure
             log.error("append failed: %s", exc)
             error = StoreError(f"append failed: {exc}")
-            for item in appends:
+            for item in items:
                 item.loop.call_soon_threadsafe(_resolve, item.future, None, error)
             return
         self._last_seq.update(touched)
+        for record, change_seq, audit_id in recorded:
+            record.seq, record.audit_id = change_seq, audit_id
         for item, seq in zip(appends, results):
             item.loop.call_soon_threadsafe(_resolve, item.future, seq)
+        for op, result, error in done:
+            op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
 
     def _load(self, db: sqlite3.Connection, workspace: str) -> StoredDocument:
         row = db.execute(

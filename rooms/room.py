@@ -64,6 +64,7 @@ class PeerState:
     updates_received: int = 0
     updates_acked: int = 0
     alive: bool = True
+    last_seen: float = 0.0  # time.monotonic() of the last message received (liveness of lock holders)
 
     def control(self, body: dict[str, Any]) -> None:
         """Send a control message, only if the peer opted in with hello."""
@@ -102,6 +103,13 @@ class RoomListener(Protocol):
     ``filter_awareness(room, peer, client_id, state) -> state`` may rewrite a
     parsed awareness state (e.g. stamp the authenticated user) or raise
     AwarenessRejected; it runs before the state is accepted.
+
+    ``async on_load(room)`` runs once the stored document is in memory and
+    before any peer joins (``room.is_new`` tells whether nothing was stored);
+    a change it makes is stored like any other. ``on_config_rejected(room,
+    peer, rejections, attempted)`` reports what guards refused.
+    ``on_outbox_persisted(room, records)`` follows the commit of records
+    staged with ``stage_outbox``.
     """
 
     def on_join(self, room: Room, peer: PeerState) -> None: ...
@@ -141,6 +149,7 @@ class Room:
         self._awareness_out: dict[int, p.AwarenessEntry] = {}
         self._to_store: list[bytes] = []
         self._to_ack: dict[PeerState, int] = {}
+        self._staged: list[Any] = []  # outbox/audit records for the next append
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         # Persistence state.
         self.durable_seq = 0
@@ -150,6 +159,7 @@ class Room:
         self._persist_tail: asyncio.Task | None = None
         self._compacting = False
         self.loaded = False
+        self.is_new = False
         self.failed: str | None = None
         self.last_active = time.monotonic()
         self.stats = {"updates_in": 0, "frames_out": 0, "flushes": 0}
@@ -172,7 +182,12 @@ class Room:
         self._snapshot_seq = stored.snapshot_seq
         self._tail_updates = len(stored.updates)
         self._tail_bytes = sum(len(u) for u in stored.updates)
+        self.is_new = stored.is_new
         self.loaded = True
+        for listener in self.listeners:
+            hook = getattr(listener, "on_load", None)
+            if hook is not None:
+                await hook(self)
 
     # --------------------------------------------------------- membership
 
@@ -180,7 +195,7 @@ class Room:
         """Register a peer and send it our step 1 and the known awareness."""
         assert self.loaded, "join before load"
         self._epoch += 1
-        ps = PeerState(peer=peer, epoch=self._epoch, identity=identity)
+        ps = PeerState(peer=peer, epoch=self._epoch, identity=identity, last_seen=time.monotonic())
         self.peers[peer] = ps
         self.last_active = time.monotonic()
         # Our step 1 makes the client send what we lack (its offline edits).
@@ -224,6 +239,7 @@ class Room:
 
     def receive(self, ps: PeerState, message: p.Message) -> None:
         """Handle one decoded message. Raises ProtocolError to drop the peer."""
+        ps.last_seen = time.monotonic()
         if isinstance(message, p.SyncUpdate | p.SyncStep2):
             self._receive_update(ps, message.update)
         elif isinstance(message, p.SyncStep1):
@@ -287,6 +303,7 @@ class Room:
             return
         changes = diff(old, new)
         rejections: list[Rejection] = []
+        attempted = changes
         for guard in self.guards:
             found = guard.check(self, ps, changes, new)
             if not found:
@@ -301,6 +318,8 @@ class Room:
             if not changes:
                 break
         self.config_view = new
+        if rejections:
+            self._emit("on_config_rejected", ps, rejections, attempted)
         if ps is not None:
             for rejection in rejections:
                 ps.control(
@@ -321,6 +340,11 @@ class Room:
             self.config_view = new
             if changes:
                 self._emit("on_config_change", author, changes, new)
+
+    def stage_outbox(self, record: Any) -> None:
+        """Write ``record`` with the updates of the current flush, in the same transaction."""
+        self._staged.append(record)
+        self._schedule_flush()
 
     def _emit(self, hook: str, *args: Any) -> None:
         for listener in self.listeners:
@@ -478,16 +502,19 @@ class Room:
                 for frame in frames:
                     peer.send(frame)
             self.stats["frames_out"] += len(frames) * len(self.peers)
-        if self._to_store or self._to_ack:
-            updates, acks = self._to_store, self._to_ack
-            self._to_store, self._to_ack = [], {}
+        if self._to_store or self._to_ack or self._staged:
+            updates, acks, staged = self._to_store, self._to_ack, self._staged
+            self._to_store, self._to_ack, self._staged = [], {}, []
             self._persist_tail = asyncio.get_running_loop().create_task(
-                self._persist(updates, acks, self._persist_tail)
+                self._persist(updates, acks, self._persist_tail, staged)
             )
 
-    async def _persist(self, updates: list[bytes], acks: dict[PeerState, int], previous) -> None:
+    async def _persist(self, updates: list[bytes], acks: dict[PeerState, int], previous, staged=None) -> None:
         try:
-            seq = await self.store.append(self.workspace_id, updates) if updates else None
+            if staged:
+                seq = await self.store.append(self.workspace_id, updates, outbox=staged)
+            else:
+                seq = await self.store.append(self.workspace_id, updates) if updates else None
         except StoreError as exc:
             self._fail(f"storage failure: {exc}")
             return
@@ -499,6 +526,8 @@ class Room:
             self.durable_seq = max(self.durable_seq, seq)
             self._tail_updates += len(updates)
             self._tail_bytes += sum(len(u) for u in updates)
+        if staged:
+            self._emit("on_outbox_persisted", staged)
         for ps, count in acks.items():
             if ps.alive and count > ps.updates_acked:
                 ps.updates_acked = count
@@ -546,7 +575,7 @@ class Room:
 
     async def drain(self) -> None:
         """Flush and wait until everything received is durable."""
-        if self._flush_handle is not None or self._outgoing or self._to_store or self._to_ack:
+        if self._flush_handle is not None or self._outgoing or self._to_store or self._to_ack or self._staged:
             self.flush()
         tail = self._persist_tail
         if tail is not None:

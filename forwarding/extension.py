@@ -1,0 +1,366 @@
+"""The forwarding feature as an app extension.
+
+* guard: :class:`forwarding.validation.ValidationGuard` (``COLLAB_CONFIG_MODEL``);
+* room hooks: every accepted configuration change becomes a
+  :class:`~persistence.outbox.ChangeRecord` staged with the room's next
+  append (outbox + audit, same transaction as the update); every rejected
+  one becomes an audit record; a new workspace is seeded once from the
+  backend before anyone joins;
+* the forwarder (when ``COLLAB_BACKEND_URL`` is set) delivers the outbox;
+* HTTP: ``/api/workspaces/{id}/history``, ``/forwarding``, ``/dead-letters``;
+* control: ``forward.status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import pycrdt
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from collab.auth import AuthError
+from collab.extensions import Extension
+from forwarding.forwarder import Forwarder, SeedError
+from forwarding.model import SECRET_KEYS
+from forwarding.settings import ForwardingSettings
+from forwarding.validation import ConfigValidator, ValidationGuard, load_model
+from persistence.base import StoreError
+from persistence.outbox import ACCEPTED, REJECTED, SEEDED, ChangeRecord, OutboxStore
+from rooms.config import MISSING, Changes, diff
+
+if TYPE_CHECKING:
+    from collab.app import App
+    from rooms.room import PeerState, Room
+
+log = logging.getLogger("collab.forwarding")
+
+MAX_HISTORY_PAGE = 500
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON data: numbers that are whole come back as ints (pycrdt reads every number as a float)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return {"$bytes": base64.b64encode(bytes(value)).decode()}
+    return value
+
+
+def redact(value: Any) -> Any:
+    """Values under secret-looking keys become "***" (a refused secret must not land in the audit trail)."""
+    if isinstance(value, dict):
+        return {k: "***" if SECRET_KEYS.match(str(k)) and v not in (None, "") else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def change_list(changes: Changes, paths: list[str] | None = None) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(changes if paths is None else paths):
+        if path not in changes:
+            continue
+        old, new = changes[path]
+        secret = any(SECRET_KEYS.match(part) for part in path.split("."))
+        entry: dict[str, Any] = {"path": path}
+        if old is not MISSING:
+            entry["old"] = "***" if secret and old not in (None, "") else redact(jsonable(old))
+        if new is not MISSING:
+            entry["new"] = "***" if secret and new not in (None, "") else redact(jsonable(new))
+        out.append(entry)
+    return out
+
+
+def author_of(ps: PeerState | None) -> dict[str, Any] | None:
+    identity = getattr(ps, "identity", None)
+    if identity is None:
+        return None
+    return {"id": identity.user_id, "name": identity.name, "role": getattr(identity, "role", None)}
+
+
+def _prelim(value: Any) -> Any:
+    """Nested maps become Y.Maps (so two users can edit two fields of one section); lists stay values."""
+    if isinstance(value, dict):
+        return pycrdt.Map({str(k): _prelim(v) for k, v in value.items()})
+    return value
+
+
+class ForwardingExtension(Extension):
+    name = "forwarding"
+
+    def __init__(self, settings: ForwardingSettings | None = None) -> None:
+        self.settings = settings or ForwardingSettings()
+        model = load_model(self.settings.config_model)
+        self.validator = ConfigValidator(model) if model is not None else None
+        self.app: App | None = None
+        self.store: Any = None
+        self.recording = False  # the store keeps an outbox and an audit trail
+        self.forwarder: Forwarder | None = None
+        self._fence_for = None
+        self._seeding: set[int] = set()  # id() of rooms writing their initial state
+        self.hooks = _RoomHooks(self)
+
+    # ------------------------------------------------------------ extension
+
+    def guards(self) -> list:
+        return [ValidationGuard(self.validator)] if self.validator is not None else []
+
+    def listeners(self) -> list:
+        return [self.hooks]
+
+    def control_handlers(self) -> dict:
+        return {"forward.status": self._control_status}
+
+    def routes(self) -> list:
+        base = "/api/workspaces/{workspace_id}"
+        return [
+            Route(f"{base}/history", self._api_history, methods=["GET"]),
+            Route(f"{base}/forwarding", self._api_status, methods=["GET"]),
+            Route(f"{base}/dead-letters", self._api_dead_letters, methods=["GET"]),
+            Route(f"{base}/dead-letters/{{key}}/retry", self._api_dead_letter_retry, methods=["POST"]),
+            Route(f"{base}/dead-letters/{{key}}", self._api_dead_letter_discard, methods=["DELETE"]),
+        ]
+
+    async def start(self, app: App) -> None:
+        self.app = app
+        self.store = app.store
+        self.recording = isinstance(self.store, OutboxStore)
+        for ext in app.extensions:
+            if ext is not self and callable(getattr(ext, "fence_for", None)):
+                self._fence_for = ext.fence_for
+                break
+        if self.validator is not None:
+            log.info("validating configurations with %s", self.validator.name)
+        else:
+            log.warning("configuration validation is off (COLLAB_CONFIG_MODEL is empty)")
+        if not self.recording:
+            log.warning("the store %s keeps no outbox: changes are neither recorded nor forwarded", type(self.store))
+            return
+        if self.settings.backend_url is None:
+            log.warning(
+                "forwarding is OFF: COLLAB_BACKEND_URL is not set; accepted changes are recorded in the outbox "
+                "and will be delivered once a backend is configured"
+            )
+            return
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
+        self.forwarder = Forwarder(self.settings, self.store, self._report)
+        await self.forwarder.start()
+        log.info(
+            "forwarding accepted changes to %s (debounce %.0f ms, at most %.0f ms)",
+            self.settings.backend_url,
+            self.settings.forward_debounce_ms,
+            self.settings.forward_max_delay_ms,
+        )
+
+    async def stop(self) -> None:
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+
+    # ---------------------------------------------------------- room events
+
+    def _report(self, workspace: str, body: dict[str, Any]) -> None:
+        """A forwarding event for the peers of a loaded room (those that opted in)."""
+        room = self.app.rooms.rooms.get(workspace) if self.app is not None else None
+        if room is None:
+            return
+        for ps in list(room.peers.values()):
+            ps.control(body)
+
+    def fence(self, room: Room, ps: PeerState | None, paths: list[str]) -> int | None:
+        if self._fence_for is None:
+            return None
+        try:
+            fence = self._fence_for(room, ps, paths)
+        except Exception:
+            log.exception("fence_for failed in %s", room.workspace_id)
+            return None
+        return fence if isinstance(fence, int) else None
+
+    async def seed(self, room: Room) -> None:
+        """A new workspace starts from the backend's data source: once, before anyone joins."""
+        if not (room.is_new and self.recording and self.forwarder is not None):
+            return
+        workspace = room.workspace_id
+        if await self.store.seed_status(workspace) is not None:
+            return  # seeded before (the backend had nothing): never again
+        try:
+            status, config, seq = await self.forwarder.fetch_initial(workspace)
+        except SeedError as exc:
+            log.warning("%s", exc)
+            raise
+        record = ChangeRecord(
+            kind=SEEDED,
+            author={"id": "backend", "name": "data-source backend"},
+            changes=[],
+            reason="found" if config else "not_found" if status == 404 else "empty",
+            seed_seq=seq,
+            details={"status": status, "backend_seq": seq},
+        )
+        if config:
+            if self.validator is not None:
+                errors = self.validator.errors(jsonable(config))
+                if errors:
+                    log.warning("the backend's configuration of %s is not valid here: %s", workspace, errors)
+                    record.details["errors"] = errors
+
+            def write(config_map: pycrdt.Map) -> None:
+                for key, value in config.items():
+                    config_map[str(key)] = _prelim(value)
+
+            self._seeding.add(id(room))
+            try:
+                room.change_config(write)
+            finally:
+                self._seeding.discard(id(room))
+            record.changes = change_list(diff({}, room.config_view))
+            record.config = jsonable(room.config_view)
+        room.stage_outbox(record)
+        await room.drain()
+        if room.failed:
+            raise StoreError(f"could not store the initial state of {workspace}: {room.failed}")
+        log.info("seeded %s from the backend (%s, %d fields)", workspace, record.reason, len(record.changes))
+
+    # -------------------------------------------------------------- control
+
+    def _control_status(self, room: Room, ps: PeerState, message) -> None:
+        ref = {"id": message.body["id"]} if "id" in message.body else {}
+
+        async def answer() -> None:
+            try:
+                status = await self.status(room.workspace_id)
+            except StoreError as exc:
+                ps.control({"type": "error", "code": "storage_failure", "message": str(exc), **ref})
+                return
+            ps.control({"type": "forward.status", **status, **ref})
+
+        asyncio.get_running_loop().create_task(answer())
+
+    async def status(self, workspace: str) -> dict[str, Any]:
+        status: dict[str, Any] = {"workspace": workspace, "recording": self.recording}
+        status["forwarding"] = self.forwarder is not None
+        status["backend"] = self.settings.backend_url
+        if self.recording:
+            status.update(await self.store.forward_status(workspace))
+        if self.forwarder is not None:
+            status["lane"] = self.forwarder.lane_state(workspace)
+        return status
+
+    # ------------------------------------------------------------------ API
+
+    async def _authorize(self, request: Request, write: bool = False) -> str | JSONResponse:
+        from collab.app import WORKSPACE_ID
+
+        workspace = request.path_params["workspace_id"]
+        if not WORKSPACE_ID.fullmatch(workspace):
+            return JSONResponse({"error": "invalid workspace id"}, status_code=400)
+        if self.app is None:
+            return JSONResponse({"error": "not started"}, status_code=503)
+        try:
+            identity = await self.app.authenticator.authenticate(request, workspace)
+        except AuthError as exc:
+            return JSONResponse({"error": exc.reason}, status_code=403 if exc.code == 4403 else 401)
+        if write and getattr(identity, "role", "editor") not in ("editor", "admin"):
+            return JSONResponse({"error": "editors only"}, status_code=403)
+        if not self.recording:
+            return JSONResponse({"error": "this store keeps no outbox or audit trail"}, status_code=501)
+        return workspace
+
+    async def _api_history(self, request: Request) -> JSONResponse:
+        workspace = await self._authorize(request)
+        if isinstance(workspace, JSONResponse):
+            return workspace
+        try:
+            limit = min(max(int(request.query_params.get("limit", 50)), 1), MAX_HISTORY_PAGE)
+            before_text = request.query_params.get("before")
+            before = int(before_text) if before_text else None
+        except ValueError:
+            return JSONResponse({"error": "before and limit must be integers"}, status_code=400)
+        entries = await self.store.history(workspace, before, limit)
+        next_before = entries[-1]["id"] if len(entries) == limit else None
+        return JSONResponse({"workspace": workspace, "entries": entries, "next_before": next_before})
+
+    async def _api_status(self, request: Request) -> JSONResponse:
+        workspace = await self._authorize(request)
+        if isinstance(workspace, JSONResponse):
+            return workspace
+        return JSONResponse(await self.status(workspace))
+
+    async def _api_dead_letters(self, request: Request) -> JSONResponse:
+        workspace = await self._authorize(request)
+        if isinstance(workspace, JSONResponse):
+            return workspace
+        return JSONResponse({"workspace": workspace, "dead_letters": await self.store.dead_letters(workspace)})
+
+    async def _api_dead_letter_retry(self, request: Request) -> JSONResponse:
+        workspace = await self._authorize(request, write=True)
+        if isinstance(workspace, JSONResponse):
+            return workspace
+        count = await self.store.dead_letter_retry(workspace, request.path_params["key"])
+        if not count:
+            return JSONResponse({"error": "no such dead letter"}, status_code=404)
+        if self.forwarder is not None:
+            self.forwarder.wake(workspace)
+        return JSONResponse({"requeued": count})
+
+    async def _api_dead_letter_discard(self, request: Request) -> JSONResponse:
+        workspace = await self._authorize(request, write=True)
+        if isinstance(workspace, JSONResponse):
+            return workspace
+        count = await self.store.dead_letter_discard(workspace, request.path_params["key"], time.time())
+        if not count:
+            return JSONResponse({"error": "no such dead letter"}, status_code=404)
+        return JSONResponse({"discarded": count})
+
+
+class _RoomHooks:
+    """The room listener of the extension (see rooms.room.RoomListener)."""
+
+    def __init__(self, ext: ForwardingExtension) -> None:
+        self.ext = ext
+
+    async def on_load(self, room: Room) -> None:
+        await self.ext.seed(room)
+
+    def on_config_change(self, room: Room, ps: PeerState | None, changes: Changes, config: dict) -> None:
+        ext = self.ext
+        if not ext.recording or id(room) in ext._seeding:
+            return
+        paths = sorted(changes)
+        room.stage_outbox(
+            ChangeRecord(
+                kind=ACCEPTED,
+                author=author_of(ps),
+                changes=change_list(changes),
+                config=jsonable(config),
+                fence=ext.fence(room, ps, paths),
+                forward=True,
+            )
+        )
+
+    def on_config_rejected(self, room: Room, ps: PeerState | None, rejections: list, attempted: Changes) -> None:
+        if not self.ext.recording:
+            return
+        paths = sorted({path for r in rejections for path in r.paths})
+        room.stage_outbox(
+            ChangeRecord(
+                kind=REJECTED,
+                author=author_of(ps),
+                changes=change_list(attempted, paths),
+                reason=", ".join(sorted({r.reason for r in rejections})),
+                details={"rejections": [{"paths": r.paths, "reason": r.reason, **r.details} for r in rejections]},
+            )
+        )
+
+    def on_outbox_persisted(self, room: Room, records: list) -> None:
+        if self.ext.forwarder is not None:
+            self.ext.forwarder.notify(room.workspace_id, records)

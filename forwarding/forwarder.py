@@ -1,0 +1,509 @@
+"""Deliver the outbox to the data-source backend: ordered, at least once.
+
+One *lane* per workspace with pending changes. A lane reads its pending
+outbox rows in sequence order, waits for the changes to settle (debounce,
+default 500 ms after the last change, but never more than 5 s after the
+first), coalesces them into one request, binds the rows to that request's
+``Idempotency-Key`` in the store (so a retry, even after a crash, sends the
+very same request), and sends it. The next request of a workspace leaves
+only after the previous one is finished, so per-workspace order holds.
+
+* 2xx: delivered; the rows leave the outbox; peers get ``forwarded``.
+* 4xx (except 408/425/429): the backend refuses the change; not retried,
+  recorded in the audit trail, reported to the room (``forward.failed``);
+  later changes carry on.
+* anything else (connection refused, timeout, 5xx, 408/425/429): retried
+  with exponential backoff and jitter, honouring ``Retry-After``. When a
+  request has failed for longer than ``forward_dead_letter_seconds`` its rows
+  go to the dead-letter list (API: retry or discard) and the lane moves on.
+
+Circuit breaker: when the backend is unreachable (connection error,
+timeout, 502/503/504), delivery pauses for every workspace and a single lane
+probes it with its request, backing off exponentially (with jitter, at most
+``forward_backoff_max_ms``). As soon as the probe gets an answer, every lane
+resumes, so a backlog starts draining within one backoff interval of the
+backend's return, without a herd of retries while it is down. Other
+failures (a 500 for one data source) back off per lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from forwarding.settings import ForwardingSettings
+from persistence.base import StoreError
+from persistence.outbox import BACKEND_REFUSED, DEAD_LETTERED, DELIVERED, REFUSED, ChangeRecord, OutboxRow
+
+log = logging.getLogger("collab.forwarder")
+
+RETRYABLE_4XX = {408, 425, 429}
+UNAVAILABLE = {502, 503, 504}  # like a refused connection: the backend as a whole is not there
+IDLE_LANE_SECONDS = 30.0
+
+
+class SeedError(Exception):
+    """The backend could not say what a new workspace starts with."""
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def coalesce(rows: list[OutboxRow]) -> list[dict[str, Any]]:
+    """The net change of consecutive rows, one entry per path (first old, last new)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        who = (row.author or {}).get("id")
+        for change in row.changes:
+            path = change["path"]
+            entry = merged.get(path)
+            if entry is None:
+                entry = merged[path] = {"path": path}
+                if "old" in change:
+                    entry["old"] = change["old"]
+            entry.pop("new", None)
+            if "new" in change:
+                entry["new"] = change["new"]
+            entry["by"] = who
+    out = []
+    for entry in merged.values():
+        if ("old" in entry) == ("new" in entry) and entry.get("old") == entry.get("new"):
+            continue  # changed and changed back within the batch
+        entry["op"] = "set" if "new" in entry else "unset"
+        out.append(entry)
+    return out
+
+
+class _Lane:
+    __slots__ = ("workspace", "task", "wake", "last_change_at", "recorded_seq", "retrying", "last_error", "next_try")
+
+    def __init__(self, workspace: str) -> None:
+        self.workspace = workspace
+        self.task: asyncio.Task | None = None
+        self.wake = asyncio.Event()
+        self.last_change_at = 0.0
+        self.recorded_seq = 0
+        self.retrying = False
+        self.last_error: str | None = None
+        self.next_try: float | None = None
+
+
+class Forwarder:
+    def __init__(
+        self,
+        settings: ForwardingSettings,
+        store: Any,
+        report: Callable[[str, dict[str, Any]], None],
+    ) -> None:
+        assert settings.backend_url
+        self.settings = settings
+        self.base_url = settings.backend_url
+        self.store = store
+        self.report = report  # (workspace, control message) -> tell the room
+        self.client: httpx.AsyncClient | None = None
+        self.lanes: dict[str, _Lane] = {}
+        self._limit = asyncio.Semaphore(settings.forward_concurrency)
+        # Circuit breaker: while the backend is unreachable, only the prober lane sends.
+        self._down = False
+        self._down_reason: str | None = None
+        self._down_failures = 0
+        self._prober: _Lane | None = None
+        self._state_changed = asyncio.Event()  # set and replaced on each change of the above
+        self._stopping = False
+        self.stats = {"requests": 0, "delivered": 0, "refused": 0, "failures": 0, "dead": 0}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        headers = {"User-Agent": "datasource-collab"}
+        if self.settings.backend_token:
+            headers["Authorization"] = f"Bearer {self.settings.backend_token}"
+        timeout = self.settings.backend_timeout_seconds
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            limits=httpx.Limits(
+                max_connections=self.settings.forward_concurrency,
+                max_keepalive_connections=self.settings.forward_concurrency,
+            ),
+        )
+        # Whatever a previous run left undelivered (a crash included) goes out now.
+        for workspace in await self.store.outbox_workspaces():
+            self.wake(workspace)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        lanes = [lane.task for lane in self.lanes.values() if lane.task is not None]
+        for task in lanes:
+            task.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+        self.lanes.clear()
+        if self.client is not None:
+            await self.client.aclose()
+
+    def notify(self, workspace: str, records: list[ChangeRecord]) -> None:
+        """New outbox rows of ``workspace`` are durable."""
+        seqs = [r.seq for r in records if r.forward and r.seq is not None]
+        if not seqs:
+            return
+        lane = self.wake(workspace)
+        lane.last_change_at = time.time()
+        lane.recorded_seq = max(lane.recorded_seq, *seqs)
+
+    def wake(self, workspace: str) -> _Lane:
+        lane = self.lanes.get(workspace)
+        if lane is None:
+            lane = self.lanes[workspace] = _Lane(workspace)
+        if (lane.task is None or lane.task.done()) and not self._stopping:
+            lane.task = asyncio.get_running_loop().create_task(self._run(lane), name=f"forward {workspace}")
+        lane.wake.set()
+        return lane
+
+    def lane_state(self, workspace: str) -> dict[str, Any]:
+        lane = self.lanes.get(workspace)
+        if lane is None:
+            return {"active": False}
+        return {
+            "active": lane.task is not None and not lane.task.done(),
+            "retrying": lane.retrying,
+            "last_error": lane.last_error,
+            "next_attempt_at": lane.next_try,
+        }
+
+    # ---------------------------------------------------------------- seeding
+
+    async def fetch_initial(self, workspace: str) -> tuple[int, dict[str, Any] | None, int]:
+        """GET the data source: (HTTP status, its configuration or None, its sequence number)."""
+        assert self.client is not None
+        deadline = time.monotonic() + self.settings.seed_timeout_seconds
+        delay = 0.1
+        last = "no answer"
+        while True:
+            try:
+                response = await self.client.get(
+                    f"/data-sources/{quote(workspace, safe='')}",
+                    timeout=max(0.1, min(self.settings.backend_timeout_seconds, deadline - time.monotonic())),
+                )
+                if response.status_code == 404:
+                    return 404, None, 0
+                if response.status_code == 200:
+                    body = response.json()
+                    config = body.get("config") if isinstance(body, dict) else None
+                    if config is not None and not isinstance(config, dict):
+                        raise SeedError(f"backend answered a non-object configuration for {workspace}")
+                    seq = body.get("seq", 0) if isinstance(body, dict) else 0
+                    return 200, config or None, int(seq) if isinstance(seq, int) else 0
+                last = f"HTTP {response.status_code}"
+                if 400 <= response.status_code < 500 and response.status_code not in RETRYABLE_4XX:
+                    raise SeedError(f"backend refused GET /data-sources/{workspace}: {last}")
+            except (httpx.HTTPError, ValueError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() + delay > deadline:
+                raise SeedError(f"no initial state for {workspace} from {self.base_url}: {last}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    # ------------------------------------------------------------------ lanes
+
+    async def _run(self, lane: _Lane) -> None:
+        try:
+            await self._lane_loop(lane)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("forwarding lane of %s failed; it restarts on the next change", lane.workspace)
+            if self.lanes.get(lane.workspace) is lane:
+                del self.lanes[lane.workspace]
+
+    async def _lane_loop(self, lane: _Lane) -> None:
+        s = self.settings
+        debounce = s.forward_debounce_ms / 1000.0
+        max_delay = s.forward_max_delay_ms / 1000.0
+        while True:
+            lane.wake.clear()
+            rows = await self._pending(lane)
+            if not rows:
+                try:
+                    await asyncio.wait_for(lane.wake.wait(), IDLE_LANE_SECONDS)
+                except TimeoutError:
+                    if not lane.wake.is_set():
+                        if self.lanes.get(lane.workspace) is lane:
+                            del self.lanes[lane.workspace]
+                        return
+                continue
+            lane.recorded_seq = max(lane.recorded_seq, rows[-1].seq)
+            head = rows[0]
+            if head.batch is None and len(rows) < s.forward_batch_max:
+                # Debounce: wait for the changes to settle, without re-reading
+                # the store on each new change (the lane is told of those).
+                newest = max(r.created_at for r in rows)
+                waited = False
+                while True:
+                    deadline = min(max(newest, lane.last_change_at) + debounce, head.created_at + max_delay)
+                    remaining = deadline - time.time()
+                    if remaining <= 0:
+                        break
+                    waited = True
+                    lane.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lane.wake.wait(), remaining)
+                if waited:
+                    continue  # read again: more changes may have come
+            batch = self._batch(rows)
+            await self._deliver(lane, batch)
+
+    async def _pending(self, lane: _Lane) -> list[OutboxRow]:
+        delay = 0.5
+        while True:
+            try:
+                return await self.store.outbox_pending(lane.workspace, self.settings.forward_batch_max)
+            except StoreError as exc:
+                log.warning("cannot read the outbox of %s: %s", lane.workspace, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _batch(self, rows: list[OutboxRow]) -> list[OutboxRow]:
+        head = rows[0]
+        if head.batch is not None:
+            return [r for r in rows if r.batch == head.batch]
+        batch = []
+        for row in rows:
+            # One fence per request: the backend checks it against the paths it covers.
+            if row.batch is not None or (batch and row.fence != head.fence):
+                break
+            batch.append(row)
+        return batch
+
+    def payload(self, workspace: str, batch: list[OutboxRow]) -> dict[str, Any]:
+        last = batch[-1]
+        authors: list[dict[str, Any]] = []
+        for row in batch:
+            if row.author and row.author not in authors:
+                authors.append(row.author)
+        return {
+            "data_source": workspace,
+            "workspace": workspace,
+            "seq": last.seq,
+            "first_seq": batch[0].seq,
+            "config": last.config,
+            "changes": coalesce(batch),
+            "fence": batch[0].fence,
+            "author": last.author,
+            "authors": authors,
+            "changed_at": iso(last.created_at),
+        }
+
+    async def _deliver(self, lane: _Lane, batch: list[OutboxRow]) -> None:
+        s = self.settings
+        workspace = lane.workspace
+        head, last = batch[0], batch[-1]
+        key = head.batch or f"collab-{last.key}"
+        first_attempt = head.first_attempt_at
+        if head.batch is None or first_attempt is None:
+            first_attempt = time.time()
+            await self._store_retry(self.store.outbox_claim, workspace, [r.seq for r in batch], key, first_attempt)
+        payload = self.payload(workspace, batch)
+        headers = {
+            "Idempotency-Key": key,
+            "X-Collab-Workspace": workspace,
+            "X-Collab-Seq": str(last.seq),
+            "X-Collab-First-Seq": str(head.seq),
+        }
+        if head.fence is not None:
+            headers["X-Collab-Fence"] = str(head.fence)
+        failures = head.attempts
+        url = f"/data-sources/{quote(workspace, safe='')}"
+        reason = "backend unreachable"
+        try:
+            while True:
+                # While the backend is unreachable one lane probes it and the others wait
+                # for the outcome (no herd of retries; all go as soon as it answers).
+                while self._down and self._prober not in (None, lane):
+                    if time.time() - first_attempt >= s.forward_dead_letter_seconds:
+                        await self._dead_letter(lane, batch, key, payload, failures, self._down_reason or reason)
+                        return
+                    lane.retrying, lane.last_error = True, self._down_reason
+                    changed = self._state_changed
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), 5.0)
+                if self._down and self._prober is None:
+                    self._prober = lane
+                status, body, error, retry_after = await self._send(url, payload, headers)
+                if status is not None and 200 <= status < 300:
+                    self._backend_up()
+                    lane.retrying, lane.last_error, lane.next_try = False, None, None
+                    self.stats["delivered"] += 1
+                    seqs = await self._store_retry(self.store.outbox_finish, workspace, key, DELIVERED, time.time())
+                    log.debug("forwarded %s seq %d-%d (%s)", workspace, head.seq, last.seq, body)
+                    if isinstance(body, dict) and body.get("status") == "stale":
+                        log.warning(
+                            "backend already holds a newer version of %s (seq %s) than change %d: not applied",
+                            workspace,
+                            body.get("seq"),
+                            last.seq,
+                        )
+                    self.report(
+                        workspace,
+                        {
+                            "type": "forwarded",
+                            "seq": last.seq,
+                            "first_seq": head.seq,
+                            "pending": max(0, lane.recorded_seq - last.seq),
+                            "changes": len(seqs) or len(batch),
+                        },
+                    )
+                    return
+                if status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX:
+                    self._backend_up()
+                    lane.retrying, lane.last_error, lane.next_try = False, None, None
+                    self.stats["refused"] += 1
+                    log.warning("backend refused %s seq %d-%d: HTTP %d %s", workspace, head.seq, last.seq, status, body)
+                    audit = ChangeRecord(
+                        kind=BACKEND_REFUSED,
+                        author=None,
+                        changes=payload["changes"],
+                        reason=f"HTTP {status}",
+                        details={
+                            "status": status,
+                            "response": body,
+                            "first_seq": head.seq,
+                            "seq": last.seq,
+                            "key": key,
+                        },
+                        fence=head.fence,
+                    )
+                    audit.seq = last.seq
+                    await self._store_retry(self.store.outbox_finish, workspace, key, REFUSED, time.time(), audit)
+                    self.report(
+                        workspace,
+                        {
+                            "type": "forward.failed",
+                            "seq": last.seq,
+                            "first_seq": head.seq,
+                            "status": status,
+                            "paths": [c["path"] for c in payload["changes"]],
+                            "error": body,
+                            "retrying": False,
+                        },
+                    )
+                    return
+                # Transient: retry with backoff, or give up into the dead-letter list.
+                failures += 1
+                self.stats["failures"] += 1
+                reason = error or f"HTTP {status}"
+                lane.retrying, lane.last_error = True, reason
+                unreachable = status is None or status in UNAVAILABLE
+                if unreachable:
+                    if not self._down:
+                        log.warning("backend %s unreachable (%s): delivery paused, probing", self.base_url, reason)
+                    self._down, self._down_reason = True, reason
+                    if self._prober is None:
+                        self._prober = lane
+                    self._down_failures += 1
+                else:
+                    self._backend_up()  # it answered: the problem is this request's, not the backend's
+                await self._store_retry(self.store.outbox_failed_attempt, workspace, key, reason)
+                if time.time() - first_attempt >= s.forward_dead_letter_seconds:
+                    await self._dead_letter(lane, batch, key, payload, failures, reason)
+                    return
+                n = self._down_failures if unreachable else failures
+                delay = min(s.forward_backoff_max_ms, s.forward_backoff_initial_ms * 2 ** min(n - 1, 30)) / 1000.0
+                delay = delay * random.uniform(0.5, 1.0)
+                if retry_after is not None:
+                    delay = max(delay, min(retry_after, s.forward_backoff_max_ms / 1000.0))
+                lane.next_try = time.time() + delay
+                if not unreachable and (failures == 1 or failures % 10 == 0):
+                    log.warning(
+                        "forwarding %s seq %d-%d failed (%s); retry %d in %.1fs",
+                        workspace,
+                        head.seq,
+                        last.seq,
+                        reason,
+                        failures,
+                        delay,
+                    )
+                await asyncio.sleep(delay)
+        finally:
+            if self._prober is lane:
+                # Hand the probe over (dead-lettered, cancelled, or done).
+                self._prober = None
+                self._pulse()
+
+    async def _dead_letter(
+        self, lane: _Lane, batch: list[OutboxRow], key: str, payload: dict[str, Any], failures: int, reason: str
+    ) -> None:
+        head, last = batch[0], batch[-1]
+        self.stats["dead"] += 1
+        log.error(
+            "dead-lettering %s seq %d-%d after %d attempts: %s", lane.workspace, head.seq, last.seq, failures, reason
+        )
+        audit = ChangeRecord(
+            kind=DEAD_LETTERED,
+            author=None,
+            changes=payload["changes"],
+            reason=reason,
+            details={"first_seq": head.seq, "seq": last.seq, "key": key, "attempts": failures},
+            fence=head.fence,
+        )
+        audit.seq = last.seq
+        await self._store_retry(self.store.outbox_dead, lane.workspace, key, time.time(), audit)
+        lane.retrying, lane.next_try = False, None
+        self.report(
+            lane.workspace,
+            {"type": "forward.dead", "seq": last.seq, "first_seq": head.seq, "key": key, "error": reason},
+        )
+
+    def _backend_up(self) -> None:
+        if self._down:
+            log.warning("backend %s answers again: delivery resumes", self.base_url)
+            self._down, self._down_reason, self._down_failures, self._prober = False, None, 0, None
+            self._pulse()
+
+    def _pulse(self) -> None:
+        """Wake every lane waiting for a change of the backend's state."""
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
+
+    async def _send(
+        self, url: str, payload: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int | None, Any, str | None, float | None]:
+        """One attempt: (status or None, parsed body, transport error, Retry-After seconds)."""
+        assert self.client is not None
+        self.stats["requests"] += 1
+        async with self._limit:
+            try:
+                response = await self.client.put(url, json=payload, headers=headers)
+            except httpx.HTTPError as exc:
+                return None, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, None
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = response.text[:2000]
+        retry_after = None
+        header = response.headers.get("Retry-After")
+        if header:
+            with contextlib.suppress(ValueError):
+                retry_after = max(0.0, float(header))
+        return response.status_code, body, None, retry_after
+
+    async def _store_retry(self, fn, *args):
+        """Store writes of the forwarder are retried: losing one would resend (harmless) or stall."""
+        delay = 0.2
+        while True:
+            try:
+                return await fn(*args)
+            except StoreError as exc:
+                log.warning("forwarder store write failed (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)

@@ -1,0 +1,52 @@
+"""Settings of validation and forwarding: environment variables ``COLLAB_<FIELD>``.
+
+Kept apart from collab/settings.py (same prefix, same conventions) so the
+feature stays self-contained.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from forwarding.validation import DEFAULT_MODEL
+
+
+class ForwardingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COLLAB_", extra="ignore")
+
+    # Validation
+    config_model: str = Field(
+        DEFAULT_MODEL, description="pydantic model of a valid configuration, module:Class; empty = no validation"
+    )
+
+    # The data-source backend
+    backend_url: str | None = Field(None, description="e.g. http://127.0.0.1:8766; unset = forwarding off")
+    backend_token: str | None = Field(None, description="sent as 'Authorization: Bearer <token>'")
+    backend_timeout_seconds: float = Field(10.0, gt=0, description="per HTTP request")
+    seed_timeout_seconds: float = Field(
+        10.0, gt=0, description="a new workspace waits this long for its initial state from the backend"
+    )
+
+    # Delivery
+    forward_debounce_ms: float = Field(500.0, ge=0, description="send once no change came for this long")
+    forward_max_delay_ms: float = Field(5000.0, ge=0, description="...but never hold a change longer than this")
+    forward_batch_max: int = Field(200, ge=1, description="changes coalesced into one request at most")
+    forward_backoff_initial_ms: float = Field(500.0, gt=0)
+    forward_backoff_max_ms: float = Field(
+        10000.0, gt=0, description="longest wait between two attempts (one probe at a time while the backend is down)"
+    )
+    forward_dead_letter_seconds: float = Field(
+        86400.0, gt=0, description="a change still undelivered after failing this long goes to the dead-letter list"
+    )
+    forward_concurrency: int = Field(16, ge=1, description="requests in flight to the backend at most")
+
+    @field_validator("backend_url")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("COLLAB_BACKEND_URL must be an http:// or https:// URL")
+        return value

@@ -1,0 +1,501 @@
+"""Durable outbox and audit trail, written with the updates they stem from.
+
+A room stages :class:`ChangeRecord`\\ s while it handles updates; its next
+flush hands them to ``DocumentStore.append(workspace, updates, outbox=...)``
+together with the raw updates, and the store writes both **in one
+transaction**: an accepted change is in the outbox if and only if the update
+that made it is stored.
+
+Each record becomes one audit row. An accepted change that is to be
+forwarded (``forward=True``) also becomes one outbox row, numbered by a
+per-workspace sequence (1, 2, 3... with no gaps) assigned at commit time, in
+commit order. The forwarder reads pending rows back in that order, sends
+them, and finishes them: a finished row leaves the outbox and its audit row
+records how (delivered, refused by the backend, dead-lettered...).
+
+This module holds the data types, the protocol a store implements, and the
+SQLite implementation (a mixin of :class:`persistence.sqlite.SQLiteDocumentStore`
+that uses the same writer thread and the same database file, in tables of
+its own).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+# Audit kinds.
+ACCEPTED = "accepted"  # a change the room accepted (forwarded if a backend is configured)
+REJECTED = "rejected"  # a change a guard refused (validation, lock...): undone, never forwarded
+SEEDED = "seeded"  # the initial state fetched from the backend
+BACKEND_REFUSED = "backend_refused"  # the backend answered 4xx to a forwarded change
+DEAD_LETTERED = "dead_lettered"  # delivery gave up after the configured time
+
+# Forward status of an accepted change (audit column ``forward_status``).
+PENDING = "pending"
+DELIVERED = "delivered"  # the backend took it (applied, or already had it)
+REFUSED = "refused"  # 4xx: not retried
+DEAD = "dead"  # in the dead-letter list
+DISCARDED = "discarded"  # dead letter dropped by an operator
+NOT_FORWARDED = "not_forwarded"
+
+
+@dataclass(slots=True)
+class ChangeRecord:
+    """One audit entry; also an outbox entry when ``forward`` is set."""
+
+    kind: str
+    author: dict[str, Any] | None
+    changes: list[dict[str, Any]]  # [{"path", "old"?, "new"?}]; a missing key = the path did not exist
+    config: dict[str, Any] | None = None  # the whole configuration after the change
+    fence: int | None = None
+    reason: str | None = None
+    details: dict[str, Any] | None = None
+    forward: bool = False
+    at: float = field(default_factory=time.time)
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    seed_seq: int | None = None  # SEEDED: the backend's sequence; ours continues after it
+    # Set by the store once the transaction holding the record committed:
+    seq: int | None = None
+    audit_id: int | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        return [c["path"] for c in self.changes]
+
+
+@dataclass(slots=True)
+class OutboxRow:
+    workspace: str
+    seq: int
+    key: str
+    created_at: float
+    author: dict[str, Any] | None
+    changes: list[dict[str, Any]]
+    config: dict[str, Any]
+    fence: int | None
+    state: str
+    batch: str | None
+    first_attempt_at: float | None
+    attempts: int
+    last_error: str | None
+
+
+@runtime_checkable
+class OutboxStore(Protocol):
+    """What the forwarder, the seeding hook and the audit API need of a store."""
+
+    async def outbox_workspaces(self) -> list[str]:
+        """Workspaces with pending outbox rows."""
+
+    async def outbox_pending(self, workspace: str, limit: int) -> list[OutboxRow]:
+        """Pending rows of a workspace in sequence order (at least the whole first batch if claimed)."""
+
+    async def outbox_claim(self, workspace: str, seqs: list[int], batch: str, at: float) -> None:
+        """Bind rows to the request (idempotency key ``batch``) that carries them, before its first attempt."""
+
+    async def outbox_failed_attempt(self, workspace: str, batch: str, error: str) -> None: ...
+
+    async def outbox_finish(
+        self, workspace: str, batch: str, status: str, at: float, audit: ChangeRecord | None = None
+    ) -> list[int]:
+        """Remove a batch from the outbox (delivered or refused); returns its sequence numbers."""
+
+    async def outbox_dead(self, workspace: str, batch: str, at: float, audit: ChangeRecord) -> list[int]:
+        """Move a batch to the dead-letter list."""
+
+    async def dead_letters(self, workspace: str) -> list[dict[str, Any]]: ...
+
+    async def dead_letter_retry(self, workspace: str, batch: str) -> int: ...
+
+    async def dead_letter_discard(self, workspace: str, batch: str, at: float) -> int: ...
+
+    async def forward_status(self, workspace: str) -> dict[str, Any]: ...
+
+    async def history(self, workspace: str, before: int | None, limit: int) -> list[dict[str, Any]]: ...
+
+    async def seed_status(self, workspace: str) -> dict[str, Any] | None: ...
+
+
+# ------------------------------------------------------------------ SQLite
+
+OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS forward_state (
+    workspace     TEXT PRIMARY KEY,
+    last_seq      INTEGER NOT NULL DEFAULT 0,  -- last change sequence number given out
+    delivered_seq INTEGER NOT NULL DEFAULT 0,  -- highest sequence number the backend took
+    seeded_at     REAL,
+    seed_status   TEXT
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    workspace        TEXT NOT NULL,
+    seq              INTEGER NOT NULL,
+    key              TEXT NOT NULL,
+    created_at       REAL NOT NULL,
+    author           TEXT,
+    changes          TEXT NOT NULL,
+    config           TEXT NOT NULL,
+    fence            INTEGER,
+    state            TEXT NOT NULL DEFAULT 'pending',  -- pending | dead
+    batch            TEXT,              -- Idempotency-Key of the request carrying this row
+    first_attempt_at REAL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    PRIMARY KEY (workspace, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbox_by_batch ON outbox (workspace, batch);
+CREATE TABLE IF NOT EXISTS audit (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    workspace      TEXT NOT NULL,
+    at             REAL NOT NULL,
+    kind           TEXT NOT NULL,
+    seq            INTEGER,
+    author         TEXT,
+    paths          TEXT NOT NULL,
+    changes        TEXT NOT NULL,
+    fence          INTEGER,
+    reason         TEXT,
+    details        TEXT,
+    forward_status TEXT,
+    forwarded_at   REAL
+);
+CREATE INDEX IF NOT EXISTS audit_by_workspace ON audit (workspace, id);
+CREATE INDEX IF NOT EXISTS audit_by_seq ON audit (workspace, seq);
+"""
+
+
+def _dumps(value: Any) -> str | None:
+    # default=str: a guard's rejection details must never make the append (and the room) fail.
+    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def write_records(
+    db: sqlite3.Connection, workspace: str, records: list[ChangeRecord], seqs: dict[str, int]
+) -> list[tuple[ChangeRecord, int | None, int]]:
+    """Write records inside the caller's transaction.
+
+    ``seqs`` caches the last change sequence number per workspace for this
+    transaction. Returns (record, seq, audit id) to apply once committed.
+    """
+    assigned = []
+    for rec in records:
+        seq = None
+        if rec.kind == SEEDED:
+            last = _last_seq(db, workspace, seqs)
+            seqs[workspace] = max(last, rec.seed_seq or 0)
+            db.execute(
+                "INSERT INTO forward_state (workspace, last_seq, delivered_seq, seeded_at, seed_status) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(workspace) DO UPDATE SET "
+                "last_seq=MAX(last_seq, excluded.last_seq), delivered_seq=MAX(delivered_seq, excluded.delivered_seq), "
+                "seeded_at=excluded.seeded_at, seed_status=excluded.seed_status",
+                (workspace, seqs[workspace], rec.seed_seq or 0, rec.at, rec.reason),
+            )
+        if rec.forward:
+            seq = _last_seq(db, workspace, seqs) + 1
+            seqs[workspace] = seq
+            db.execute(
+                "INSERT INTO forward_state (workspace, last_seq) VALUES (?, ?) "
+                "ON CONFLICT(workspace) DO UPDATE SET last_seq=excluded.last_seq",
+                (workspace, seq),
+            )
+            db.execute(
+                "INSERT INTO outbox (workspace, seq, key, created_at, author, changes, config, fence) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    workspace,
+                    seq,
+                    rec.key,
+                    rec.at,
+                    _dumps(rec.author),
+                    _dumps(rec.changes),
+                    _dumps(rec.config or {}),
+                    rec.fence,
+                ),
+            )
+        status = PENDING if rec.forward else (NOT_FORWARDED if rec.kind == ACCEPTED else None)
+        cur = db.execute(
+            "INSERT INTO audit (workspace, at, kind, seq, author, paths, changes, fence, reason, details, "
+            "forward_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                workspace,
+                rec.at,
+                rec.kind,
+                seq if seq is not None else (rec.seq if rec.kind in (BACKEND_REFUSED, DEAD_LETTERED) else None),
+                _dumps(rec.author),
+                _dumps(rec.paths),
+                _dumps(rec.changes),
+                rec.fence,
+                rec.reason,
+                _dumps(rec.details),
+                status,
+            ),
+        )
+        assigned.append((rec, seq, cur.lastrowid))
+    return assigned
+
+
+def _last_seq(db: sqlite3.Connection, workspace: str, seqs: dict[str, int]) -> int:
+    seq = seqs.get(workspace)
+    if seq is None:
+        row = db.execute("SELECT last_seq FROM forward_state WHERE workspace=?", (workspace,)).fetchone()
+        seq = row[0] if row else 0
+        seqs[workspace] = seq
+    return seq
+
+
+_ROW_COLUMNS = (
+    "workspace, seq, key, created_at, author, changes, config, fence, state, batch, first_attempt_at, "
+    "attempts, last_error"
+)
+
+
+def _row(r: tuple) -> OutboxRow:
+    return OutboxRow(
+        workspace=r[0],
+        seq=r[1],
+        key=r[2],
+        created_at=r[3],
+        author=_loads(r[4]),
+        changes=_loads(r[5]),
+        config=_loads(r[6]),
+        fence=r[7],
+        state=r[8],
+        batch=r[9],
+        first_attempt_at=r[10],
+        attempts=r[11],
+        last_error=r[12],
+    )
+
+
+class SQLiteOutboxMixin:
+    """OutboxStore on the SQLite document store (same thread, same file)."""
+
+    # Provided by SQLiteDocumentStore: reads run alone; writes join the next group commit.
+    async def _call(self, fn):
+        raise NotImplementedError
+
+    async def _grouped(self, fn):
+        raise NotImplementedError
+
+    async def outbox_workspaces(self) -> list[str]:
+        return await self._call(
+            lambda db: [r[0] for r in db.execute("SELECT DISTINCT workspace FROM outbox WHERE state='pending'")]
+        )
+
+    async def outbox_pending(self, workspace: str, limit: int) -> list[OutboxRow]:
+        def run(db: sqlite3.Connection) -> list[OutboxRow]:
+            rows = [
+                _row(r)
+                for r in db.execute(
+                    f"SELECT {_ROW_COLUMNS} FROM outbox WHERE workspace=? AND state='pending' ORDER BY seq LIMIT ?",
+                    (workspace, limit),
+                )
+            ]
+            if rows and rows[0].batch is not None and rows[-1].batch == rows[0].batch:
+                # A claimed batch is re-sent whole, even if it is longer than ``limit``.
+                rows = [
+                    _row(r)
+                    for r in db.execute(
+                        f"SELECT {_ROW_COLUMNS} FROM outbox WHERE workspace=? AND batch=? AND state='pending' "
+                        "ORDER BY seq",
+                        (workspace, rows[0].batch),
+                    )
+                ]
+            return rows
+
+        return await self._call(run)
+
+    async def outbox_claim(self, workspace: str, seqs: list[int], batch: str, at: float) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE outbox SET batch=?, first_attempt_at=COALESCE(first_attempt_at, ?) "
+                "WHERE workspace=? AND seq=? AND (batch IS NULL OR batch=?)",
+                [(batch, at, workspace, seq, batch) for seq in seqs],
+            )
+
+        await self._grouped(run)
+
+    async def outbox_failed_attempt(self, workspace: str, batch: str, error: str) -> None:
+        await self._grouped(
+            lambda db: db.execute(
+                "UPDATE outbox SET attempts=attempts+1, last_error=? WHERE workspace=? AND batch=?",
+                (error[:1000], workspace, batch),
+            )
+        )
+
+    async def outbox_finish(
+        self, workspace: str, batch: str, status: str, at: float, audit: ChangeRecord | None = None
+    ) -> list[int]:
+        def run(db: sqlite3.Connection) -> list[int]:
+            seqs = [
+                r[0] for r in db.execute("SELECT seq FROM outbox WHERE workspace=? AND batch=?", (workspace, batch))
+            ]
+            db.execute("DELETE FROM outbox WHERE workspace=? AND batch=?", (workspace, batch))
+            db.executemany(
+                "UPDATE audit SET forward_status=?, forwarded_at=? WHERE workspace=? AND seq=? AND kind=?",
+                [(status, at, workspace, seq, ACCEPTED) for seq in seqs],
+            )
+            if seqs and status == DELIVERED:
+                db.execute(
+                    "UPDATE forward_state SET delivered_seq=MAX(delivered_seq, ?) WHERE workspace=?",
+                    (max(seqs), workspace),
+                )
+            if audit is not None:
+                audit.seq = max(seqs) if seqs else audit.seq
+                write_records(db, workspace, [audit], {})
+            return seqs
+
+        return await self._grouped(run)
+
+    async def outbox_dead(self, workspace: str, batch: str, at: float, audit: ChangeRecord) -> list[int]:
+        def run(db: sqlite3.Connection) -> list[int]:
+            seqs = [
+                r[0]
+                for r in db.execute(
+                    "SELECT seq FROM outbox WHERE workspace=? AND batch=? AND state='pending'", (workspace, batch)
+                )
+            ]
+            db.execute("UPDATE outbox SET state='dead' WHERE workspace=? AND batch=?", (workspace, batch))
+            db.executemany(
+                "UPDATE audit SET forward_status=?, forwarded_at=NULL WHERE workspace=? AND seq=? AND kind=?",
+                [(DEAD, workspace, seq, ACCEPTED) for seq in seqs],
+            )
+            audit.seq = max(seqs) if seqs else audit.seq
+            write_records(db, workspace, [audit], {})
+            return seqs
+
+        return await self._grouped(run)
+
+    async def dead_letters(self, workspace: str) -> list[dict[str, Any]]:
+        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            batches: dict[str, dict[str, Any]] = {}
+            for r in db.execute(
+                f"SELECT {_ROW_COLUMNS} FROM outbox WHERE workspace=? AND state='dead' ORDER BY seq", (workspace,)
+            ):
+                row = _row(r)
+                entry = batches.setdefault(
+                    row.batch or row.key,
+                    {
+                        "key": row.batch or row.key,
+                        "first_seq": row.seq,
+                        "seq": row.seq,
+                        "first_attempt_at": row.first_attempt_at,
+                        "attempts": row.attempts,
+                        "last_error": row.last_error,
+                        "paths": [],
+                        "changes": 0,
+                    },
+                )
+                entry["seq"] = row.seq
+                entry["changes"] += 1
+                for change in row.changes:
+                    if change["path"] not in entry["paths"]:
+                        entry["paths"].append(change["path"])
+            return list(batches.values())
+
+        return await self._call(run)
+
+    async def dead_letter_retry(self, workspace: str, batch: str) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "UPDATE outbox SET state='pending', first_attempt_at=NULL, attempts=0 "
+                "WHERE workspace=? AND batch=? AND state='dead'",
+                (workspace, batch),
+            )
+            seqs = [
+                r[0] for r in db.execute("SELECT seq FROM outbox WHERE workspace=? AND batch=?", (workspace, batch))
+            ]
+            db.executemany(
+                "UPDATE audit SET forward_status=? WHERE workspace=? AND seq=? AND kind=?",
+                [(PENDING, workspace, seq, ACCEPTED) for seq in seqs],
+            )
+            return cur.rowcount
+
+        return await self._grouped(run)
+
+    async def dead_letter_discard(self, workspace: str, batch: str, at: float) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            seqs = [
+                r[0]
+                for r in db.execute(
+                    "SELECT seq FROM outbox WHERE workspace=? AND batch=? AND state='dead'", (workspace, batch)
+                )
+            ]
+            db.execute("DELETE FROM outbox WHERE workspace=? AND batch=? AND state='dead'", (workspace, batch))
+            db.executemany(
+                "UPDATE audit SET forward_status=?, forwarded_at=? WHERE workspace=? AND seq=? AND kind=?",
+                [(DISCARDED, at, workspace, seq, ACCEPTED) for seq in seqs],
+            )
+            return len(seqs)
+
+        return await self._grouped(run)
+
+    async def forward_status(self, workspace: str) -> dict[str, Any]:
+        def run(db: sqlite3.Connection) -> dict[str, Any]:
+            state = db.execute(
+                "SELECT last_seq, delivered_seq, seeded_at, seed_status FROM forward_state WHERE workspace=?",
+                (workspace,),
+            ).fetchone() or (0, 0, None, None)
+            counts = dict(
+                db.execute("SELECT state, COUNT(*) FROM outbox WHERE workspace=? GROUP BY state", (workspace,))
+            )
+            oldest = db.execute(
+                "SELECT MIN(created_at) FROM outbox WHERE workspace=? AND state='pending'", (workspace,)
+            ).fetchone()[0]
+            return {
+                "workspace": workspace,
+                "recorded_seq": state[0],
+                "delivered_seq": state[1],
+                "pending": counts.get("pending", 0),
+                "dead_letters": counts.get("dead", 0),
+                "oldest_pending_at": oldest,
+                "seeded_at": state[2],
+                "seed_status": state[3],
+            }
+
+        return await self._call(run)
+
+    async def history(self, workspace: str, before: int | None, limit: int) -> list[dict[str, Any]]:
+        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = db.execute(
+                "SELECT id, at, kind, seq, author, paths, changes, fence, reason, details, forward_status, "
+                "forwarded_at FROM audit WHERE workspace=? AND id<? ORDER BY id DESC LIMIT ?",
+                (workspace, before if before is not None else 2**62, limit),
+            ).fetchall()
+            return [
+                {
+                    "id": r[0],
+                    "at": r[1],
+                    "kind": r[2],
+                    "seq": r[3],
+                    "author": _loads(r[4]),
+                    "paths": _loads(r[5]),
+                    "changes": _loads(r[6]),
+                    "fence": r[7],
+                    "reason": r[8],
+                    "details": _loads(r[9]),
+                    "forward_status": r[10],
+                    "forwarded_at": r[11],
+                }
+                for r in rows
+            ]
+
+        return await self._call(run)
+
+    async def seed_status(self, workspace: str) -> dict[str, Any] | None:
+        def run(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute(
+                "SELECT seeded_at, seed_status FROM forward_state WHERE workspace=? AND seeded_at IS NOT NULL",
+                (workspace,),
+            ).fetchone()
+            return None if row is None else {"seeded_at": row[0], "status": row[1]}
+
+        return await self._call(run)

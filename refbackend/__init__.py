@@ -1,0 +1,1 @@
+"""The reference data-source backend (see refbackend/app.py and docs/backend-contract.md)."""

@@ -1,0 +1,427 @@
+"""A reference data-source backend: the contract of docs/backend-contract.md.
+
+Starlette + SQLite, small on purpose. It is what the tests and ``make run``
+talk to, and a model for a real backend:
+
+* ``GET /data-sources/{id}`` -> ``{"id", "config", "seq", "updated_at"}`` or 404;
+* ``PUT /data-sources/{id}`` with an ``Idempotency-Key``: applies a change
+  forwarded by the collaboration server, in one transaction:
+
+  1. a key seen before replays the stored answer (``Idempotent-Replayed: true``);
+  2. a refusal rule that matches one of the changes -> 422 (business validation);
+  3. a fence older than one already seen for a changed path -> 409 ``stale_fence``;
+  4. ``seq`` not above the data source's sequence -> 200 ``stale`` (already in
+     effect, not applied again);
+  5. otherwise the configuration is replaced by the request's ``config`` and
+     the data source's sequence becomes ``seq`` -> 200 ``applied``.
+
+``/admin/...`` routes exist for tests and demos (set a data source, add a
+refusal rule, slow requests down, hold answers back after applying, read the
+log of applied changes). They are not part of the contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS data_sources (
+    id         TEXT PRIMARY KEY,
+    config     TEXT NOT NULL,
+    seq        INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fences (
+    id    TEXT NOT NULL,
+    path  TEXT NOT NULL,
+    fence INTEGER NOT NULL,
+    PRIMARY KEY (id, path)
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key    TEXT PRIMARY KEY,
+    id     TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    body   TEXT NOT NULL,
+    at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS applied (
+    n          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    first_seq  INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,
+    changes    TEXT NOT NULL,
+    author     TEXT,
+    fence      INTEGER,
+    gap        INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    n       INTEGER PRIMARY KEY AUTOINCREMENT,
+    method  TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    key     TEXT,
+    first_seq INTEGER,
+    seq     INTEGER,
+    status  INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    config  TEXT,
+    at      REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rules (
+    n      INTEGER PRIMARY KEY AUTOINCREMENT,
+    id     TEXT NOT NULL,     -- a data source id or '*'
+    path   TEXT NOT NULL,
+    value  TEXT NOT NULL,     -- JSON
+    status INTEGER NOT NULL
+);
+"""
+
+
+_UPSERT_DATA_SOURCE = (
+    "INSERT INTO data_sources (id, config, seq, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
+    "SET config=excluded.config, seq=excluded.seq, updated_at=excluded.updated_at"
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class Backend:
+    """The SQLite state; every method runs in one transaction under one lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # survives a crash of this process
+        self.db.executescript(SCHEMA)
+        self.lock = threading.Lock()
+        self.delay = 0.0
+        self.hold_from_seq: int | None = None  # answers to PUTs from this seq on wait for /admin/release
+        self.released: asyncio.Event | None = None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self, fn):
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self.db)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+            return result
+
+    # ------------------------------------------------------------ contract
+
+    def get(self, ds: str) -> dict[str, Any] | None:
+        def run(db: sqlite3.Connection):
+            row = db.execute("SELECT config, seq, updated_at FROM data_sources WHERE id=?", (ds,)).fetchone()
+            db.execute(
+                "INSERT INTO requests (method, id, status, outcome, at) VALUES ('GET', ?, ?, ?, ?)",
+                (ds, 200 if row else 404, "found" if row else "not_found", time.time()),
+            )
+            if row is None:
+                return None
+            return {"id": ds, "config": json.loads(row[0]), "seq": row[1], "updated_at": row[2]}
+
+        return self._tx(run)
+
+    def put(self, ds: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
+        """Apply one forwarded change: (status, answer, replayed)."""
+        seq, first_seq = body["seq"], body["first_seq"]
+        changes = body.get("changes") or []
+        fence = body.get("fence")
+
+        def log(db, status: int, outcome: str) -> None:
+            db.execute(
+                "INSERT INTO requests (method, id, key, first_seq, seq, status, outcome, config, at) "
+                "VALUES ('PUT', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ds, key, first_seq, seq, status, outcome, _dumps(body.get("config")), time.time()),
+            )
+
+        def answer(db, status: int, outcome: str, payload: dict[str, Any]):
+            db.execute(
+                "INSERT INTO idempotency (key, id, status, body, at) VALUES (?, ?, ?, ?, ?)",
+                (key, ds, status, _dumps(payload), time.time()),
+            )
+            log(db, status, outcome)
+            return status, payload, False
+
+        def run(db: sqlite3.Connection):
+            replay = db.execute("SELECT id, status, body FROM idempotency WHERE key=?", (key,)).fetchone()
+            if replay is not None:
+                if replay[0] != ds:
+                    log(db, 422, "key_reused")
+                    return 422, {"error": "idempotency_key_reused", "detail": "key used for another data source"}, False
+                log(db, replay[1], "replayed")
+                return replay[1], json.loads(replay[2]), True
+            # Business rules (the tests' way of making the backend refuse a change).
+            for change in changes:
+                if change.get("op", "set") != "set":
+                    continue
+                rule = db.execute(
+                    "SELECT status FROM rules WHERE id IN (?, '*') AND path=? AND value=? LIMIT 1",
+                    (ds, change.get("path"), _dumps(change.get("new"))),
+                ).fetchone()
+                if rule is not None:
+                    return answer(
+                        db,
+                        rule[0],
+                        "refused",
+                        {"error": "refused", "detail": f"{change.get('path')} may not be {change.get('new')!r}"},
+                    )
+            # Fencing: a change made under a lock older than one already seen for that path is stale.
+            if fence is not None:
+                for change in changes:
+                    row = db.execute(
+                        "SELECT fence FROM fences WHERE id=? AND path=?", (ds, change.get("path"))
+                    ).fetchone()
+                    if row is not None and row[0] > fence:
+                        return answer(
+                            db,
+                            409,
+                            "stale_fence",
+                            {"error": "stale_fence", "path": change.get("path"), "fence": fence, "current": row[0]},
+                        )
+                db.executemany(
+                    "INSERT INTO fences (id, path, fence) VALUES (?, ?, ?) "
+                    "ON CONFLICT(id, path) DO UPDATE SET fence=MAX(fence, excluded.fence)",
+                    [(ds, change.get("path"), fence) for change in changes],
+                )
+            row = db.execute("SELECT seq FROM data_sources WHERE id=?", (ds,)).fetchone()
+            current = row[0] if row else 0
+            if seq <= current:
+                return answer(db, 200, "stale", {"status": "stale", "applied": False, "seq": current})
+            now = time.time()
+            db.execute(
+                _UPSERT_DATA_SOURCE,
+                (ds, _dumps(body["config"]), seq, now),
+            )
+            db.execute(
+                "INSERT INTO applied (id, key, first_seq, seq, changes, author, fence, gap, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    ds,
+                    key,
+                    first_seq,
+                    seq,
+                    _dumps(changes),
+                    _dumps(body.get("author")),
+                    fence,
+                    int(first_seq > current + 1),
+                    now,
+                ),
+            )
+            return answer(db, 200, "applied", {"status": "applied", "applied": True, "seq": seq})
+
+        return self._tx(run)
+
+    # --------------------------------------------------------------- admin
+
+    def admin_set(self, ds: str, config: dict[str, Any], seq: int) -> None:
+        self._tx(
+            lambda db: db.execute(
+                _UPSERT_DATA_SOURCE,
+                (ds, _dumps(config), seq, time.time()),
+            )
+        )
+
+    def admin_rule(self, ds: str, path: str, value: Any, status: int) -> None:
+        self._tx(
+            lambda db: db.execute(
+                "INSERT INTO rules (id, path, value, status) VALUES (?, ?, ?, ?)", (ds, path, _dumps(value), status)
+            )
+        )
+
+    def admin_log(self, ds: str) -> dict[str, Any]:
+        def run(db: sqlite3.Connection):
+            applied = [
+                {
+                    "key": r[0],
+                    "first_seq": r[1],
+                    "seq": r[2],
+                    "changes": json.loads(r[3]),
+                    "author": json.loads(r[4]) if r[4] else None,
+                    "fence": r[5],
+                    "gap": bool(r[6]),
+                    "received_at": r[7],
+                }
+                for r in db.execute(
+                    "SELECT key, first_seq, seq, changes, author, fence, gap, received_at FROM applied "
+                    "WHERE id=? ORDER BY n",
+                    (ds,),
+                )
+            ]
+            requests = [
+                {
+                    "method": r[0],
+                    "key": r[1],
+                    "first_seq": r[2],
+                    "seq": r[3],
+                    "status": r[4],
+                    "outcome": r[5],
+                    "config": json.loads(r[6]) if r[6] else None,
+                    "at": r[7],
+                }
+                for r in db.execute(
+                    "SELECT method, key, first_seq, seq, status, outcome, config, at FROM requests "
+                    "WHERE id=? ORDER BY n",
+                    (ds,),
+                )
+            ]
+            return {"id": ds, "applied": applied, "requests": requests}
+
+        return self._tx(run)
+
+    def admin_stats(self) -> dict[str, Any]:
+        def run(db: sqlite3.Connection):
+            outcomes = dict(db.execute("SELECT outcome, COUNT(*) FROM requests GROUP BY outcome"))
+            return {
+                "requests": sum(outcomes.values()),
+                "outcomes": outcomes,
+                "data_sources": db.execute("SELECT COUNT(*) FROM data_sources").fetchone()[0],
+                "applied": db.execute("SELECT COUNT(*) FROM applied").fetchone()[0],
+            }
+
+        return self._tx(run)
+
+
+def _error(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+def create_app(db_path: str | Path) -> Starlette:
+    backend = Backend(db_path)
+
+    async def get_data_source(request: Request) -> JSONResponse:
+        await _delay()
+        found = backend.get(request.path_params["id"])
+        if found is None:
+            return _error(404, "not_found", "no such data source")
+        return JSONResponse(found)
+
+    async def put_data_source(request: Request) -> JSONResponse:
+        await _delay()
+        ds = request.path_params["id"]
+        key = request.headers.get("Idempotency-Key")
+        if not key or len(key) > 200:
+            return _error(400, "idempotency_key_required", "send an Idempotency-Key header (at most 200 characters)")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "invalid_json", "the body is not JSON")
+        problem = _check_body(body)
+        if problem:
+            return _error(400, "invalid_body", problem)
+        status, payload, replayed = backend.put(ds, key, body)
+        if backend.hold_from_seq is not None and body["seq"] >= backend.hold_from_seq and backend.released:
+            # Applied, but the answer is held back: the caller cannot know it is in effect.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(backend.released.wait(), 60)
+        return JSONResponse(payload, status_code=status, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+    async def _delay() -> None:
+        if backend.delay > 0:
+            await asyncio.sleep(backend.delay)
+
+    async def admin_set(request: Request) -> JSONResponse:
+        body = await request.json()
+        backend.admin_set(request.path_params["id"], body.get("config") or {}, int(body.get("seq", 0)))
+        return JSONResponse({"ok": True})
+
+    async def admin_log(request: Request) -> JSONResponse:
+        return JSONResponse(backend.admin_log(request.path_params["id"]))
+
+    async def admin_rule(request: Request) -> JSONResponse:
+        body = await request.json()
+        backend.admin_rule(body.get("data_source", "*"), body["path"], body.get("value"), int(body.get("status", 422)))
+        return JSONResponse({"ok": True})
+
+    async def admin_delay(request: Request) -> JSONResponse:
+        body = await request.json()
+        backend.delay = max(0.0, float(body.get("ms", 0)) / 1000.0)
+        return JSONResponse({"ok": True, "delay_ms": backend.delay * 1000})
+
+    async def admin_hold(request: Request) -> JSONResponse:
+        body = await request.json()
+        backend.hold_from_seq = int(body["from_seq"])
+        backend.released = asyncio.Event()
+        return JSONResponse({"ok": True})
+
+    async def admin_release(request: Request) -> JSONResponse:
+        if backend.released is not None:
+            backend.released.set()
+        backend.hold_from_seq = None
+        return JSONResponse({"ok": True})
+
+    async def admin_stats(request: Request) -> JSONResponse:
+        return JSONResponse(backend.admin_stats())
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/data-sources/{id}", get_data_source, methods=["GET"]),
+            Route("/data-sources/{id}", put_data_source, methods=["PUT"]),
+            Route("/admin/data-sources/{id}", admin_set, methods=["PUT"]),
+            Route("/admin/data-sources/{id}/log", admin_log, methods=["GET"]),
+            Route("/admin/rules", admin_rule, methods=["POST"]),
+            Route("/admin/delay", admin_delay, methods=["POST"]),
+            Route("/admin/hold", admin_hold, methods=["POST"]),
+            Route("/admin/release", admin_release, methods=["POST"]),
+            Route("/admin/stats", admin_stats, methods=["GET"]),
+        ],
+        lifespan=_lifespan(backend),
+    )
+    app.state.backend = backend
+    return app
+
+
+def _lifespan(backend: Backend):
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        try:
+            yield
+        finally:
+            backend.close()
+
+    return lifespan
+
+
+def _check_body(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    seq, first = body.get("seq"), body.get("first_seq", body.get("seq"))
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        return "seq must be a positive integer"
+    if not isinstance(first, int) or isinstance(first, bool) or not 1 <= first <= seq:
+        return "first_seq must be an integer between 1 and seq"
+    body["first_seq"] = first
+    if not isinstance(body.get("config"), dict):
+        return "config must be an object (the whole configuration)"
+    if not isinstance(body.get("changes", []), list):
+        return "changes must be a list"
+    fence = body.get("fence")
+    if fence is not None and (not isinstance(fence, int) or isinstance(fence, bool)):
+        return "fence must be an integer or null"
+    return None

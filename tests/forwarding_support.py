@@ -1,0 +1,146 @@
+"""Test helpers for forwarding: the reference backend as a real process, and API helpers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import ROOT, ServerProcess
+
+_LISTENING = re.compile(r"refbackend listening on http://([\d.]+):(\d+)")
+
+# Short delivery timings for tests (the defaults are 500 ms / 5 s / 0.5 s..30 s).
+FAST_FORWARDING = {
+    "COLLAB_FORWARD_DEBOUNCE_MS": "50",
+    "COLLAB_FORWARD_MAX_DELAY_MS": "500",
+    "COLLAB_FORWARD_BACKOFF_INITIAL_MS": "100",
+    "COLLAB_FORWARD_BACKOFF_MAX_MS": "1000",
+    "COLLAB_BACKEND_TIMEOUT_SECONDS": "5",
+    "COLLAB_SEED_TIMEOUT_SECONDS": "5",
+}
+
+
+class BackendProcess:
+    """``python -m refbackend`` in a child process we own (and only that)."""
+
+    def __init__(self, db: Path, log_path: Path, port: int = 0) -> None:
+        self.db = db
+        self.log_path = log_path
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> BackendProcess:
+        self._log = open(self.log_path, "ab")
+        offset = self._log.tell()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "refbackend", "--port", str(self.port), "--db", str(self.db)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"refbackend exited with {self.proc.returncode}:\n{self.log()}")
+            match = _LISTENING.search(self.log_path.read_bytes()[offset:].decode(errors="replace"))
+            if match:
+                self.port = int(match.group(2))
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"refbackend did not start within {timeout}s:\n{self.log()}")
+
+    def restart(self) -> BackendProcess:
+        """Start again on the same port and database (after ``stop`` or ``kill``)."""
+        return self.start()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    # ------------------------------------------------------------ admin API
+
+    def get(self, path: str) -> Any:
+        response = httpx.get(f"{self.url}{path}", timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: dict[str, Any], method: str = "POST") -> Any:
+        response = httpx.request(method, f"{self.url}{path}", json=body, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def log_of(self, ds: str) -> dict[str, Any]:
+        return self.get(f"/admin/data-sources/{ds}/log")
+
+    def data_source(self, ds: str) -> dict[str, Any] | None:
+        response = httpx.get(f"{self.url}/data-sources/{ds}", timeout=5)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def set_data_source(self, ds: str, config: dict[str, Any], seq: int = 0) -> None:
+        self.post(f"/admin/data-sources/{ds}", {"config": config, "seq": seq}, method="PUT")
+
+
+def api(server: ServerProcess, path: str, method: str = "GET", **kw: Any) -> Any:
+    response = httpx.request(method, f"{server.http_url}{path}", timeout=5, **kw)
+    response.raise_for_status()
+    return response.json()
+
+
+def forward_status(server: ServerProcess, workspace: str) -> dict[str, Any]:
+    return api(server, f"/api/workspaces/{workspace}/forwarding")
+
+
+def history(server: ServerProcess, workspace: str, limit: int = 500) -> list[dict[str, Any]]:
+    """Every audit entry of a workspace, oldest first (follows the pages)."""
+    entries: list[dict[str, Any]] = []
+    before = None
+    while True:
+        query = f"?limit={limit}" + (f"&before={before}" if before else "")
+        page = api(server, f"/api/workspaces/{workspace}/history{query}")
+        entries.extend(page["entries"])
+        before = page["next_before"]
+        if before is None:
+            return list(reversed(entries))
+
+
+def applied_ranges_cover(applied: list[dict[str, Any]], last_seq: int) -> None:
+    """The backend applied changes 1..last_seq exactly once each, in order."""
+    expected = 1
+    for entry in applied:
+        assert entry["first_seq"] <= expected, f"change {expected} never applied (next request {entry})"
+        assert entry["first_seq"] >= expected, f"changes {entry['first_seq']}..{expected - 1} applied twice"
+        assert entry["seq"] >= entry["first_seq"]
+        expected = entry["seq"] + 1
+    assert expected == last_seq + 1, f"applied up to {expected - 1}, recorded {last_seq}"
