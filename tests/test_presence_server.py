@@ -300,3 +300,25 @@ async def node_clients():
 
     yield spawn
     await asyncio.gather(*(c.cleanup() for c in started))
+
+
+async def test_locks_held_show_in_the_roster_on_every_node(server_factory, redis_server):
+    """The locks feature's on_locks_changed hook fills each participant's ``locks``."""
+    common = {"COLLAB_REDIS_URL": redis_server.url, "COLLAB_PRESENCE_TTL_SECONDS": "3"}
+    node_a = server_factory(env={**common, "COLLAB_NODE_ID": "node-a"}, name="a")
+    node_b = server_factory(env={**common, "COLLAB_NODE_ID": "node-b"}, name="b")
+    ws = "ds-presence-locks"
+    ann = await person(node_a.ws_url, ws, "ann")
+    ben = await person(node_b.ws_url, ws, "ben")
+    await until_users(ben, {"ann", "ben"}, 5)
+    granted = await ann.acquire_lock("connection.host", ttl=30)
+    assert granted["type"] == "lock.granted", granted
+    for watcher in (ann, ben):
+        await watcher.until(
+            lambda w=watcher: roster_of(w.control)["ann"]["locks"] == ["connection.host"], 5, "ann's lock in roster"
+        )
+    assert roster_of(ben.control)["ben"]["locks"] == []
+    released = await ann.release_lock("connection.host")
+    assert released["type"] == "lock.release.ok", released
+    await ben.until(lambda: roster_of(ben.control)["ann"]["locks"] == [], 5, "ann's lock gone from the roster")
+    await close_all(ann, ben)
