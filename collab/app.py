@@ -226,6 +226,11 @@ class App:
         lost and it sees 1006.
         """
         self.accepting = False
+        for ext in self.extensions:
+            try:
+                ext.closing()  # e.g. end event streams, which uvicorn would otherwise wait for
+            except Exception:
+                log.exception("extension %s failed to start closing", ext.name)
         try:
             async with asyncio.timeout(timeout):
                 await self.rooms.close()

@@ -159,6 +159,13 @@ class PresenceExtension(Extension):
         await self.registry.start()
         self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
 
+    def closing(self) -> None:
+        """End every event stream, so a shutdown does not wait for SSE clients."""
+        self._stopping = True
+        for view in self.views.values():
+            for stream in view.streams:
+                stream.push(None)
+
     async def stop(self) -> None:
         self._stopping = True
         if self._poller is not None:

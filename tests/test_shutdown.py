@@ -50,3 +50,25 @@ async def test_sigterm_closes_clients_with_1012_and_loses_nothing_acknowledged(s
     # flushed at shutdown, not only what was already acknowledged.
     assert len(stored) >= sum(acked)
     await fresh.close()
+
+
+async def test_sigterm_ends_event_streams_instead_of_waiting_for_them(server_factory):
+    import time
+
+    import httpx
+
+    srv = server_factory({"COLLAB_SHUTDOWN_TIMEOUT": "20"})
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with http.stream("GET", f"{srv.http_url}/api/workspaces/ds-sse/participants/events") as resp:
+            assert resp.status_code == 200
+            lines = resp.aiter_lines()
+            assert (await asyncio.wait_for(lines.__anext__(), 5)).startswith("retry:")
+            started = time.monotonic()
+            srv.proc.terminate()
+            # The stream ends (the server closes it) well before the 20 s shutdown timeout.
+            async with asyncio.timeout(8):
+                async for _ in lines:
+                    pass
+    await asyncio.wait_for(asyncio.to_thread(srv.proc.wait), 8)
+    assert time.monotonic() - started < 8
+    assert srv.proc.returncode in (0, -15)  # uvicorn re-raises SIGTERM after its graceful shutdown
