@@ -336,6 +336,7 @@ def machine() -> dict[str, Any]:
 
 
 async def bench_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
     redis_proc = None
     env = {
         "COLLAB_LOCK_TTL_SECONDS": str(args.ttl),
@@ -376,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpus", default="0", help="taskset CPU list for the server ('' = no pin)")
     parser.add_argument("--redis-cpus", default="0", help="taskset CPU list for redis-server ('' = no pin)")
     parser.add_argument("--client-cpus", default="1", help="taskset CPU list for this load generator")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per backend (each reported)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -387,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     backends = ["memory", "redis"] if args.backend == "both" else [args.backend]
     results = {"machine": machine(), "args": vars(args), "results": []}
     with tempfile.TemporaryDirectory(prefix="locks-bench-") as tmp:
-        for backend in backends:
-            result = asyncio.run(bench_backend(backend, args, Path(tmp)))
+        for backend, run in itertools.product(backends, range(args.repeat)):
+            load_before = os.getloadavg()[0]
+            result = asyncio.run(bench_backend(backend, args, Path(tmp) / f"{backend}-{run}"))
+            # Other work on the machine shows here: the 1-minute load average.
+            result["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             results["results"].append(result)
             lat, con = result["latency"], result["contention"]
             print(
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" | release p50 {lat['release'].get('p50_ms')} ms  p99 {lat['release'].get('p99_ms')} ms"
                 f" | {lat['acquires_per_s']} acquires/s, ~{lat['mean_concurrent_holders']} holding"
                 f" | contention: {con['grants_per_s']} grants/s ({con['contenders']} contenders)"
-                f" | errors {lat['errors'] or con['errors'] or 'none'}",
+                f" | errors {lat['errors'] or con['errors'] or 'none'} | load {result['loadavg_1m']}",
                 flush=True,
             )
     print(json.dumps(results, indent=2))
