@@ -526,7 +526,8 @@ class App:
             if role is not None and state.wants_control and not has_role(state.identity, role):
                 state.control(
                     {
-                        "type": "error",
+                        # Lock requests are always answered with lock.error (docs/protocol.md).
+                        "type": "lock.error" if msg.type.startswith("lock.") else "error",
                         "code": "forbidden",
                         "message": f"{msg.type} needs the {role} role",
                         **({"id": msg.body["id"]} if "id" in msg.body else {}),
