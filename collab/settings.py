@@ -130,14 +130,16 @@ class Settings(BaseSettings):
     lock_max_wait_seconds: float = Field(60.0, ge=0, description="longer waits for a lock are capped to this")
     lockable_paths: list[str] = Field(
         default_factory=lambda: [
+            "type",
             "name",
             "description",
+            "owner",
+            "tags",
+            "enabled",
             "connection",
+            "credentials",
             "schedule",
             "scan_rules",
-            "tags",
-            "owners",
-            "notifications",
         ],
         description="roots of lockable configuration paths: a root and any path below it (JSON list in env)",
     )

@@ -82,6 +82,15 @@ class Proc:
                 self.proc.wait(10)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def start_redis(workdir: Path, cpus: str | None) -> tuple[Proc, str]:
     import redis
 
@@ -209,7 +218,7 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 async def latency_phase(
-    base: str, holders: int, workspaces: int, duration: float, hold: float, ttl: float
+    base: str, holders: int, workspaces: int, duration: float, hold: float, ttl: float, pids: dict[str, int]
 ) -> dict[str, Any]:
     clients = []
     for i in range(holders):
@@ -249,11 +258,17 @@ async def latency_phase(
                 key = reply.get("code", reply["type"])
                 errors[key] = errors.get(key, 0) + 1
 
+    cpu: dict[str, list[float]] = {}
+
     async def sample() -> None:
         while time.perf_counter() < stop_at:
             await asyncio.sleep(0.05)
             if time.perf_counter() > warmup_until:
+                if not cpu:  # the measured window starts after connecting and warming up
+                    cpu.update({name: [cpu_seconds(pid)] for name, pid in pids.items()})
                 concurrent_samples.append(holding)
+        for name, pid in pids.items():
+            cpu.setdefault(name, [cpu_seconds(pid)]).append(cpu_seconds(pid))
 
     started = time.perf_counter()
     await asyncio.gather(sample(), *(run(i, c) for i, c in enumerate(clients)))
@@ -270,6 +285,11 @@ async def latency_phase(
         "mean_concurrent_holders": round(statistics.fmean(concurrent_samples), 1) if concurrent_samples else 0,
         "acquire": percentiles(acquire_rtt),
         "release": percentiles(release_rtt),
+        # CPU per acquire+release cycle in the measured window (renewals, pings
+        # and broadcasts included): far less sensitive to other load than latency.
+        "cpu_ms_per_cycle": {
+            name: round((v[-1] - v[0]) * 1000 / max(1, len(acquire_rtt)), 3) for name, v in cpu.items()
+        },
         "errors": errors,
     }
 
@@ -336,6 +356,7 @@ def machine() -> dict[str, Any]:
 
 
 async def bench_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
     redis_proc = None
     env = {
         "COLLAB_LOCK_TTL_SECONDS": str(args.ttl),
@@ -352,7 +373,10 @@ async def bench_backend(backend: str, args: argparse.Namespace, workdir: Path) -
     base = f"ws://127.0.0.1:{port}/ws"
     try:
         result: dict[str, Any] = {"backend": backend}
-        result["latency"] = await latency_phase(base, args.holders, args.workspaces, args.duration, args.hold, args.ttl)
+        pids = {"server": server.proc.pid, **({"redis": redis_proc.proc.pid} if redis_proc else {})}
+        result["latency"] = await latency_phase(
+            base, args.holders, args.workspaces, args.duration, args.hold, args.ttl, pids
+        )
         result["server_stats"] = _stats(port)
         result["contention"] = await contention_phase(base, args.contenders, args.contention_duration)
         return result
@@ -376,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpus", default="0", help="taskset CPU list for the server ('' = no pin)")
     parser.add_argument("--redis-cpus", default="0", help="taskset CPU list for redis-server ('' = no pin)")
     parser.add_argument("--client-cpus", default="1", help="taskset CPU list for this load generator")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per backend (each reported)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -387,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     backends = ["memory", "redis"] if args.backend == "both" else [args.backend]
     results = {"machine": machine(), "args": vars(args), "results": []}
     with tempfile.TemporaryDirectory(prefix="locks-bench-") as tmp:
-        for backend in backends:
-            result = asyncio.run(bench_backend(backend, args, Path(tmp)))
+        for backend, run in itertools.product(backends, range(args.repeat)):
+            load_before = os.getloadavg()[0]
+            result = asyncio.run(bench_backend(backend, args, Path(tmp) / f"{backend}-{run}"))
+            # Other work on the machine shows here: the 1-minute load average.
+            result["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             results["results"].append(result)
             lat, con = result["latency"], result["contention"]
             print(
@@ -396,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" | release p50 {lat['release'].get('p50_ms')} ms  p99 {lat['release'].get('p99_ms')} ms"
                 f" | {lat['acquires_per_s']} acquires/s, ~{lat['mean_concurrent_holders']} holding"
                 f" | contention: {con['grants_per_s']} grants/s ({con['contenders']} contenders)"
-                f" | errors {lat['errors'] or con['errors'] or 'none'}",
+                f" | errors {lat['errors'] or con['errors'] or 'none'} | load {result['loadavg_1m']}",
                 flush=True,
             )
     print(json.dumps(results, indent=2))
