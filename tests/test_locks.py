@@ -182,13 +182,13 @@ async def test_edits_under_someone_elses_lock_are_compensated(server_factory):
     # Bob changes a locked and an unlocked path in one update.
     with bob.doc.transaction():
         bob_cfg["connection"]["host"] = "evil"
-        bob_cfg["tags"] = "mine"
+        bob_cfg["description"] = "mine"
     await bob.until(lambda: messages(bob, "rejected"), WAIT, "rejected")
     rejected = messages(bob, "rejected")[0]
     assert rejected["paths"] == ["connection.host"] and rejected["reason"] == "locked"
     assert rejected["path"] == "connection" and rejected["holder"] == granted["holder"]
     assert rejected["user_id"] == "alice" and rejected["fence"] == granted["fence"]
-    expected = {"connection": {"host": "db1", "port": 5432}, "tags": "mine"}
+    expected = {"connection": {"host": "db1", "port": 5432}, "description": "mine"}
     for client in (alice, bob):
         await client.until(lambda c=client: norm(config_of(c)) == expected, WAIT, "converged config")
     # The holder's own edits stand.
@@ -393,8 +393,8 @@ async def test_3_fences_stay_above_everything_granted_before_a_redis_kill_9(serv
     assert time.monotonic() - start < 1.5
     # ...and edits to unlocked paths keep syncing; the lock still known is still enforced.
     bob_cfg = bob.doc.get("config", type=pycrdt.Map)
-    bob_cfg["tags"] = "while redis is down"
-    await alice.until(lambda: config_of(alice).get("tags") == "while redis is down", WAIT, "edit during outage")
+    bob_cfg["description"] = "while redis is down"
+    await alice.until(lambda: config_of(alice).get("description") == "while redis is down", WAIT, "edit during outage")
     bob_cfg["schedule"] = pycrdt.Map({"cron": "* * * * *"})
     await bob.until(lambda: messages(bob, "rejected"), WAIT, "rejection during outage")
 
@@ -493,10 +493,10 @@ async def test_5_stock_js_client_edit_of_a_locked_path_is_undone_for_everyone(se
         "transact",
         ops=[
             {"cmd": "set", "path": ["connection"], "key": "host", "value": "evil"},
-            {"cmd": "set", "key": "tags", "value": "from-node"},
+            {"cmd": "set", "key": "description", "value": "from-node"},
         ],
     )
-    expected = {"connection": {"host": "db1", "port": 5432}, "tags": "from-node"}
+    expected = {"connection": {"host": "db1", "port": 5432}, "description": "from-node"}
     await node.until(lambda: norm(node.doc["config"]) == expected, WAIT, "node's own edit undone")
     await alice.until(lambda: norm(config_of(alice)) == expected, WAIT, "alice converged")
     # Replacing the whole locked map with a plain JSON value is undone as well.
