@@ -11,29 +11,90 @@ import asyncio
 import contextlib
 import logging
 import re
+import sys
+import time
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from collab import __version__
 from collab import protocol as p
-from collab.auth import Authenticator, AuthError, DevelopmentAuthenticator
+from collab.auth import (
+    CLOSE_FORBIDDEN,
+    CLOSE_UNAUTHENTICATED,
+    Authenticator,
+    AuthError,
+    DevelopmentAuthenticator,
+    Identity,
+    authenticator_from_settings,
+    has_role,
+)
 from collab.connection import WebSocketPeer
 from collab.extensions import Extension
+from collab.security import ConnectionLimiter, OriginPolicy, RateExceeded, RateLimiter
 from collab.settings import Settings
 from persistence.base import DocumentStore
 from persistence.sqlite import SQLiteDocumentStore
-from rooms.manager import RoomManager
-from rooms.room import Room, RoomConfig
+from rooms.manager import RoomLimitReached, RoomManager
+from rooms.room import PeerState, Room, RoomConfig
 
 log = logging.getLogger("collab.app")
 
 # Workspace ids are path segments: letters, digits and . _ : - (case-sensitive).
 WORKSPACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+# Control messages that need a role, checked before any handler sees them (a
+# second line of defence: handlers check the role too). Any other `lock.*`
+# message needs the editor role; `*force*` lock messages need admin.
+CONTROL_ROLES: dict[str, str] = {
+    "lock.acquire": "editor",
+    "lock.release": "editor",
+    "lock.renew": "editor",
+    "lock.force_release": "admin",
+    "lock.force-release": "admin",
+    "lock.forceRelease": "admin",
+}
+
+
+def required_role(control_type: str) -> str | None:
+    role = CONTROL_ROLES.get(control_type)
+    if role is None and control_type.startswith("lock."):
+        role = "admin" if "force" in control_type.lower() else "editor"
+    return role
+
+
+class _Close(Exception):
+    """Close the websocket with this code and reason (before it joined a room)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class _Session:
+    """Per-connection authentication state: the token may be refreshed."""
+
+    __slots__ = ("refreshed",)
+
+    def __init__(self) -> None:
+        self.refreshed = asyncio.Event()
+
+    async def wait_refresh(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a refresh; True if one came."""
+        try:
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self.refreshed.wait()
+        except TimeoutError:
+            return False
+        self.refreshed.clear()
+        return True
 
 
 class App:
@@ -48,7 +109,17 @@ class App:
     ) -> None:
         self.settings = settings
         self.extensions: list[Extension] = list(extensions or [])
-        self.authenticator: Authenticator = authenticator or DevelopmentAuthenticator()
+        self.authenticator: Authenticator = authenticator or authenticator_from_settings(settings)
+        development = settings.auth_mode == "development"
+        self.origins = OriginPolicy(settings.allowed_origins, allow_all=development and not settings.allowed_origins)
+        self.limiter = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
+        self.stats: dict[str, int] = {
+            "refused_origin": 0,
+            "refused_limit": 0,
+            "auth_failed": 0,
+            "rate_limited": 0,
+        }
+        self._last_refusal_log = 0.0
         self.store: DocumentStore = store or SQLiteDocumentStore(
             settings.database_path, synchronous=settings.sqlite_synchronous
         )
@@ -57,17 +128,30 @@ class App:
             compact_every_updates=settings.compact_every_updates,
             compact_every_bytes=settings.compact_every_bytes,
             max_awareness_state_bytes=settings.max_awareness_state_bytes,
+            max_awareness_clients=settings.max_awareness_clients_per_connection,
+            max_document_bytes=settings.max_document_bytes,
             server_version=__version__,
             limits={
                 "max_message_bytes": settings.max_message_bytes,
                 "max_awareness_state_bytes": settings.max_awareness_state_bytes,
                 "peer_queue_frames": settings.peer_queue_frames,
+                "max_document_bytes": settings.max_document_bytes,
+                "message_rate": settings.message_rate,
+                "message_burst": settings.message_burst,
+                "byte_rate": settings.byte_rate,
+                "byte_burst": settings.byte_burst,
             },
         )
         self.rooms = RoomManager(
-            self.store, self.room_config, idle_grace=settings.room_idle_seconds, room_factory=self._make_room
+            self.store,
+            self.room_config,
+            idle_grace=settings.room_idle_seconds,
+            room_factory=self._make_room,
+            max_rooms=settings.max_rooms,
         )
         self.peers: set[WebSocketPeer] = set()
+        self._no_peers = asyncio.Event()
+        self._no_peers.set()
         self.accepting = False
 
     def _make_room(self, workspace_id: str) -> Room:
@@ -91,6 +175,7 @@ class App:
         routes = [
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
+            Route("/admin/stats", self.admin_stats),
             WebSocketRoute("/ws/{workspace_id}", self.websocket),
         ]
         for ext in self.extensions:
@@ -99,6 +184,7 @@ class App:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette):
+        self._announce_security()
         await self.store.open()
         for ext in self.extensions:
             await ext.start(self)
@@ -108,6 +194,48 @@ class App:
             yield
         finally:
             await self.shutdown()
+
+    def _announce_security(self) -> None:
+        settings = self.settings
+        if settings.auth_mode == "development" and isinstance(self.authenticator, DevelopmentAuthenticator):
+            banner = "!" * 78
+            # Loud even when the log level hides warnings.
+            emit = log.warning if log.isEnabledFor(logging.WARNING) else _stderr_warning
+            emit(
+                "\n%s\n"
+                "!! DEVELOPMENT MODE: NO AUTHENTICATION. Anyone who can reach this port may\n"
+                "!! connect as anyone, with any role (?user=alice&role=admin), to any workspace,\n"
+                "!! from any web origin. For production set COLLAB_AUTH_MODE=jwt with\n"
+                "!! COLLAB_JWT_SECRET or COLLAB_JWT_PUBLIC_KEY_FILE (see docs/security.md).\n"
+                "%s",
+                banner,
+                banner,
+            )
+        if settings.auth_mode == "jwt" and not settings.allowed_origins:
+            log.warning(
+                "COLLAB_ALLOWED_ORIGINS is empty: every browser page (any websocket with an Origin "
+                "header) is refused; non-browser clients are served"
+            )
+
+    async def close_connections(self, timeout: float) -> None:
+        """First step of a graceful shutdown, while the server still reads sockets.
+
+        Stop accepting, make everything received durable (so its ``saved``
+        acks go out), then close every peer with 1012 through a proper
+        closing handshake, and wait (bounded) until they are gone. uvicorn's
+        own shutdown sends 1012 and closes the socket at once, which resets
+        the connection of a client that is still sending: its close frame is
+        lost and it sees 1006.
+        """
+        self.accepting = False
+        try:
+            async with asyncio.timeout(timeout):
+                await self.rooms.close()
+                for peer in list(self.peers):
+                    peer.close(p.CLOSE_RESTART, "server restarting")
+                await self._no_peers.wait()
+        except TimeoutError:
+            log.warning("%d connections still open after %.1fs; closing them abruptly", len(self.peers), timeout)
 
     async def shutdown(self) -> None:
         """Stop accepting, flush every room, tell clients to reconnect (1012)."""
@@ -147,48 +275,220 @@ class App:
                 ok = False
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
+    async def authorize(self, conn: HTTPConnection, role: str = "admin", workspace_id: str | None = None) -> Identity:
+        """Who makes an HTTP request, if they hold ``role`` (401/403 otherwise).
+
+        For admin endpoints of extensions too: ``await app.authorize(request,
+        "admin", workspace_id)``. Without a workspace, only a token's ``"*"``
+        grant counts.
+        """
+        try:
+            identity = await self.authenticator.authenticate(conn, workspace_id)
+        except AuthError as exc:
+            status = 403 if exc.code == CLOSE_FORBIDDEN else 401
+            raise HTTPException(status, exc.reason) from None
+        if identity is None:
+            raise HTTPException(401, "bearer token required", headers={"WWW-Authenticate": "Bearer"})
+        if not has_role(identity, role):
+            raise HTTPException(403, f"the {role} role is required")
+        return identity
+
+    async def admin_stats(self, request: Request) -> JSONResponse:
+        await self.authorize(request, "admin")
+        return JSONResponse(
+            {
+                "connections": self.limiter.total,
+                "peers": len(self.peers),
+                "rooms": len(self.rooms.rooms),
+                "addresses": len(self.limiter.per_ip),
+                "refused": dict(self.stats),
+            }
+        )
+
+    # ---------------------------------------------------------- websocket
+
     async def websocket(self, ws: WebSocket) -> None:
+        """Checks before the handshake, then authentication, then the room."""
         workspace_id = ws.path_params["workspace_id"]
-        await ws.accept()
-        if not WORKSPACE_ID.fullmatch(workspace_id):
-            await ws.close(p.CLOSE_POLICY, "invalid workspace id")
+        origin = ws.headers.get("origin")
+        if not self.origins.allows(origin):
+            self.stats["refused_origin"] += 1
+            self._log_refusal("refused websocket from origin %r", (origin or "")[:200])
+            await self._deny(ws, 403, "origin not allowed")
             return
-        if not self.accepting:
-            await ws.close(p.CLOSE_RESTART, "server shutting down")
+        address = ws.client.host if ws.client else "unknown"
+        refusal = self.limiter.acquire(address)
+        if refusal is not None:
+            self.stats["refused_limit"] += 1
+            self._log_refusal("refused websocket from %s: %s", address, refusal)
+            await self._deny(ws, 503, refusal)
             return
         try:
-            identity = await self.authenticator.authenticate(ws, workspace_id)
+            await self._serve(ws, workspace_id)
+        finally:
+            self.limiter.release(address)
+
+    async def _serve(self, ws: WebSocket, workspace_id: str) -> None:
+        await ws.accept()
+        if not WORKSPACE_ID.fullmatch(workspace_id):
+            await _close(ws, p.CLOSE_POLICY, "invalid workspace id")
+            return
+        if not self.accepting:
+            await _close(ws, p.CLOSE_RESTART, "server shutting down")
+            return
+        settings = self.settings
+        rate = (
+            RateLimiter(settings.message_rate, settings.message_burst, settings.rate_limit_grace),
+            RateLimiter(settings.byte_rate, settings.byte_burst, settings.rate_limit_grace, unit="bytes"),
+        )
+        try:
+            async with asyncio.timeout(settings.preauth_timeout):
+                identity = await self.authenticator.authenticate(ws, workspace_id)
+                pending: list[p.Message] = []
+                if identity is None:
+                    identity, pending = await self._authenticate_by_message(ws, workspace_id, rate)
+        except TimeoutError:
+            self.stats["auth_failed"] += 1
+            await _close(ws, CLOSE_UNAUTHENTICATED, "authentication timeout")
+            return
         except AuthError as exc:
-            await ws.close(exc.code, exc.reason)
+            self.stats["auth_failed"] += 1
+            await _close(ws, exc.code, exc.reason)
+            return
+        except _Close as exc:
+            await _close(ws, exc.code, exc.reason)
+            return
+        except Exception:  # a broken authenticator: refuse, never let the client in
+            log.exception("authenticator failed for %s", workspace_id)
+            await _close(ws, p.CLOSE_INTERNAL_ERROR, "authentication failed")
+            return
+        if identity is None:
+            return  # the client went away before authenticating
+        if not self.accepting:  # the shutdown began while it authenticated
+            await _close(ws, p.CLOSE_RESTART, "server restarting")
             return
         try:
             room = await self.rooms.open_room(workspace_id)
+        except RoomLimitReached:
+            await _close(ws, p.CLOSE_TRY_AGAIN, "room limit reached on this server; try again or another node")
+            return
         except Exception:
             log.exception("cannot load workspace %s", workspace_id)
-            await ws.close(p.CLOSE_INTERNAL_ERROR, "cannot load workspace")
+            await _close(ws, p.CLOSE_INTERNAL_ERROR, "cannot load workspace")
             return
         client = ws.client
         peer = WebSocketPeer(
             ws,
-            self.settings.peer_queue_frames,
+            settings.peer_queue_frames,
             label=f"{workspace_id} {client.host}:{client.port}" if client else workspace_id,
         )
         self.peers.add(peer)
+        self._no_peers.clear()
         state = room.join(peer, identity)
-        reader = asyncio.get_running_loop().create_task(self._read_loop(ws, peer, room, state))
+        session = _Session()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._read_loop(ws, peer, room, state, rate, pending, session))]
+        if getattr(identity, "expires_at", None) is not None:
+            tasks.append(loop.create_task(self._watch_expiry(peer, state, session)))
         try:
             await peer.closed
         finally:
-            reader.cancel()
+            for task in tasks:
+                task.cancel()
             room.leave(peer)
             self.rooms.room_left(room)
-            self.peers.discard(peer)
-            await peer.finish()
+            try:
+                await peer.finish()
+            finally:
+                self.peers.discard(peer)
+                if not self.peers:
+                    self._no_peers.set()
 
-    async def _read_loop(self, ws: WebSocket, peer: WebSocketPeer, room, state) -> None:
+    async def _deny(self, ws: WebSocket, status: int, reason: str) -> None:
+        """Refuse the handshake with an HTTP status (no websocket is opened)."""
+        headers = {"Retry-After": "5"} if status == 503 else None
+        try:
+            await ws.send_denial_response(PlainTextResponse(reason + "\n", status_code=status, headers=headers))
+        except RuntimeError:  # a server without the denial-response extension answers 403
+            await ws.close(p.CLOSE_POLICY, reason)
+
+    def _log_refusal(self, message: str, *args: Any) -> None:
+        """Refusals come in floods under attack: log at most one per second."""
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 1.0:
+            self._last_refusal_log = now
+            log.warning(message + " (refusals so far: %s)", *args, self.stats)
+
+    async def _authenticate_by_message(
+        self, ws: WebSocket, workspace_id: str, rate: tuple[RateLimiter, RateLimiter]
+    ) -> tuple[Identity | None, list[p.Message]]:
+        """No credentials in the handshake: the first control message must be ``auth``.
+
+        Other messages that come first (a stock client sends sync step 1 and
+        its awareness on open) are kept, up to COLLAB_PREAUTH_MAX_BYTES and
+        _MAX_FRAMES, and handled once the client is authenticated.
+        """
+        verify = getattr(self.authenticator, "authenticate_token", None)
+        if verify is None:
+            raise AuthError(CLOSE_UNAUTHENTICATED, "authentication required")
+        settings = self.settings
+        pending: list[p.Message] = []
+        buffered = 0
+        while True:
+            message = await ws.receive()
+            data = message.get("bytes")
+            if data is None:
+                if message["type"] == "websocket.disconnect":
+                    return None, []
+                raise _Close(p.CLOSE_UNSUPPORTED_DATA, "text frames are not supported; send binary")
+            await self._throttle(rate, len(data))
+            if len(data) > settings.preauth_max_bytes:
+                raise _Close(p.CLOSE_TOO_BIG, "message too large before authentication")
+            try:
+                msg = p.decode_message(data)
+            except p.ProtocolError as exc:
+                raise _Close(exc.code, exc.reason) from None
+            if isinstance(msg, p.Control):
+                if msg.type != "auth":
+                    raise AuthError(CLOSE_UNAUTHENTICATED, "authentication required: send auth first")
+                return await verify(msg.body.get("token"), workspace_id), pending
+            buffered += len(data)
+            if buffered > settings.preauth_max_bytes or len(pending) >= settings.preauth_max_frames:
+                raise _Close(p.CLOSE_POLICY, "too much data before authentication")
+            pending.append(msg)
+
+    async def _throttle(self, rate: tuple[RateLimiter, RateLimiter], size: int) -> None:
+        """Take a message's tokens; wait for them if the client is over its rate (raises past the grace).
+
+        Messages and bytes are counted apart: CPU goes with both (decoding an
+        update costs about 1 s per MiB of small structs on one core).
+        """
+        try:
+            delay = max(rate[0].take(), rate[1].take(size))
+        except RateExceeded as exc:
+            self.stats["rate_limited"] += 1
+            raise _Close(p.CLOSE_POLICY, str(exc)) from None
+        if delay > 0:
+            await asyncio.sleep(delay)  # not reading is what slows the client down (TCP backpressure)
+
+    async def _read_loop(
+        self,
+        ws: WebSocket,
+        peer: WebSocketPeer,
+        room: Room,
+        state: PeerState,
+        rate: tuple[RateLimiter, RateLimiter],
+        pending: list[p.Message],
+        session: _Session,
+    ) -> None:
         receive = ws.receive
         max_bytes = self.settings.max_message_bytes
         try:
+            for msg in pending:
+                await self._handle(peer, room, state, msg, session)
+                if peer.closed.done():
+                    return
+            pending.clear()
             while True:
                 message = await receive()
                 data = message.get("bytes")
@@ -201,16 +501,101 @@ class App:
                 if len(data) > max_bytes:
                     peer.close(p.CLOSE_TOO_BIG, f"message exceeds {max_bytes} bytes")
                     return
-                room.receive(state, p.decode_message(data))
+                await self._throttle(rate, len(data))
+                await self._handle(peer, room, state, p.decode_message(data), session)
                 if peer.closed.done():
                     return
         except p.ProtocolError as exc:
+            peer.close(exc.code, exc.reason)
+        except _Close as exc:
             peer.close(exc.code, exc.reason)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug of ours: drop only this peer
             log.exception("error handling message in %s", room.workspace_id)
             peer.close(p.CLOSE_INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+
+    async def _handle(
+        self, peer: WebSocketPeer, room: Room, state: PeerState, msg: p.Message, session: _Session
+    ) -> None:
+        if isinstance(msg, p.Control):
+            if msg.type == "auth":
+                await self._refresh(peer, room, state, msg, session)
+                return
+            role = required_role(msg.type)
+            if role is not None and state.wants_control and not has_role(state.identity, role):
+                state.control(
+                    {
+                        "type": "error",
+                        "code": "forbidden",
+                        "message": f"{msg.type} needs the {role} role",
+                        **({"id": msg.body["id"]} if "id" in msg.body else {}),
+                    }
+                )
+                return
+        was_opted_in = state.wants_control
+        room.receive(state, msg)
+        if not was_opted_in and state.wants_control and getattr(state.identity, "expires_at", None) is not None:
+            self._send_auth_status(state)  # tells a token client when to refresh
+
+    def _send_auth_status(self, state: PeerState, request: p.Control | None = None) -> None:
+        identity = state.identity
+        body: dict[str, Any] = {"type": "auth.ok", "user": identity.public(), "expires_at": identity.expires_at}
+        if request is not None and "id" in request.body:
+            body["id"] = request.body["id"]
+        state.control(body)
+
+    async def _refresh(
+        self, peer: WebSocketPeer, room: Room, state: PeerState, msg: p.Control, session: _Session
+    ) -> None:
+        """A fresh token for the same user: new expiry (and role) for this connection."""
+        verify = getattr(self.authenticator, "authenticate_token", None)
+        try:
+            if verify is None:
+                raise AuthError(CLOSE_UNAUTHENTICATED, "this server does not accept tokens in messages")
+            fresh = await verify(msg.body.get("token"), room.workspace_id)
+        except AuthError as exc:
+            self.stats["auth_failed"] += 1
+            peer.close(exc.code, exc.reason)
+            return
+        if fresh.user_id != state.identity.user_id:
+            peer.close(CLOSE_FORBIDDEN, "the new token is for another user")
+            return
+        state.identity = fresh
+        session.refreshed.set()
+        self._send_auth_status(state, msg)
+
+    async def _watch_expiry(self, peer: WebSocketPeer, state: PeerState, session: _Session) -> None:
+        """Ask for a fresh token before the current one expires; close 4401 if none comes."""
+        window = self.settings.token_refresh_window
+        grace = self.settings.token_expiry_grace
+        while not peer.closed.done():
+            identity = state.identity
+            expires_at = identity.expires_at
+            if expires_at is None:
+                return
+            if await session.wait_refresh(expires_at - window - time.time()):
+                continue
+            if state.identity is identity:
+                state.control({"type": "auth.expiring", "expires_at": expires_at})
+            if await session.wait_refresh(expires_at + grace - time.time()):
+                continue
+            if state.identity is identity:
+                peer.close(CLOSE_UNAUTHENTICATED, "token expired")
+                return
+
+
+def _stderr_warning(message: str, *args: Any) -> None:
+    print(message % args, file=sys.stderr, flush=True)
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    """Close a websocket that never joined a room; the client may be gone already."""
+    try:
+        async with asyncio.timeout(2):
+            await ws.close(code, reason[:120])
+    except Exception:
+        pass
 
 
 def create_app(

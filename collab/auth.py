@@ -1,23 +1,47 @@
 """Who is connecting: the authentication hook.
 
 Every connection is bound to an :class:`Identity` before it joins a room.
-Deployments plug in their own :class:`Authenticator`; the default one is for
-development only: it trusts ``?user=alice&name=Alice`` from the query string
-(or makes up an anonymous user) and gives everyone the editor role.
+Deployments plug in their own :class:`Authenticator` (``COLLAB_AUTHENTICATOR=
+module:factory``, or ``create_app(authenticator=...)``). Two come with the
+server:
+
+* :class:`JWTAuthenticator` (``COLLAB_AUTH_MODE=jwt``, production): signed
+  tokens, HS256 with a shared secret or RS256/ES256 with a public key, read
+  from ``Authorization: Bearer``, the ``token`` query parameter, or the first
+  control message ``{"type": "auth", "token": ...}``.
+* :class:`DevelopmentAuthenticator` (the default, ``make run``): trusts
+  ``?user=alice&name=Alice&role=editor`` from the query string, or makes up
+  an anonymous editor. Never expose it to a network.
+
+Token claims (see docs/security.md)::
+
+    {"sub": "u-42", "name": "Alice", "exp": 1767225600,
+     "workspaces": {"ds-1": "editor", "ds-2": "viewer", "*": "viewer"}}
+
+``workspaces`` may also be a list of ``{"id": ..., "role": ...}``; ``"*"``
+grants a role in every workspace not listed by name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import HTTPConnection
 
+if TYPE_CHECKING:
+    from collab.settings import Settings
+
 ROLES = ("viewer", "editor", "admin")
+ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
 _USER_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
+
+CLOSE_UNAUTHENTICATED = 4401  # no token, a bad one, or it expired
+CLOSE_FORBIDDEN = 4403  # a valid token without access to this workspace
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +52,27 @@ class Identity:
     role: str = "editor"  # role in the workspace being joined
     development: bool = False  # made up by the development authenticator
     claims: dict[str, Any] = field(default_factory=dict, compare=False)
+    expires_at: float | None = None  # unix time the credentials expire (token `exp`)
 
     def public(self) -> dict[str, Any]:
         """What other participants may see."""
         return {"id": self.user_id, "name": self.name, "color": self.color, "role": self.role}
+
+    def has_role(self, role: str) -> bool:
+        """At least ``role`` in this workspace (viewer < editor < admin)."""
+        return ROLE_RANK.get(self.role, -1) >= ROLE_RANK[role]
+
+
+def has_role(identity: Any, role: str) -> bool:
+    """``identity`` (or a PeerState's ``identity``) holds at least ``role``.
+
+    Hooks for features: lock handlers check ``has_role(peer.identity,
+    "editor")`` before acquiring and ``"admin"`` before force-releasing. A
+    peer without an identity (rooms built in tests) counts as an editor.
+    """
+    if identity is None:
+        return ROLE_RANK["editor"] >= ROLE_RANK[role]
+    return ROLE_RANK.get(getattr(identity, "role", None), -1) >= ROLE_RANK[role]
 
 
 class AuthError(Exception):
@@ -44,8 +85,143 @@ class AuthError(Exception):
 
 
 class Authenticator(Protocol):
-    async def authenticate(self, conn: HTTPConnection, workspace_id: str) -> Identity:
-        """Return the identity for this connection or raise AuthError."""
+    async def authenticate(self, conn: HTTPConnection, workspace_id: str | None) -> Identity | None:
+        """The identity for this connection (websocket handshake or HTTP request).
+
+        Raise AuthError to refuse. Return None when the handshake carries no
+        credentials at all: a websocket then has ``COLLAB_PREAUTH_TIMEOUT``
+        seconds to send ``{"type": "auth", "token": ...}`` as its first
+        control message, handed to ``authenticate_token`` (if the
+        authenticator has one). ``workspace_id`` is None for requests not
+        about one workspace (global admin endpoints).
+        """
+
+
+class TokenAuthenticator(Authenticator, Protocol):
+    async def authenticate_token(self, token: str, workspace_id: str | None) -> Identity:
+        """Verify a token sent in a control message (first message or refresh)."""
+
+
+def bearer_token(conn: HTTPConnection) -> str | None:
+    """The token of ``Authorization: Bearer``, else of the ``token`` query parameter."""
+    header = conn.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise AuthError(CLOSE_UNAUTHENTICATED, "Authorization header must be 'Bearer <token>'")
+        return value.strip()
+    token = conn.query_params.get("token")
+    return token or None
+
+
+def role_in(grants: Any, workspace_id: str | None) -> str | None:
+    """The role a ``workspaces`` claim gives in a workspace (None: no access).
+
+    For ``workspace_id=None`` (global endpoints) only the ``"*"`` grant counts.
+    """
+    if isinstance(grants, list):
+        table: dict[str, Any] = {}
+        for entry in grants:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                table[entry["id"]] = entry.get("role")
+        grants = table
+    if not isinstance(grants, dict):
+        return None
+    role = grants.get(workspace_id) if workspace_id is not None else None
+    if role is None:
+        role = grants.get("*")
+    return role if role in ROLES else None
+
+
+class JWTAuthenticator:
+    """Signed tokens (PyJWT). The key and algorithms come from the settings.
+
+    HMAC and public-key algorithms are never mixed (the settings refuse it),
+    so a token signed with the public key as an HMAC secret cannot pass.
+    ``exp`` and ``sub`` are required.
+    """
+
+    def __init__(
+        self,
+        key: Any,
+        algorithms: list[str],
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 0.0,
+    ) -> None:
+        import jwt  # PyJWT
+
+        self._jwt = jwt
+        self.key = key
+        self.algorithms = list(algorithms)
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = leeway
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JWTAuthenticator:
+        return cls(
+            settings.jwt_key(),
+            settings.jwt_algorithms,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway=settings.jwt_leeway,
+        )
+
+    async def authenticate(self, conn: HTTPConnection, workspace_id: str | None) -> Identity | None:
+        token = bearer_token(conn)
+        if token is None:
+            return None
+        return self.verify(token, workspace_id)
+
+    async def authenticate_token(self, token: str, workspace_id: str | None) -> Identity:
+        if not isinstance(token, str) or not token:
+            raise AuthError(CLOSE_UNAUTHENTICATED, "auth message needs a string 'token'")
+        return self.verify(token, workspace_id)
+
+    def decode(self, token: str) -> dict[str, Any]:
+        jwt = self._jwt
+        options: dict[str, Any] = {"require": ["exp", "sub"]}
+        try:
+            return jwt.decode(
+                token,
+                self.key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options=options,
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError(CLOSE_UNAUTHENTICATED, "token expired") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(CLOSE_UNAUTHENTICATED, f"invalid token ({type(exc).__name__})") from None
+
+    def verify(self, token: str, workspace_id: str | None) -> Identity:
+        claims = self.decode(token)
+        return identity_from_claims(claims, workspace_id)
+
+
+def identity_from_claims(claims: dict[str, Any], workspace_id: str | None) -> Identity:
+    """Build the identity of verified claims for one workspace (4403 if none)."""
+    user = claims.get("sub")
+    if not isinstance(user, str) or not user or len(user) > 256:
+        raise AuthError(CLOSE_UNAUTHENTICATED, "token 'sub' must be a non-empty string")
+    role = role_in(claims.get("workspaces"), workspace_id)
+    if role is None:
+        where = f"workspace {workspace_id!r}" if workspace_id is not None else "this endpoint"
+        raise AuthError(CLOSE_FORBIDDEN, f"token grants no access to {where}")
+    name = claims.get("name")
+    name = name[:80] if isinstance(name, str) and name else user[:80]
+    exp = claims.get("exp")
+    return Identity(
+        user_id=user,
+        name=name,
+        color=color_for(user),
+        role=role,
+        claims=claims,
+        expires_at=float(exp) if isinstance(exp, int | float) else None,
+    )
 
 
 def color_for(user_id: str) -> str:
@@ -63,12 +239,27 @@ def _hsl_to_hex(h: float, s: float, lightness: float) -> str:
 
 
 class DevelopmentAuthenticator:
-    """DEVELOPMENT ONLY: believes whatever the query string says."""
+    """DEVELOPMENT ONLY: believes whatever the query string says.
 
-    def __init__(self) -> None:
+    With a ``jwt`` authenticator (a key configured in development mode), a
+    connection that presents a token is verified like in production; one
+    without a token still gets an identity from the query string.
+    """
+
+    def __init__(self, jwt: JWTAuthenticator | None = None) -> None:
         self._anon = itertools.count(1)
+        self.jwt = jwt
 
-    async def authenticate(self, conn: HTTPConnection, workspace_id: str) -> Identity:
+    async def authenticate_token(self, token: str, workspace_id: str | None) -> Identity:
+        if self.jwt is None:
+            raise AuthError(CLOSE_UNAUTHENTICATED, "no token verifier configured (development mode)")
+        return await self.jwt.authenticate_token(token, workspace_id)
+
+    async def authenticate(self, conn: HTTPConnection, workspace_id: str | None) -> Identity:
+        if self.jwt is not None:
+            identity = await self.jwt.authenticate(conn, workspace_id)
+            if identity is not None:
+                return identity
         params = conn.query_params
         user = params.get("user")
         if user is None:
@@ -80,3 +271,18 @@ class DevelopmentAuthenticator:
         if role not in ROLES:
             raise AuthError(4401, f"unknown role {role!r}")
         return Identity(user_id=user, name=name, color=color_for(user), role=role, development=True)
+
+
+def authenticator_from_settings(settings: Settings) -> Authenticator:
+    """The authenticator the settings ask for (a plug-in, jwt, or development)."""
+    if settings.authenticator:
+        module_name, _, attr = settings.authenticator.partition(":")
+        if not attr:
+            raise ValueError("COLLAB_AUTHENTICATOR must be 'module:callable'")
+        factory = getattr(importlib.import_module(module_name), attr)
+        return factory(settings)
+    jwt_auth = JWTAuthenticator.from_settings(settings) if settings.jwt_key() else None
+    if settings.auth_mode == "jwt":
+        assert jwt_auth is not None  # the settings refuse jwt mode without a key
+        return jwt_auth
+    return DevelopmentAuthenticator(jwt_auth)

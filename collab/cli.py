@@ -7,10 +7,15 @@ not given falls back to the environment, then to the defaults in Settings.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
+import uvicorn
+from pydantic import ValidationError
+
 from collab import __version__
+from collab.security import install_log_redaction
 from collab.settings import Settings
 
 
@@ -48,17 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         settings = Settings(**overrides)
-    except Exception as exc:  # pydantic's message names the bad field
-        print(f"collab: invalid settings: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        # Name the fields and the problems, never the values (they may be secrets).
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ())) or "settings"
+            print(f"collab: invalid settings: {where}: {error.get('msg')}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"collab: invalid settings: {type(exc).__name__}", file=sys.stderr)
         return 2
     return serve(settings)
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     from collab.app import create_app
 
+    install_log_redaction()  # uvicorn logs websocket paths with their query string (?token=...)
     logging.basicConfig(
         level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -76,14 +86,43 @@ def serve(settings: Settings) -> int:
         ws_ping_timeout=settings.ping_timeout,
         ws_per_message_deflate=settings.per_message_deflate,
         lifespan="on",
+        # Client addresses (per-address limits) from X-Forwarded-For, only
+        # when the request comes from one of these proxies.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         access_log=False,
         # Long-lived streams (SSE) must not hold a shutdown forever.
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
-    server = uvicorn.Server(config)
+    server = CollabServer(config, app.state.core, settings.shutdown_timeout)
     _announce_when_started(server, settings)
     server.run()
     return 0
+
+
+class CollabServer(uvicorn.Server):
+    """uvicorn's server, with our connections closed gracefully before its own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, core, timeout: float) -> None:
+        super().__init__(config)
+        self.core = core
+        self.close_timeout = timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        for srv in getattr(self, "servers", []):
+            srv.close()  # stop accepting first
+        await self.core.close_connections(self.close_timeout)
+        # Let the closing handshakes finish: closing a socket that still has
+        # unread data from the client resets it, and the client loses the
+        # close frame (1006 instead of 1012).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(2.0, self.close_timeout)
+        while loop.time() < deadline and any(
+            getattr(c, "close_sent", False) and not getattr(c, "disconnected", True)
+            for c in self.server_state.connections
+        ):
+            await asyncio.sleep(0.02)
+        await super().shutdown(sockets=sockets)
 
 
 def _announce_when_started(server, settings: Settings) -> None:

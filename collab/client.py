@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+from urllib.parse import quote
 
 import pycrdt
 import websockets
@@ -30,8 +31,21 @@ class CollabClient:
         hello: bool = False,
         client_id: int | None = None,
         query: str = "",
+        token: str | None = None,
+        token_via: Literal["header", "query", "message"] = "header",
+        refresh_token: Callable[[], Awaitable[str]] | None = None,
+        origin: str | None = None,
     ) -> None:
+        """``token`` authenticates (``token_via`` says how); ``refresh_token``
+        is awaited for a fresh one when the server sends ``auth.expiring``
+        (needs ``hello=True``: only opted-in clients get control messages)."""
+        if token is not None and token_via == "query":
+            query = "&".join(x for x in (query, f"token={quote(token, safe='')}") if x)
         self.url = f"{base_url.rstrip('/')}/{workspace}" + (f"?{query}" if query else "")
+        self.token = token
+        self.token_via = token_via
+        self.refresh_token = refresh_token
+        self.origin = origin
         self.workspace = workspace
         self.doc = doc or pycrdt.Doc(client_id=client_id if client_id is not None else random.getrandbits(31))
         self.hello = hello
@@ -62,10 +76,22 @@ class CollabClient:
     # ----------------------------------------------------------- lifecycle
 
     async def connect(self, timeout: float = 10.0, wait_synced: bool = True) -> CollabClient:
-        self.ws = await websockets.connect(self.url, max_size=None, compression=None, open_timeout=timeout)
+        headers = {}
+        if self.token is not None and self.token_via == "header":
+            headers["Authorization"] = f"Bearer {self.token}"
+        self.ws = await websockets.connect(
+            self.url,
+            max_size=None,
+            compression=None,
+            open_timeout=timeout,
+            additional_headers=headers or None,
+            origin=self.origin,
+        )
         self.synced.clear()
         self.closed.clear()
         self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._sender())]
+        if self.token is not None and self.token_via == "message":
+            await self.ws.send(p.encode_control({"type": "auth", "token": self.token}))
         if self.hello:
             await self.ws.send(p.encode_control({"type": "hello", "protocol": p.PROTOCOL_VERSION}))
         # y-websocket order: our step 1, then our awareness (if any).
@@ -190,7 +216,14 @@ class CollabClient:
             if msg.type == "saved":
                 self.updates_saved = max(self.updates_saved, msg.body["updates"])
                 self.saved_seq = max(self.saved_seq, msg.body["seq"])
+            elif msg.type == "auth.expiring" and self.refresh_token is not None:
+                self._tasks.append(asyncio.create_task(self._refresh()))
         self._changed_remote()
+
+    async def _refresh(self) -> None:
+        token = await self.refresh_token()
+        self.token = token
+        await self.ws.send(p.encode_control({"type": "auth", "token": token}))
 
     # ---------------------------------------------------------------- waits
 

@@ -19,7 +19,18 @@ log = logging.getLogger("collab.connection")
 
 
 class WebSocketPeer:
-    __slots__ = ("ws", "max_queue", "_queue", "_wake", "_writer", "closed", "close_code", "close_reason", "label")
+    __slots__ = (
+        "ws",
+        "max_queue",
+        "_queue",
+        "_wake",
+        "_writer",
+        "closed",
+        "close_code",
+        "close_reason",
+        "label",
+        "overflowed",
+    )
 
     def __init__(self, ws: WebSocket, max_queue: int, label: str = "") -> None:
         self.ws = ws
@@ -30,6 +41,7 @@ class WebSocketPeer:
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.close_code: int | None = None
         self.close_reason = ""
+        self.overflowed = False
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     # -- Peer protocol
@@ -38,6 +50,7 @@ class WebSocketPeer:
         if self.closed.done():
             return
         if len(self._queue) >= self.max_queue:
+            self.overflowed = True
             self.close(p.CLOSE_TRY_AGAIN, "outgoing queue overflow; reconnect to resync")
             return
         self._queue.append(frame)
@@ -90,9 +103,37 @@ class WebSocketPeer:
                 pass
         self._writer.cancel()
         self._queue.clear()
+        if self.overflowed and abort_transport(self.ws):
+            # It stopped reading: a close frame would wait behind megabytes in
+            # the socket buffers, which stay allocated until then. Drop the TCP
+            # connection; the client reconnects (1006) and resyncs.
+            return
         if self.close_code is not None:
             try:
                 async with asyncio.timeout(flush_timeout):
                     await self.ws.close(self.close_code, self.close_reason[:120])
-            except Exception:
-                pass  # a peer that does not read cannot be told; the transport is dropped
+            except Exception as exc:
+                # A peer that does not read cannot be told. Closing the
+                # transport normally would wait for its send buffer to drain,
+                # which never happens: drop the TCP connection instead.
+                log.info("cannot send close %d to %s (%s): dropping the connection", self.close_code, self.label,
+                         type(exc).__name__)
+                abort_transport(self.ws)
+
+
+def abort_transport(ws: WebSocket) -> bool:
+    """Drop the TCP connection under an ASGI websocket (best effort).
+
+    ASGI gives no handle on the transport; uvicorn's websocket protocols pass
+    their bound ``receive`` method, whose object owns ``transport``. Used
+    only for peers that stopped reading, whose close frame can't be sent.
+    """
+    owner = getattr(getattr(ws, "_receive", None), "__self__", None)
+    transport = getattr(owner, "transport", None)
+    if transport is None or not hasattr(transport, "abort"):
+        return False
+    try:
+        transport.abort()
+    except Exception:
+        return False
+    return True

@@ -6,10 +6,26 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_HMAC = ("HS256", "HS384", "HS512")
+_ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+MIN_SECRET_BYTES = 32
+
+
+def _split_list(value):
+    """Lists from the environment: comma-separated (``a,b``) or JSON (``["a","b"]``)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -49,6 +65,62 @@ class Settings(BaseSettings):
         2048, ge=16, description="outgoing frames queued per peer before it is cut off (1013)"
     )
     max_awareness_state_bytes: int = Field(64 * 1024, ge=64)
+    max_awareness_clients_per_connection: int = Field(
+        8, ge=1, description="awareness client ids one connection may own (each holds a state)"
+    )
+    max_connections: int = Field(10_000, ge=0, description="websockets per process (0 = no limit); more get 503")
+    max_connections_per_ip: int = Field(
+        500, ge=0, description="websockets per client address (0 = no limit); more get 503"
+    )
+    message_rate: float = Field(100.0, ge=0, description="messages per second per connection (0 = no limit)")
+    message_burst: int = Field(300, ge=1, description="token-bucket size: messages a client may send at once")
+    byte_rate: int = Field(
+        512 * 1024, ge=0, description="bytes per second per connection, sustained (0 = no limit)"
+    )
+    byte_burst: int = Field(8 * 1024 * 1024, ge=1024, description="bytes a client may send at once")
+    rate_limit_grace: float = Field(
+        5.0, ge=0, description="seconds of sustained excess (reads throttled meanwhile) before close 1008"
+    )
+    preauth_timeout: float = Field(5.0, gt=0, description="seconds to authenticate after the websocket opens")
+    preauth_max_bytes: int = Field(
+        64 * 1024, ge=0, description="bytes a client may send before it is authenticated (buffered, then replayed)"
+    )
+    preauth_max_frames: int = Field(32, ge=0, description="frames buffered before authentication")
+    max_document_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="encoded document size past which growing updates are refused"
+    )
+    max_rooms: int = Field(10_000, ge=0, description="rooms in memory per process (0 = no limit); more get 1013")
+
+    # Authentication and authorization (see docs/security.md)
+    auth_mode: Literal["development", "jwt"] = Field(
+        "development", description="development trusts ?user=&role=; jwt needs a key (production)"
+    )
+    jwt_secret: SecretStr | None = Field(None, description="shared secret for HS256 tokens (at least 32 bytes)")
+    jwt_public_key: str | None = Field(None, description="PEM public key for RS256/ES256 tokens")
+    jwt_public_key_file: Path | None = Field(None, description="file holding the PEM public key")
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted algorithms; default HS256 with a secret, RS256+ES256 with a key"
+    )
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = Field(0.0, ge=0, le=300, description="clock skew tolerated on exp/nbf/iat, seconds")
+    token_refresh_window: float = Field(
+        60.0, ge=0, description="seconds before expiry that opted-in clients get auth.expiring"
+    )
+    token_expiry_grace: float = Field(
+        5.0, ge=0, description="seconds after expiry before a connection without a fresh token is closed 4401"
+    )
+    authenticator: str | None = Field(
+        None, description="module:callable(settings) -> Authenticator, to plug in your own verifier"
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origin allowlist for websockets (comma-separated; '*' allows any). Empty: any in "
+        "development mode, none (browsers refused) in jwt mode",
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted (uvicorn); '*' trusts all"
+    )
 
     # Configuration locks (leases). In process by default; in Redis when redis_url is set.
     locks_enabled: bool = True
@@ -95,6 +167,45 @@ class Settings(BaseSettings):
     )
     awareness_rate: float = Field(40.0, gt=0, description="awareness states accepted per second per connection")
     awareness_burst: int = Field(80, ge=1, description="awareness states a connection may send at once")
+    @field_validator("jwt_algorithms", "allowed_origins", mode="before")
+    @classmethod
+    def _lists(cls, value):
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        has_secret = self.jwt_secret is not None and bool(self.jwt_secret.get_secret_value())
+        has_key = bool(self.jwt_public_key) or self.jwt_public_key_file is not None
+        if has_secret and has_key:
+            raise ValueError("set either COLLAB_JWT_SECRET or COLLAB_JWT_PUBLIC_KEY[_FILE], not both")
+        if self.auth_mode == "jwt" and not (has_secret or has_key):
+            raise ValueError(
+                "COLLAB_AUTH_MODE=jwt refuses to start without COLLAB_JWT_SECRET or COLLAB_JWT_PUBLIC_KEY[_FILE]"
+            )
+        if has_secret and len(self.jwt_secret.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"COLLAB_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
+        if not self.jwt_algorithms and (has_secret or has_key):
+            self.jwt_algorithms = ["HS256"] if has_secret else ["RS256", "ES256"]
+        for alg in self.jwt_algorithms:
+            if alg in _HMAC:
+                if not has_secret:
+                    raise ValueError(f"JWT algorithm {alg} needs COLLAB_JWT_SECRET")
+            elif alg in _ASYMMETRIC:
+                if not has_key:
+                    raise ValueError(f"JWT algorithm {alg} needs COLLAB_JWT_PUBLIC_KEY[_FILE]")
+            else:
+                raise ValueError(f"JWT algorithm {alg!r} is not accepted")
+        return self
+
+    def jwt_key(self) -> str | None:
+        """The verification key: the shared secret or the PEM public key."""
+        if self.jwt_secret is not None and self.jwt_secret.get_secret_value():
+            return self.jwt_secret.get_secret_value()
+        if self.jwt_public_key:
+            return self.jwt_public_key
+        if self.jwt_public_key_file is not None:
+            return self.jwt_public_key_file.read_text()
+        return None
 
     @property
     def database_path(self) -> Path:

@@ -12,6 +12,10 @@ from rooms.room import Room, RoomConfig
 log = logging.getLogger("collab.rooms")
 
 
+class RoomLimitReached(Exception):
+    """Opening one more room would exceed ``max_rooms``."""
+
+
 class RoomManager:
     def __init__(
         self,
@@ -19,10 +23,12 @@ class RoomManager:
         config: RoomConfig | None = None,
         idle_grace: float = 10.0,
         room_factory: Callable[[str], Room] | None = None,
+        max_rooms: int = 0,
     ) -> None:
         self.store = store
         self.config = config or RoomConfig()
         self.idle_grace = idle_grace
+        self.max_rooms = max_rooms  # rooms in memory, loading ones included (0 = no limit)
         self._factory = room_factory or (lambda wid: Room(wid, self.store, self.config))
         self.rooms: dict[str, Room] = {}
         self._loading: dict[str, asyncio.Task] = {}
@@ -42,6 +48,12 @@ class RoomManager:
                 return room
             task = self._loading.get(workspace_id)
             if task is None:
+                if room is None and self.max_rooms and len(self.rooms) + len(self._loading) >= self.max_rooms:
+                    eviction = self._evict_one_idle()
+                    if eviction is None:
+                        raise RoomLimitReached(f"room limit ({self.max_rooms}) reached")
+                    await asyncio.wait([eviction])
+                    continue
                 task = asyncio.get_running_loop().create_task(self._load(workspace_id))
                 self._loading[workspace_id] = task
             await asyncio.wait([task])
@@ -71,6 +83,18 @@ class RoomManager:
             self._evictors[room.workspace_id] = loop.call_later(
                 self.idle_grace, self._start_eviction, room.workspace_id
             )
+
+    def _evict_one_idle(self) -> asyncio.Task | None:
+        """At the room limit: an eviction that frees a slot (started now if needed), or None."""
+        for task in self._evicting.values():
+            return task
+        for wid, room in list(self.rooms.items()):
+            if room.is_idle:
+                self._cancel_eviction(wid)
+                self._start_eviction(wid)
+                if wid in self._evicting:
+                    return self._evicting[wid]
+        return None
 
     def _cancel_eviction(self, workspace_id: str) -> None:
         handle = self._evictors.pop(workspace_id, None)

@@ -26,6 +26,7 @@ import pycrdt
 
 from collab import protocol as p
 from persistence.base import DocumentStore, StoreError
+from rooms import ystructs
 from rooms.config import Changes, Rejection, UpdateGuard, config_snapshot, diff, restore
 
 log = logging.getLogger("collab.room")
@@ -47,6 +48,8 @@ class RoomConfig:
     compact_every_updates: int = 500
     compact_every_bytes: int = 4 * 1024 * 1024
     max_awareness_state_bytes: int = 64 * 1024
+    max_awareness_clients: int = 0  # awareness client ids one peer may own (0 = no limit)
+    max_document_bytes: int = 0  # encoded size past which growing updates are refused (0 = no limit)
     tombstone_seconds: float = 60.0
     limits: dict[str, Any] = field(default_factory=dict)  # advertised in `welcome`
     server_version: str = "0"
@@ -65,6 +68,11 @@ class PeerState:
     updates_acked: int = 0
     alive: bool = True
     last_seen: float = 0.0  # time.monotonic() of the last message received (liveness of lock holders)
+
+    @property
+    def read_only(self) -> bool:
+        """A viewer: its updates are refused (and compensated), the rest works."""
+        return getattr(self.identity, "role", None) == "viewer"
 
     def control(self, body: dict[str, Any]) -> None:
         """Send a control message, only if the peer opted in with hello."""
@@ -139,8 +147,15 @@ class Room:
         # Plain view of the `config` map, kept only when someone looks at it.
         self.config_view: dict[str, Any] = {}
         self._applying_client_update = False
+        self._refusing = False  # inside _refuse_update: doc events are not news
+        # Encoded size of the document: exact after a measurement, an upper
+        # bound (exact + bytes applied since) otherwise.
+        self.size_bytes = 0
+        self._size_exact = False
         self.doc = pycrdt.Doc()
         self._doc_sub = self.doc.observe(self._on_doc_update)
+        self._sv: dict[int, int] | None = None  # parsed state vector of self.doc (None: recompute)
+        self._client_delta: bytes | None = None  # what the client update being applied integrated
         self.peers: dict[Peer, PeerState] = {}
         self.awareness: dict[int, AwarenessRecord] = {}
         self._epoch = 0
@@ -183,6 +198,8 @@ class Room:
         self._tail_updates = len(stored.updates)
         self._tail_bytes = sum(len(u) for u in stored.updates)
         self.is_new = stored.is_new
+        self.size_bytes = len(self.doc.get_update())
+        self._size_exact = True
         self.loaded = True
         for listener in self.listeners:
             hook = getattr(listener, "on_load", None)
@@ -263,14 +280,36 @@ class Room:
     def _receive_update(self, ps: PeerState, update: bytes) -> None:
         ps.updates_received += 1
         self.stats["updates_in"] += 1
+        refusal = None
         if update != p.EMPTY_UPDATE:
+            if ps.read_only:
+                refusal = "read-only"
+            elif self._too_large(update):
+                refusal = "document_too_large"
+        if refusal is not None:
+            self._refuse_update(ps, update, refusal)
+        elif update != p.EMPTY_UPDATE:
+            ranges = self._check_client_update(update)
+            self.size_bytes += len(update)
+            self._size_exact = False
             self._applying_client_update = True
+            self._client_delta = None
             try:
-                self.doc.apply_update(update)
-            except ValueError as exc:
-                raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
+                _apply(self.doc, update)
+            except BaseException:
+                self._sv = None
+                if self._client_delta is not None:
+                    # pycrdt failed halfway and kept what it had integrated (peers
+                    # get it in the broadcast): store it too, or a restart loses it.
+                    self._to_store.append(self._client_delta)
+                    self._schedule_flush()
+                raise
             finally:
                 self._applying_client_update = False
+            known = self._state_vector()
+            for client, _, end in ranges:  # it integrated completely (checked above)
+                if end > known.get(client, 0):
+                    known[client] = end
             # The raw update is stored (not only its integrated delta), so
             # structs still waiting for missing dependencies survive a restart.
             self._to_store.append(update)
@@ -281,13 +320,178 @@ class Room:
         self._schedule_flush()
 
     def _on_doc_update(self, event: pycrdt.TransactionEvent) -> None:
+        if self._refusing:
+            return  # _refuse_update sends the net effect itself
         update = event.update
+        if self._applying_client_update:
+            self._client_delta = update
+        else:
+            self._sv = None  # a server change: the cached state vector is stale
         self._outgoing.append(update)
         if not self._applying_client_update and self.loaded:
             # A change made by the server itself (compensation, seeding):
             # it is stored like a client's update.
             self._to_store.append(update)
             self._schedule_flush()
+
+    # ------------------------------------------------------------ refusal
+
+    def _too_large(self, update: bytes) -> bool:
+        """Whether applying ``update`` could take the document past its cap."""
+        cap = self.config.max_document_bytes
+        if not cap or update[:1] == b"\x00":
+            return False  # no cap, or no structs: only deletions, which never grow it
+        if self.size_bytes + len(update) <= cap:
+            return False
+        if not self._size_exact:
+            self.size_bytes = len(self.doc.get_update())
+            self._size_exact = True
+        return self.size_bytes + len(update) > cap
+
+    def _refuse_update(self, ps: PeerState, update: bytes, reason: str) -> None:
+        """Apply an update and revert it at once, so that its author converges back.
+
+        A refused update can't just be dropped: its author already shows the
+        change, and only a server change that deletes what it inserted (and
+        re-inserts what it deleted) makes the author's copy converge back.
+        The update is applied in a transaction tracked by an UndoManager;
+        everything it inserted is deleted by id (this covers root types the
+        UndoManager could not scope), then the undo restores what it deleted.
+        The net effect, taken from the document after the garbage collector
+        dropped the refused content, is what peers receive and the store
+        keeps: the refused content never leaves the server.
+        """
+        if ps.read_only:
+            # A viewer's update must integrate completely, deletions included:
+            # anything left pending would be completed later by someone else's
+            # update and slip in unchecked.
+            try:
+                self._check_client_update(update, deletes=True)
+            except p.ProtocolError:
+                self._tell_refused(ps, [], reason)
+                return
+        else:
+            self._check_client_update(update)
+        config_before = config_snapshot(self.doc)
+        sv_before = self.doc.get_state()
+        undo = None
+        error: p.ProtocolError | None = None
+        self._refusing = True
+        try:
+            roots = self._undo_scopes()
+            if roots:
+                undo = pycrdt.UndoManager(scopes=roots, capture_timeout_millis=0)
+                undo.include_origin(_REFUSED)
+            try:
+                with self.doc.transaction(origin=_REFUSED):
+                    _apply(self.doc, update)
+            except p.ProtocolError as exc:
+                error = exc  # pycrdt may have integrated part of it: revert that too, then drop the peer
+            paths = sorted(diff(config_before, config_snapshot(self.doc)))
+            inserted = _new_ranges(sv_before, self.doc.get_state())
+            if inserted:
+                with self.doc.transaction(origin="server"):
+                    self.doc.apply_update(_delete_set_update(inserted))
+            if undo is not None and undo.can_undo():
+                undo.undo()
+        finally:
+            self._refusing = False
+            self._sv = None
+            if undo is not None:
+                undo.clear()
+        net = self.doc.get_update(sv_before)
+        self._outgoing.append(net)
+        self._to_store.append(net)
+        self.size_bytes += len(net)  # tombstones and re-inserted content
+        if self._tracks_config:
+            self.config_view = config_snapshot(self.doc)
+        self._tell_refused(ps, paths, reason)
+        self._schedule_flush()
+        if error is not None:
+            raise error
+
+    def _check_client_update(self, update: bytes, deletes: bool = False) -> list[tuple[int, int, int]]:
+        """Refuse (ProtocolError 1007) an update that would not integrate completely.
+
+        pycrdt keeps structs whose dependencies it lacks (a gap in a client's
+        clocks, an origin the server never saw) "pending", and shows them in
+        the document and in get_update() -- so newcomers get them -- but not
+        in the update events that live peers get: the two would diverge for
+        as long as the gap stays open. A run of structs that starts below the
+        server's clock for its client and ends above it restates part of that
+        client's history (a forged or colliding id: a real client's step 2 is
+        cut at our state vector), and pycrdt splices the new part onto what
+        the server has: peers and newcomers end up disagreeing too.
+
+        Decided from the update's layout and the state vector, without
+        applying anything; only an update whose structs refer to other
+        clients' new structs in the same update is tried on a scratch copy
+        (only pycrdt knows whether such references resolve). With
+        ``deletes``, deletions of unknown items count as missing too.
+        Returns the update's runs of structs, ``[(client, start, end)]``.
+        """
+        if update[:1] == b"\x00" and not deletes:
+            return []  # deletions only: pycrdt applies them when the items arrive, for everyone alike
+        shape = ystructs.shape(update)
+        known = self._state_vector()
+        ends: dict[int, int] = {}
+        for client, start, end in shape.ranges:
+            have = known.get(client, 0)
+            if start > have:
+                raise p.ProtocolError(_MISSING)
+            if start < have < end:
+                raise p.ProtocolError("update conflicts with what this server has for its client id; reconnect")
+            ends[client] = max(have, end, ends.get(client, 0))
+        if shape.skips:
+            raise p.ProtocolError(_MISSING)
+        within = False
+        for client, _clock, end, ref_client, ref_clock in shape.refs:
+            if end <= known.get(client, 0) or ref_clock < known.get(ref_client, 0):
+                continue  # a struct the server has (ignored), or a reference to one it has
+            if ref_clock < ends.get(ref_client, 0):
+                within = True  # another client's new struct in this update
+                continue
+            raise p.ProtocolError(_MISSING)
+        if deletes:
+            for client, clock, length in shape.deletes:
+                if clock + length > ends.get(client, known.get(client, 0)):
+                    raise p.ProtocolError(_MISSING)
+        if within:
+            scratch = pycrdt.Doc()
+            scratch.apply_update(self.doc.get_update())
+            _apply(scratch, update)
+            if pycrdt.get_update(update, scratch.get_state())[:1] != b"\x00":
+                raise p.ProtocolError(_MISSING)
+        return shape.ranges
+
+    def _state_vector(self) -> dict[int, int]:
+        """The document's state vector as a dict, kept up to date between client updates."""
+        if self._sv is None:
+            self._sv = _parse_state_vector(self.doc.get_state())
+        return self._sv
+
+    def _undo_scopes(self) -> list[Any]:
+        """Every root type, for an UndoManager's scope.
+
+        Roots that only clients have typed (created by their updates) come
+        back untyped; any type will do to name the branch for the scope, so
+        they are cast to Text (which changes nothing that is encoded).
+        """
+        scopes = []
+        for name, root in list(self.doc.items()):
+            if root is None:
+                try:
+                    root = self.doc.get(name, type=pycrdt.Text)
+                except Exception:
+                    continue
+            scopes.append(root)
+        return scopes
+
+    def _tell_refused(self, ps: PeerState, paths: list[str], reason: str) -> None:
+        body: dict[str, Any] = {"type": "rejected", "paths": paths, "reason": reason}
+        if reason == "document_too_large":
+            body["limit"] = self.config.max_document_bytes
+        ps.control(body)
 
     # ------------------------------------------------------- configuration
 
@@ -357,10 +561,26 @@ class Room:
 
     def _receive_awareness(self, ps: PeerState, entries: tuple[p.AwarenessEntry, ...]) -> None:
         limit = self.config.max_awareness_state_bytes
+        max_clients = self.config.max_awareness_clients
         accepted: list[p.AwarenessEntry] = []
         claimed: list[int] = []
         for entry in entries:
             cid = entry.client_id
+            if (
+                max_clients
+                and entry.state is not None
+                and cid not in ps.client_ids
+                and len(ps.client_ids) >= max_clients
+                and (cid not in self.awareness or self.awareness[cid].owner is None)
+            ):
+                ps.control(
+                    {
+                        "type": "error",
+                        "code": "awareness_rejected",
+                        "message": f"a connection may own at most {max_clients} awareness client ids",
+                    }
+                )
+                continue
             if entry.state is not None:
                 if len(entry.state) > limit or len(entry.state.encode()) > limit:
                     ps.control(
@@ -595,6 +815,50 @@ class Room:
         stale = [cid for cid, rec in self.awareness.items() if rec.owner is None and rec.removed_at < horizon]
         for cid in stale:
             del self.awareness[cid]
+
+
+_REFUSED = "refused"  # transaction origin of updates applied only to be reverted
+_MISSING = "update depends on data this server does not have; reconnect to resync"
+
+
+def _apply(doc: pycrdt.Doc, update: bytes) -> None:
+    """Apply a client's update; anything pycrdt refuses becomes a ProtocolError (1007).
+
+    Besides ValueError, pycrdt raises RuntimeError for some structurally
+    invalid updates ("block parent must be deleted or shared ref type"), and
+    a Rust panic surfaces as pyo3's PanicException, a BaseException.
+    """
+    try:
+        doc.apply_update(update)
+    except (ValueError, RuntimeError) as exc:
+        raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise p.ProtocolError("invalid CRDT update (decoder panic)") from None
+
+
+def _parse_state_vector(sv: bytes) -> dict[int, int]:
+    count, pos = p.read_var_uint(sv, 0)
+    out = {}
+    for _ in range(count):
+        client, pos = p.read_var_uint(sv, pos)
+        out[client], pos = p.read_var_uint(sv, pos)
+    return out
+
+
+def _new_ranges(before: bytes, after: bytes) -> dict[int, tuple[int, int]]:
+    """Per client, the clock range [start, end) that ``after`` has beyond ``before``."""
+    old = _parse_state_vector(before)
+    return {c: (old.get(c, 0), clock) for c, clock in _parse_state_vector(after).items() if clock > old.get(c, 0)}
+
+
+def _delete_set_update(ranges: dict[int, tuple[int, int]]) -> bytes:
+    """A Yjs v1 update with no structs and a delete set covering ``ranges``."""
+    parts = [b"\x00", p.write_var_uint(len(ranges))]
+    for client, (start, end) in ranges.items():
+        parts += [p.write_var_uint(client), b"\x01", p.write_var_uint(start), p.write_var_uint(end - start)]
+    return b"".join(parts)
 
 
 def _integrated(update: bytes, state: bytes) -> bool:
