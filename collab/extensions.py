@@ -40,6 +40,9 @@ class Extension:
     async def start(self, app: App) -> None:
         """Called once at startup, after the document store is open."""
 
+    def closing(self) -> None:
+        """The server is about to shut down: end long-lived HTTP streams now."""
+
     async def stop(self) -> None:
         """Called once at shutdown, after rooms are flushed, before the store closes."""
 
