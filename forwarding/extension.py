@@ -351,11 +351,13 @@ class _RoomHooks:
         if not self.ext.recording:
             return
         paths = sorted({path for r in rejections for path in r.paths})
+        # Paths refused without their values (a viewer's update, a size cap) are listed bare.
+        changes = change_list(attempted, paths) + [{"path": path} for path in paths if path not in attempted]
         room.stage_outbox(
             ChangeRecord(
                 kind=REJECTED,
                 author=author_of(ps),
-                changes=change_list(attempted, paths),
+                changes=changes,
                 reason=", ".join(sorted({r.reason for r in rejections})),
                 details={"rejections": [{"paths": r.paths, "reason": r.reason, **r.details} for r in rejections]},
             )

@@ -506,6 +506,8 @@ class Room:
         return scopes
 
     def _tell_refused(self, ps: PeerState, paths: list[str], reason: str) -> None:
+        if paths:  # for the audit trail: which paths and why, not the refused values
+            self._emit("on_config_rejected", ps, [Rejection(paths, reason)], {})
         body: dict[str, Any] = {"type": "rejected", "paths": paths, "reason": reason}
         if reason == "document_too_large":
             body["limit"] = self.config.max_document_bytes
