@@ -212,7 +212,12 @@ class App:
         if settings.auth_mode == "development" and isinstance(self.authenticator, DevelopmentAuthenticator):
             banner = "!" * 78
             # Loud even when the log level hides warnings.
-            emit = log.warning if log.isEnabledFor(logging.WARNING) else _stderr_warning
+            if log.isEnabledFor(logging.WARNING):
+                emit = log.warning
+            elif settings.log_format == "json":
+                emit = _json_stderr_warning
+            else:
+                emit = _stderr_warning
             emit(
                 "\n%s\n"
                 "!! DEVELOPMENT MODE: NO AUTHENTICATION. Anyone who can reach this port may\n"
@@ -674,6 +679,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code in (204, 304):
         return Response(status_code=exc.status_code, headers=exc.headers)
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _json_stderr_warning(message: str, *args: Any) -> None:
+    logs.announce(message % args, "json", level="warning", stream=sys.stderr)
 
 
 def _stderr_warning(message: str, *args: Any) -> None:

@@ -98,17 +98,19 @@ def configure(level: str, fmt: str, node: str | None = None) -> None:
     handler.setFormatter(JsonFormatter(node) if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper() if level != "trace" else "DEBUG")
+    if fmt == "json":
+        logging.captureWarnings(True)  # Python warnings become log records (JSON lines) too
 
 
-def announce(message: str, fmt: str) -> None:
-    """A line for whoever watches the process start (printed whatever the log level)."""
+def announce(message: str, fmt: str, level: str = "info", stream: Any = None) -> None:
+    """A line for whoever watches the process (printed whatever the log level; stdout by default)."""
     if fmt == "json":
         line = {
             "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "level": "info",
+            "level": level,
             "logger": "collab.cli",
             "msg": message,
         }
-        print(json.dumps(line), flush=True)
+        print(json.dumps(line), file=stream or sys.stdout, flush=True)
     else:
-        print(message, flush=True)
+        print(message, file=stream or sys.stdout, flush=True)
