@@ -54,6 +54,14 @@ CLOSE_KINDS: dict[int, str] = {
 NOT_ERRORS = frozenset({"normal", "going_away", "restart", "client_closed"})
 
 
+# Every kind of collab_errors_total, exported from the start (at 0) so that rate() works at once.
+ERROR_KINDS = sorted(
+    {kind for kind in CLOSE_KINDS.values() if kind not in NOT_ERRORS}
+    | {"slow_consumer", "room_limit", "other", "origin_refused", "connection_limit", "storage"}
+    | {"forward_failed", "forward_refused", "forward_dead_letter"}
+)
+
+
 def close_kind(code: int | None, overflowed: bool = False) -> str:
     if overflowed:
         return "slow_consumer"  # its outgoing queue overflowed (it stopped reading)
@@ -231,7 +239,7 @@ class AppCollector(Collector):
         closes = CounterMetricFamily(
             "collab_connections_closed", "Connections closed, by close code and kind", labels=["code", "kind"]
         )
-        errors: Counter[str] = Counter()
+        errors: Counter[str] = Counter({kind: 0 for kind in ERROR_KINDS})  # every kind from the start
         for (code, kind), count in sorted(c.closes.items()):
             closes.add_metric([str(code), kind], count)
             if kind not in NOT_ERRORS:
