@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +25,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from collab import logs
 from collab import protocol as p
 from rooms.config import config_snapshot
 from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
     from collab.app import App
+
+log = logging.getLogger("collab.admin")
 
 CLOSE_WAIT_SECONDS = 5.0  # for the peers of a closed room to leave before it is evicted
 CLOSE_CODES = {p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY, p.CLOSE_RESTART, p.CLOSE_TRY_AGAIN}
@@ -57,7 +61,8 @@ class AdminAPI:
         workspace_id = request.path_params["workspace_id"]
         if not WORKSPACE_ID.fullmatch(workspace_id):
             raise HTTPException(404, "invalid workspace id")
-        await self.app.authorize(request, "admin", workspace_id)
+        identity = await self.app.authorize(request, "admin", workspace_id)
+        logs.bind(workspace=workspace_id, user=identity.user_id)  # admin actions are logged with who did them
         return workspace_id
 
     def _extension(self, name: str) -> Any:
@@ -190,6 +195,7 @@ class AdminAPI:
             raise HTTPException(503, f"lock service unavailable: {exc}") from None
         if released is None:
             raise HTTPException(404, f"nobody holds a lock on exactly {path!r}")
+        log.warning("admin force-released the lock on %s held by %s", path, released.get("user_id"))
         return JSONResponse({"workspace": workspace_id, "released": released})
 
     async def close_room(self, request: Request) -> JSONResponse:
@@ -219,6 +225,7 @@ class AdminAPI:
         if room is None:
             return JSONResponse({"workspace": workspace_id, "closed": 0, "evicted": True, "open": False})
         peers = list(room.peers)
+        log.warning("admin closes room %s: %d connections, code %d", workspace_id, len(peers), code)
         for peer in peers:
             peer.close(code, reason[:120])
         loop = asyncio.get_running_loop()

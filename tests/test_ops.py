@@ -345,6 +345,12 @@ async def test_admin_api_in_jwt_mode(jwt_server):
         closed_again = (await http.post(f"{api}/ops-a/close", headers=root)).json()
         assert closed_again["closed"] == 0 and closed_again["open"] is False
 
+    # Admin actions are in the (JSON) log with who did them.
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.strip()]
+    actions = [(line["msg"], line.get("user")) for line in lines if line["logger"] == "collab.admin"]
+    assert ("admin force-released the lock on connection.host held by alice", "ra") in actions
+    assert ("admin closes room ops-a: 2 connections, code 1012", "root") in actions
+
 
 def test_admin_api_in_development_mode_is_loopback_only(dev_server):
     server = dev_server
