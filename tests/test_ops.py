@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collab.client import CollabClient
 from collab.metrics import Histogram
-from tests.forwarding_support import BackendProcess
+from tests.forwarding_support import FAST_FORWARDING, BackendProcess
 from tests.security_support import closed_with, jwt_env, make_token
 from tests.support import ServerProcess, eventually, free_port
 
@@ -168,10 +168,19 @@ def test_metrics_token(dev_server):
 async def test_readyz_follows_the_backend(server_factory, tmp_path):
     backend = BackendProcess(tmp_path / "backend.sqlite3", tmp_path / "backend.log").start()
     try:
-        server = server_factory(env={"COLLAB_BACKEND_URL": backend.url})
+        server = server_factory(env={"COLLAB_BACKEND_URL": backend.url, **FAST_FORWARDING})
         ready = httpx.get(f"{server.http_url}/readyz", timeout=5)
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"]["forwarding"] == "ok"
+        # A change forwarded to the backend shows in the forwarding metrics.
+        async with CollabClient(server.ws_url, "ops-f", hello=True) as client:
+            config_of(client)["description"] = "forward me"
+            await client.wait_saved(WAIT)
+            await client.until(lambda: any(m["type"] == "forwarded" for m in client.control), WAIT, "forwarded")
+        samples = scrape(server)
+        assert samples['collab_forward_requests_total{outcome="2xx"}'] >= 1
+        assert samples["collab_forward_request_seconds_count"] >= 1
+        assert samples["collab_outbox_pending"] == 0 and samples["collab_forward_backend_down"] == 0
     finally:
         backend.stop()
 
