@@ -18,12 +18,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from collab import __version__
+from collab import __version__, logs
 from collab import protocol as p
+from collab.admin import AdminAPI
 from collab.auth import (
     CLOSE_FORBIDDEN,
     CLOSE_UNAUTHENTICATED,
@@ -36,6 +37,8 @@ from collab.auth import (
 )
 from collab.connection import WebSocketPeer
 from collab.extensions import Extension
+from collab.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from collab.metrics import Metrics, close_kind
 from collab.security import ConnectionLimiter, OriginPolicy, RateExceeded, RateLimiter
 from collab.settings import Settings
 from persistence.base import DocumentStore
@@ -151,6 +154,10 @@ class App:
         self._no_peers = asyncio.Event()
         self._no_peers.set()
         self.accepting = False
+        self.metrics = Metrics(self)
+        self.counters = self.metrics.counters
+        self.admin = AdminAPI(self)
+        self._redis: Any = None  # client for the readiness check, when COLLAB_REDIS_URL is set
 
     def _make_room(self, workspace_id: str) -> Room:
         handlers: dict = {}
@@ -160,7 +167,7 @@ class App:
             handlers.update(ext.control_handlers())
             guards.extend(ext.guards())
             listeners.extend(ext.listeners())
-        return Room(
+        room = Room(
             workspace_id,
             self.store,
             self.room_config,
@@ -168,12 +175,17 @@ class App:
             guards=guards,
             listeners=listeners,
         )
+        room.metrics = self.counters
+        return room
 
     def routes(self) -> list:
         routes = [
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
+            Route("/metrics", self.metrics_endpoint),
+            Route("/openapi.json", self.openapi_endpoint),
             Route("/admin/stats", self.admin_stats),
+            *self.admin.routes(),
             WebSocketRoute("/ws/{workspace_id}", self.websocket),
         ]
         for ext in self.extensions:
@@ -198,7 +210,12 @@ class App:
         if settings.auth_mode == "development" and isinstance(self.authenticator, DevelopmentAuthenticator):
             banner = "!" * 78
             # Loud even when the log level hides warnings.
-            emit = log.warning if log.isEnabledFor(logging.WARNING) else _stderr_warning
+            if log.isEnabledFor(logging.WARNING):
+                emit = log.warning
+            elif settings.log_format == "json":
+                emit = _json_stderr_warning
+            else:
+                emit = _stderr_warning
             emit(
                 "\n%s\n"
                 "!! DEVELOPMENT MODE: NO AUTHENTICATION. Anyone who can reach this port may\n"
@@ -251,6 +268,10 @@ class App:
                 await ext.stop()
             except Exception:
                 log.exception("stopping extension %s failed", ext.name)
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
         await self.store.close()
 
     # ---------------------------------------------------------- endpoints
@@ -268,15 +289,52 @@ class App:
         except Exception as exc:
             checks["store"] = f"error: {exc}"
             ok = False
+        if self.settings.redis_url:
+            try:
+                async with asyncio.timeout(2):
+                    await self._redis_client().ping()
+                checks["redis"] = "ok"
+            except Exception as exc:
+                checks["redis"] = f"error: {type(exc).__name__}: {exc}"
+                ok = False
         for ext in self.extensions:
             try:
                 async with asyncio.timeout(2):
-                    await ext.check()
-                checks[ext.name] = "ok"
+                    result = await ext.check()
+                checks[ext.name] = result if isinstance(result, str) else "ok"
             except Exception as exc:
                 checks[ext.name] = f"error: {exc}"
                 ok = False
+        if not self.accepting:
+            checks["server"] = "not accepting connections (starting or shutting down)"
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    def _redis_client(self) -> Any:
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(
+                self.settings.redis_url, socket_timeout=1.5, socket_connect_timeout=1.5, max_connections=2
+            )
+        return self._redis
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        """Prometheus metrics (open unless COLLAB_METRICS_TOKEN is set)."""
+        secret = self.settings.metrics_token
+        if secret is not None and secret.get_secret_value():
+            import hmac
+
+            header = request.headers.get("authorization", "")
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), secret.get_secret_value()):
+                raise HTTPException(401, "metrics token required", headers={"WWW-Authenticate": "Bearer"})
+        return Response(await self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    async def openapi_endpoint(self, request: Request) -> JSONResponse:
+        """The OpenAPI description of the HTTP endpoints."""
+        from collab.openapi import build
+
+        return JSONResponse(build(list(request.app.routes), __version__))
 
     async def authorize(self, conn: HTTPConnection, role: str = "admin", workspace_id: str | None = None) -> Identity:
         """Who makes an HTTP request, if they hold ``role`` (401/403 otherwise).
@@ -294,6 +352,10 @@ class App:
             raise HTTPException(401, "bearer token required", headers={"WWW-Authenticate": "Bearer"})
         if not has_role(identity, role):
             raise HTTPException(403, f"the {role} role is required")
+        if getattr(identity, "development", False) and role == "admin" and not _loopback(conn):
+            # Development identities are made up from the query string: never
+            # let one administer the server from another machine.
+            raise HTTPException(403, "development mode: admin endpoints answer loopback clients only")
         return identity
 
     async def admin_stats(self, request: Request) -> JSONResponse:
@@ -334,10 +396,11 @@ class App:
     async def _serve(self, ws: WebSocket, workspace_id: str) -> None:
         await ws.accept()
         if not WORKSPACE_ID.fullmatch(workspace_id):
-            await _close(ws, p.CLOSE_POLICY, "invalid workspace id")
+            await self._close(ws, p.CLOSE_POLICY, "invalid workspace id")
             return
+        logs.bind(workspace=workspace_id)  # every log line of this connection names its workspace
         if not self.accepting:
-            await _close(ws, p.CLOSE_RESTART, "server shutting down")
+            await self._close(ws, p.CLOSE_RESTART, "server shutting down")
             return
         settings = self.settings
         rate = (
@@ -352,38 +415,41 @@ class App:
                     identity, pending = await self._authenticate_by_message(ws, workspace_id, rate)
         except TimeoutError:
             self.stats["auth_failed"] += 1
-            await _close(ws, CLOSE_UNAUTHENTICATED, "authentication timeout")
+            await self._close(ws, CLOSE_UNAUTHENTICATED, "authentication timeout")
             return
         except AuthError as exc:
             self.stats["auth_failed"] += 1
-            await _close(ws, exc.code, exc.reason)
+            await self._close(ws, exc.code, exc.reason)
             return
         except _Close as exc:
-            await _close(ws, exc.code, exc.reason)
+            await self._close(ws, exc.code, exc.reason)
             return
         except Exception:  # a broken authenticator: refuse, never let the client in
             log.exception("authenticator failed for %s", workspace_id)
-            await _close(ws, p.CLOSE_INTERNAL_ERROR, "authentication failed")
+            await self._close(ws, p.CLOSE_INTERNAL_ERROR, "authentication failed")
             return
         if identity is None:
+            self.counters.closed(None, "client_closed")
             return  # the client went away before authenticating
+        logs.bind(user=identity.user_id)
         if not self.accepting:  # the shutdown began while it authenticated
-            await _close(ws, p.CLOSE_RESTART, "server restarting")
+            await self._close(ws, p.CLOSE_RESTART, "server restarting")
             return
         try:
             room = await self.rooms.open_room(workspace_id)
         except RoomLimitReached:
-            await _close(ws, p.CLOSE_TRY_AGAIN, "room limit reached on this server; try again or another node")
+            await self._close(ws, p.CLOSE_TRY_AGAIN, "room limit reached on this server; try again or another node")
             return
         except Exception:
             log.exception("cannot load workspace %s", workspace_id)
-            await _close(ws, p.CLOSE_INTERNAL_ERROR, "cannot load workspace")
+            await self._close(ws, p.CLOSE_INTERNAL_ERROR, "cannot load workspace")
             return
         client = ws.client
         peer = WebSocketPeer(
             ws,
             settings.peer_queue_frames,
             label=f"{workspace_id} {client.host}:{client.port}" if client else workspace_id,
+            counters=self.counters,
         )
         self.peers.add(peer)
         self._no_peers.clear()
@@ -406,6 +472,12 @@ class App:
                 self.peers.discard(peer)
                 if not self.peers:
                     self._no_peers.set()
+
+    async def _close(self, ws: WebSocket, code: int, reason: str) -> None:
+        """Close a connection that never joined a room (counted by close code)."""
+        kind = "room_limit" if code == p.CLOSE_TRY_AGAIN else close_kind(code)
+        self.counters.closed(code, kind)
+        await _close(ws, code, reason)
 
     async def _deny(self, ws: WebSocket, status: int, reason: str) -> None:
         """Refuse the handshake with an HTTP status (no websocket is opened)."""
@@ -444,6 +516,8 @@ class App:
                 if message["type"] == "websocket.disconnect":
                     return None, []
                 raise _Close(p.CLOSE_UNSUPPORTED_DATA, "text frames are not supported; send binary")
+            self.counters.messages_in += 1
+            self.counters.bytes_in += len(data)
             await self._throttle(rate, len(data))
             if len(data) > settings.preauth_max_bytes:
                 raise _Close(p.CLOSE_TOO_BIG, "message too large before authentication")
@@ -486,6 +560,7 @@ class App:
     ) -> None:
         receive = ws.receive
         max_bytes = self.settings.max_message_bytes
+        counters = self.counters
         try:
             for msg in pending:
                 await self._handle(peer, room, state, msg, session)
@@ -502,6 +577,8 @@ class App:
                         return
                     peer.close(p.CLOSE_UNSUPPORTED_DATA, "text frames are not supported; send binary")
                     return
+                counters.messages_in += 1
+                counters.bytes_in += len(data)
                 if len(data) > max_bytes:
                     peer.close(p.CLOSE_TOO_BIG, f"message exceeds {max_bytes} bytes")
                     return
@@ -597,6 +674,29 @@ class App:
                 return
 
 
+def _loopback(conn: HTTPConnection) -> bool:
+    """The request comes from this machine (after X-Forwarded-For from a trusted proxy)."""
+    import ipaddress
+
+    host = conn.client.host if conn.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """HTTP errors as JSON: ``{"error": "..."}``."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _json_stderr_warning(message: str, *args: Any) -> None:
+    logs.announce(message % args, "json", level="warning", stream=sys.stderr)
+
+
 def _stderr_warning(message: str, *args: Any) -> None:
     print(message % args, file=sys.stderr, flush=True)
 
@@ -621,7 +721,7 @@ def create_app(
     if extensions is None:
         extensions = default_extensions(settings)
     core = App(settings, store, authenticator, extensions)
-    app = Starlette(routes=core.routes(), lifespan=core.lifespan)
+    app = Starlette(routes=core.routes(), lifespan=core.lifespan, exception_handlers={HTTPException: _http_error})
     app.state.core = core
     return app
 

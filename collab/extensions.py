@@ -46,5 +46,9 @@ class Extension:
     async def stop(self) -> None:
         """Called once at shutdown, after rooms are flushed, before the store closes."""
 
-    async def check(self) -> None:
-        """Raise if the extension cannot serve (reported by /readyz)."""
+    async def check(self) -> str | None:
+        """Raise if the extension cannot serve (reported by /readyz, which then answers 503).
+
+        May return a short text to report instead of "ok" (e.g. a dependency
+        that is down but not required).
+        """

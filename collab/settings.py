@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line with workspace and user (recommended in production)"
+    )
 
     # Storage
     data_dir: Path = Path("./data")
@@ -117,6 +120,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Origin allowlist for websockets (comma-separated; '*' allows any). Empty: any in "
         "development mode, none (browsers refused) in jwt mode",
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="when set, /metrics needs 'Authorization: Bearer <this>' (otherwise it is open)"
     )
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted (uvicorn); '*' trusts all"

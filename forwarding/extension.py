@@ -154,6 +154,9 @@ class ForwardingExtension(Extension):
             return
         logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self.forwarder = Forwarder(self.settings, self.store, self._report)
+        counters = getattr(app, "counters", None)
+        if counters is not None:
+            self.forwarder.on_request = counters.observe_forward
         await self.forwarder.start()
         log.info(
             "forwarding accepted changes to %s (debounce %.0f ms, at most %.0f ms)",
@@ -165,6 +168,22 @@ class ForwardingExtension(Extension):
     async def stop(self) -> None:
         if self.forwarder is not None:
             await self.forwarder.stop()
+
+    async def check(self) -> str | None:
+        """Readiness: the data-source backend answers (when forwarding is on).
+
+        Raises while it is unreachable if COLLAB_READY_REQUIRES_BACKEND (the
+        default); otherwise only reports it.
+        """
+        if self.forwarder is None:
+            return None if self.settings.backend_url is None or not self.recording else "ok (forwarding not started)"
+        error = await self.forwarder.probe()
+        if error is None:
+            return None
+        message = f"backend {self.settings.backend_url} unreachable ({error})"
+        if self.settings.ready_requires_backend:
+            raise RuntimeError(message)
+        return f"ok; {message}, not required"
 
     # ---------------------------------------------------------- room events
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import time
@@ -40,6 +41,7 @@ from urllib.parse import quote
 
 import httpx
 
+from collab import logs
 from forwarding.settings import ForwardingSettings
 from persistence.base import StoreError
 from persistence.outbox import BACKEND_REFUSED, DEAD_LETTERED, DELIVERED, REFUSED, ChangeRecord, OutboxRow
@@ -49,6 +51,7 @@ log = logging.getLogger("collab.forwarder")
 RETRYABLE_4XX = {408, 425, 429}
 UNAVAILABLE = {502, 503, 504}  # like a refused connection: the backend as a whole is not there
 IDLE_LANE_SECONDS = 30.0
+PROBE_CACHE_SECONDS = 1.0  # readiness probes of the backend, at most one per this
 
 
 class SeedError(Exception):
@@ -121,6 +124,9 @@ class Forwarder:
         self._state_changed = asyncio.Event()  # set and replaced on each change of the above
         self._stopping = False
         self.stats = {"requests": 0, "delivered": 0, "refused": 0, "failures": 0, "dead": 0}
+        # Called with (seconds, HTTP status or None) after each request (metrics).
+        self.on_request: Callable[[float, int | None], None] | None = None
+        self._probe: tuple[float, str | None] | None = None  # (monotonic time, error or None)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -166,7 +172,10 @@ class Forwarder:
         if lane is None:
             lane = self.lanes[workspace] = _Lane(workspace)
         if (lane.task is None or lane.task.done()) and not self._stopping:
-            lane.task = asyncio.get_running_loop().create_task(self._run(lane), name=f"forward {workspace}")
+            # A context of its own: its log lines name the workspace, not the user whose change woke it.
+            lane.task = asyncio.get_running_loop().create_task(
+                self._run(lane), name=f"forward {workspace}", context=contextvars.Context()
+            )
         lane.wake.set()
         return lane
 
@@ -180,6 +189,29 @@ class Forwarder:
             "last_error": lane.last_error,
             "next_attempt_at": lane.next_try,
         }
+
+    async def probe(self) -> str | None:
+        """Whether the backend answers (for /readyz): None if it does, else why not.
+
+        Any answer but 502/503/504 counts (a 404 on the health path too). The
+        result is kept for PROBE_CACHE_SECONDS, so frequent readiness checks
+        cost the backend at most one request per second.
+        """
+        assert self.client is not None
+        now = time.monotonic()
+        if self._probe is not None and now - self._probe[0] < PROBE_CACHE_SECONDS:
+            return self._probe[1]
+        error: str | None = None
+        try:
+            response = await self.client.get(
+                self.settings.backend_health_path, timeout=min(1.5, self.settings.backend_timeout_seconds)
+            )
+            if response.status_code in UNAVAILABLE:
+                error = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = type(exc).__name__
+        self._probe = (time.monotonic(), error)
+        return error
 
     # ---------------------------------------------------------------- seeding
 
@@ -217,6 +249,7 @@ class Forwarder:
     # ------------------------------------------------------------------ lanes
 
     async def _run(self, lane: _Lane) -> None:
+        logs.bind(workspace=lane.workspace)
         try:
             await self._lane_loop(lane)
         except asyncio.CancelledError:
@@ -482,10 +515,15 @@ class Forwarder:
         assert self.client is not None
         self.stats["requests"] += 1
         async with self._limit:
+            started = time.perf_counter()
             try:
                 response = await self.client.put(url, json=payload, headers=headers)
             except httpx.HTTPError as exc:
+                if self.on_request is not None:
+                    self.on_request(time.perf_counter() - started, None)
                 return None, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, None
+            if self.on_request is not None:
+                self.on_request(time.perf_counter() - started, response.status_code)
         try:
             body: Any = response.json()
         except ValueError:

@@ -191,6 +191,9 @@ class Room:
         self.failed: str | None = None
         self.last_active = time.monotonic()
         self.stats = {"updates_in": 0, "frames_out": 0, "flushes": 0}
+        # Server-wide counters (collab.metrics.Counters), set by the app; None in bare rooms.
+        self.metrics: Any = None
+        self._first_pending_at: float | None = None  # perf_counter() of the oldest update not yet flushed
 
     # ------------------------------------------------------------- loading
 
@@ -297,6 +300,11 @@ class Room:
     def _receive_update(self, ps: PeerState, update: bytes) -> None:
         ps.updates_received += 1
         self.stats["updates_in"] += 1
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.updates_in += 1
+            if self._first_pending_at is None:
+                self._first_pending_at = time.perf_counter()
         refusal = None
         if update != p.EMPTY_UPDATE:
             if ps.read_only:
@@ -304,6 +312,8 @@ class Room:
             elif self._too_large(update):
                 refusal = "document_too_large"
         if refusal is not None:
+            if metrics is not None:
+                metrics.updates_refused += 1
             self._refuse_update(ps, update, refusal)
         elif update != p.EMPTY_UPDATE:
             ranges = self._check_client_update(update)
@@ -756,6 +766,16 @@ class Room:
                 for frame in frames:
                     peer.send(frame)
             self.stats["frames_out"] += len(frames) * len(self.peers)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.flushes += 1
+            if frames:
+                metrics.frames_queued += len(frames) * len(self.peers)
+            if self._first_pending_at is not None:
+                # Fan-out latency: the oldest update of this flush, from its arrival
+                # until it sits in every peer's queue (observed once per flush).
+                metrics.fanout.observe(time.perf_counter() - self._first_pending_at)
+                self._first_pending_at = None
         if self._to_store or self._to_ack or self._staged:
             updates, acks, staged = self._to_store, self._to_ack, self._staged
             self._to_store, self._to_ack, self._staged = [], {}, []
@@ -764,14 +784,19 @@ class Room:
             )
 
     async def _persist(self, updates: list[bytes], acks: dict[PeerState, int], previous, staged=None) -> None:
+        started = time.perf_counter()
         try:
             if staged:
                 seq = await self.store.append(self.workspace_id, updates, outbox=staged)
             else:
                 seq = await self.store.append(self.workspace_id, updates) if updates else None
         except StoreError as exc:
+            if self.metrics is not None:
+                self.metrics.store_errors += 1
             self._fail(f"storage failure: {exc}")
             return
+        if self.metrics is not None and (updates or staged):
+            self.metrics.store_append.observe(time.perf_counter() - started)
         if previous is not None:
             await asyncio.wait([previous])  # acks leave in the order updates arrived
         if self.failed:
