@@ -291,7 +291,7 @@ class RedisDocumentStore:
             forward = any(r.forward for r in records)
             if forward:
                 pipe = self._r().pipeline(transaction=False)
-                self._append(keys=keys, args=args, client=pipe)
+                await self._append(keys=keys, args=args, client=pipe)
                 pipe.sadd(OUTBOX_INDEX, workspace_id)
                 result = (await pipe.execute())[0]
             else:
