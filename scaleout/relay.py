@@ -133,6 +133,16 @@ class Relay:
         while True:
             self._prune()
             if not self.follows:
+                if not self.healthy:
+                    try:
+                        assert self.reader is not None
+                        await self.reader.ping()
+                        await self._recovered()
+                    except (RedisError, StoreError, OSError) as exc:
+                        self.error = f"{type(exc).__name__}: {exc}"
+                        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                        delay = min(delay * 2, 5.0)
+                        continue
                 self._wake.clear()
                 try:
                     async with asyncio.timeout(1.0):

@@ -161,12 +161,20 @@ async def test_3_redis_restart_with_aof_loses_nothing_acked(server_factory, redi
     await cb.until(lambda: cb.closed.is_set() or cb.updates_saved >= cb.updates_sent, WAIT, "refusal")
     assert cb.updates_saved < cb.updates_sent or cb.closed.is_set()
     redis.start()
-    await eventually(
-        lambda: all(httpx.get(f"{n.http_url}/readyz", timeout=5).status_code == 200 for n in (a, b, c)),
-        WAIT,
-        0.2,
-        "nodes ready again",
-    )
+    last: dict = {}
+
+    def all_ready() -> bool:
+        for n in (a, b, c):
+            r = httpx.get(f"{n.http_url}/readyz", timeout=5)
+            last[n.port] = r.text
+            if r.status_code != 200:
+                return False
+        return True
+
+    try:
+        await eventually(all_ready, WAIT, 0.2, "nodes ready again")
+    except TimeoutError:
+        raise AssertionError(f"not ready: {last}") from None
     for client, node, user in ((ca, a, "ann"), (cb, b, "ben")):
         if client.closed.is_set():
             reconnect_to(client, node, ws, user)
