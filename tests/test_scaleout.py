@@ -46,6 +46,12 @@ def three_nodes(server_factory, redis, **extra: str):
     return [server_factory(node_env(redis, n, **extra), name=n) for n in ("a", "b", "c")]
 
 
+def redis_client(redis):
+    import redis as redis_lib
+
+    return redis_lib.Redis(host="127.0.0.1", port=redis.port, socket_timeout=5)
+
+
 def items(client: CollabClient) -> dict:
     return dict(client.doc.get("items", type=pycrdt.Map).to_py() or {})
 
@@ -62,7 +68,8 @@ async def fresh_view(node, workspace: str) -> dict:
 
 async def test_1_thirty_clients_on_three_nodes_converge(server_factory, redis_factory):
     redis = redis_factory(appendonly=True)
-    nodes = three_nodes(server_factory, redis)
+    # Compaction every 25 updates: snapshots are written and streams trimmed while nodes relay.
+    nodes = three_nodes(server_factory, redis, COLLAB_COMPACT_EVERY_UPDATES="25")
     rng = random.Random(6)
     ws = "ds-scale-converge"
     clients = []
@@ -70,7 +77,6 @@ async def test_1_thirty_clients_on_three_nodes_converge(server_factory, redis_fa
         c = CollabClient(nodes[i % 3].ws_url, ws, hello=True, query=f"user=u{i}")
         await c.connect(timeout=WAIT)
         clients.append(c)
-    acked: dict[str, int] = {}  # key -> value, from edits whose `saved` ack arrived
     for round_ in range(8):
         for i, c in enumerate(clients):
             if c.closed.is_set():
@@ -99,6 +105,11 @@ async def test_1_thirty_clients_on_three_nodes_converge(server_factory, redis_fa
     await asyncio.gather(*(c.until(lambda c=c: items(c) == expected, WAIT, "convergence") for c in clients))
     for node in nodes:
         assert await fresh_view(node, ws) == expected
+    r = redis_client(redis)
+    appended = int(r.hget("{ws:" + ws + "}:doc", "last_seq"))
+    assert r.hget("{ws:" + ws + "}:doc", "snapshot") is not None
+    assert r.xlen("{ws:" + ws + "}:updates") < appended  # trimmed once compacted
+    r.close()
     await close_all(*clients)
 
 
@@ -115,12 +126,19 @@ async def test_2_a_killed_node_loses_nothing_acked_and_leaves_no_ghosts(server_f
         v.doc.get("items", type=pycrdt.Map)[f"v{i}"] = i
     await asyncio.gather(*(v.wait_saved(WAIT) for v in victims))
     await until_users(watcher, {"watcher", "v0", "v1", "v2"}, WAIT)
+    # Awareness (cursors) of node a's clients reaches node b through the relay.
+    for v in victims:
+        await v.set_awareness({"cursor": v.client_id})
+    ids = {v.client_id for v in victims}
+    await watcher.until(lambda: ids <= set(watcher.peer_states()), WAIT, "relayed awareness")
     # Unacknowledged edits too: they must survive through the client's own copy.
     victims[1].doc.get("items", type=pycrdt.Map)["late"] = "x"
     a.kill()
     killed = time.monotonic()
     took = await until_users(watcher, {"watcher"}, PRESENCE_TTL + 5, "killed node's participants gone")
     assert took <= PRESENCE_TTL + 3
+    # Their relayed awareness states go too, within the relay's awareness TTL (5 s here).
+    await watcher.until(lambda: not ids & set(watcher.peer_states()), 5 + 3, "relayed awareness expired")
     # The lock lapses within its TTL: another node's client gets it.
     taker = await person(c.ws_url, ws, "taker")
     reply = await taker.acquire_lock("name", wait=LOCK_TTL + 2)
