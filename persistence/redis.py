@@ -1,7 +1,9 @@
 """Redis document store: the durable store of a scale-out deployment.
 
-Every key of a workspace shares the hash tag ``{ws:<id>}`` (one Redis Cluster
-slot), so each multi-key write is one atomic script:
+Every key of a workspace starts with ``collab:ws:{<id>}``: the hash tag
+``{<id>}`` is the one the lock and presence keys of the workspace carry too,
+so a Redis Cluster keeps all of them in one slot, and each multi-key write
+is one atomic script. Below, ``{ws:X}`` stands for ``collab:ws:{X}``:
 
 * ``{ws:X}:doc``      hash: ``snapshot``, ``snapshot_seq``, ``last_seq``
 * ``{ws:X}:updates``  stream: one entry per raw update, id ``0-<seq>``, fields
@@ -134,7 +136,8 @@ return 0
 
 
 def tag(workspace: str) -> str:
-    return "{ws:" + workspace + "}"
+    """Key prefix of a workspace: ``collab:ws:{W}`` (the hash tag ``{W}`` is the one locks and presence use)."""
+    return "collab:ws:{" + workspace + "}"
 
 
 def updates_key(workspace: str) -> str:

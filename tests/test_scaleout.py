@@ -106,9 +106,9 @@ async def test_1_thirty_clients_on_three_nodes_converge(server_factory, redis_fa
     for node in nodes:
         assert await fresh_view(node, ws) == expected
     r = redis_client(redis)
-    appended = int(r.hget("{ws:" + ws + "}:doc", "last_seq"))
-    assert r.hget("{ws:" + ws + "}:doc", "snapshot") is not None
-    assert r.xlen("{ws:" + ws + "}:updates") < appended  # trimmed once compacted
+    appended = int(r.hget("collab:ws:{" + ws + "}:doc", "last_seq"))
+    assert r.hget("collab:ws:{" + ws + "}:doc", "snapshot") is not None
+    assert r.xlen("collab:ws:{" + ws + "}:updates") < appended  # trimmed once compacted
     r.close()
     await close_all(*clients)
 
