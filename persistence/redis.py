@@ -187,7 +187,9 @@ class RedisDocumentStore:
             timeout=self.timeout,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
-            health_check_interval=10,
+            # A connection idle for a second is pinged (and replaced) before use, so the
+            # first append after Redis restarted does not fail on a stale socket.
+            health_check_interval=1,
         )
         self.client = aioredis.Redis(connection_pool=pool)
         self._append = self.client.register_script(_APPEND)

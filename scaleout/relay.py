@@ -230,6 +230,7 @@ class Relay:
                 stored.last_seq,
                 max(follow.seq, room.durable_seq),
             )
+            room.durable_seq = stored.last_seq
             room.restore_to_store()
         if stored.snapshot is not None:
             room.apply_remote(stored.snapshot)

@@ -211,6 +211,36 @@ async def test_3_redis_restart_with_aof_loses_nothing_acked(server_factory, redi
     await close_all(ca, cb)
 
 
+async def test_3b_redis_restarted_empty_gets_the_open_rooms_back(server_factory, redis_factory):
+    """Redis lost everything (no AOF, or wiped): nodes that hold the room write it back."""
+    redis = redis_factory(appendonly=True)
+    a, b, c = three_nodes(server_factory, redis)
+    ws = "ds-scale-wiped"
+    ca = await CollabClient(a.ws_url, ws, hello=True, query="user=ann").connect(timeout=WAIT)
+    cb = await CollabClient(b.ws_url, ws, hello=True, query="user=ben").connect(timeout=WAIT)
+    ca.doc.get("items", type=pycrdt.Map)["kept"] = 1
+    await ca.wait_saved(WAIT)
+    await cb.until(lambda: items(cb).get("kept") == 1, WAIT, "relay")
+    redis.kill()
+    redis.wipe()
+    redis.start()
+
+    async def restored() -> bool:
+        try:
+            return await fresh_view(c, ws) == {"kept": 1}
+        except Exception:
+            return False
+
+    deadline = time.monotonic() + WAIT
+    while not await restored():
+        assert time.monotonic() < deadline, "the open rooms' state was not written back"
+        await asyncio.sleep(0.2)
+    cb.doc.get("items", type=pycrdt.Map)["after"] = 2
+    await cb.wait_saved(WAIT)
+    await ca.until(lambda: items(ca) == {"kept": 1, "after": 2}, WAIT, "relay after the wipe")
+    await close_all(ca, cb)
+
+
 @pytest.fixture
 def backend(tmp_path):
     proc = BackendProcess(tmp_path / "backend.sqlite3", tmp_path / "backend.log").start()
