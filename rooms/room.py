@@ -297,6 +297,8 @@ class Room:
         if refusal is not None:
             self._refuse_update(ps, update, refusal)
         elif update != p.EMPTY_UPDATE:
+            if self.relay is not None:
+                update = self._cut_relayed(update)
             ranges = self._check_client_update(update)
             self.size_bytes += len(update)
             self._size_exact = False
@@ -735,6 +737,25 @@ class Room:
         """Store the whole document again (the store lost writes this room holds)."""
         self._to_store.append(self.doc.get_update())
         self._schedule_flush()
+
+    def _cut_relayed(self, update: bytes) -> bytes:
+        """Drop what the relay brought in meanwhile from a client's own update.
+
+        With several nodes, a client that reconnects here answers our step 1
+        with everything past the state vector we sent; its earlier updates
+        (accepted by the node it left) may reach this room through the relay
+        in between, so the answer restates part of what we now have. Cut at
+        our state vector, it is a clean continuation again.
+        """
+        if update[:1] == b"\x00":
+            return update
+        try:
+            known = self._state_vector()
+            if any(start < known.get(client, 0) < end for client, start, end in ystructs.shape(update).ranges):
+                return pycrdt.get_update(update, self.doc.get_state())
+        except (ValueError, RuntimeError, p.ProtocolError):
+            pass
+        return update
 
     def _remote_peer(self, node: str) -> PeerState:
         ps = self._remote_peers.get(node)

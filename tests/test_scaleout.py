@@ -276,3 +276,33 @@ async def test_4_a_workspace_moving_from_node_a_to_b_forwards_exactly_once(serve
     applied_ranges_cover(log["applied"], status["recorded_seq"])
     assert backend.data_source(ws)["config"]["description"] == "from b 4"
     await cb.close()
+
+
+async def test_a_reconnecting_clients_step2_overlapping_relayed_updates_is_accepted(tmp_path):
+    """Its earlier updates reached this node through the relay between our step 1 and its step 2."""
+    from collab import protocol as p
+    from persistence.sqlite import SQLiteDocumentStore
+    from rooms.room import Room
+    from tests.test_room import FakePeer
+
+    store = SQLiteDocumentStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        room = Room("ds-cut", store)
+        await room.load()
+        room.relay = object()  # scale-out mode (publish_awareness is not reached here)
+        peer = FakePeer("reconnected")
+        ps = room.join(peer)
+        client = pycrdt.Doc()
+        updates: list[bytes] = []
+        client.observe(lambda e: updates.append(e.update))
+        m = client.get("items", type=pycrdt.Map)
+        m["a"] = 1
+        m["b"] = 2
+        room.apply_remote(updates[0], 1)  # accepted by the node the client left
+        room.receive(ps, p.SyncStep2(client.get_update()))  # its answer to our (older) step 1
+        await room.drain()
+        assert room.doc.get("items", type=pycrdt.Map).to_py() == {"a": 1.0, "b": 2.0}
+        assert not peer.closed
+    finally:
+        await store.close()
