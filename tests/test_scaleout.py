@@ -16,7 +16,13 @@ import pycrdt
 import pytest
 
 from collab.client import CollabClient
-from tests.forwarding_support import FAST_FORWARDING, BackendProcess, applied_ranges_cover, forward_status
+from tests.forwarding_support import (
+    FAST_FORWARDING,
+    BackendProcess,
+    applied_ranges_cover,
+    forward_status,
+    history,
+)
 from tests.presence_support import close_all, person, until_users
 from tests.support import eventually
 
@@ -275,6 +281,11 @@ async def test_4_a_workspace_moving_from_node_a_to_b_forwards_exactly_once(serve
     log = backend.log_of(ws)
     applied_ranges_cover(log["applied"], status["recorded_seq"])
     assert backend.data_source(ws)["config"]["description"] == "from b 4"
+    # One audit trail too: node b reports the changes accepted on node a.
+    entries = history(b, ws)
+    accepted = [e for e in entries if e["kind"] == "accepted"]
+    assert len(accepted) == 10 and all(e["forward_status"] == "delivered" for e in accepted)
+    assert [e["author"]["id"] for e in accepted] == ["ann"] * 5 + ["ben"] * 5
     await cb.close()
 
 
