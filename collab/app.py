@@ -50,22 +50,20 @@ WORKSPACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 # Control messages that need a role, checked before any handler sees them (a
-# second line of defence: handlers check the role too). Any other `lock.*`
-# message needs the editor role; `*force*` lock messages need admin.
+# second line of defence: the lock extension checks roles too, and answers in
+# the same form). `lock.*force*` messages need admin.
 CONTROL_ROLES: dict[str, str] = {
     "lock.acquire": "editor",
     "lock.release": "editor",
     "lock.renew": "editor",
     "lock.force_release": "admin",
-    "lock.force-release": "admin",
-    "lock.forceRelease": "admin",
 }
 
 
 def required_role(control_type: str) -> str | None:
     role = CONTROL_ROLES.get(control_type)
-    if role is None and control_type.startswith("lock."):
-        role = "admin" if "force" in control_type.lower() else "editor"
+    if role is None and control_type.startswith("lock.") and "force" in control_type.lower():
+        role = "admin"
     return role
 
 
@@ -497,6 +495,7 @@ class App:
                 if peer.closed.done():
                     return
             pending.clear()
+            handled = 0
             while True:
                 message = await receive()
                 data = message.get("bytes")
@@ -513,6 +512,13 @@ class App:
                 await self._handle(peer, room, state, p.decode_message(data), session)
                 if peer.closed.done():
                     return
+                handled += 1
+                if handled % 4 == 0:
+                    # receive() doesn't suspend while uvicorn has messages queued: without
+                    # this, one client's burst (a TCP read can hold thousands of small
+                    # messages) would run to the end before any flush, ack or other
+                    # connection got a turn.
+                    await asyncio.sleep(0)
         except p.ProtocolError as exc:
             peer.close(exc.code, exc.reason)
         except _Close as exc:
@@ -532,14 +538,15 @@ class App:
                 return
             role = required_role(msg.type)
             if role is not None and state.wants_control and not has_role(state.identity, role):
-                state.control(
-                    {
-                        "type": "error",
-                        "code": "forbidden",
-                        "message": f"{msg.type} needs the {role} role",
-                        **({"id": msg.body["id"]} if "id" in msg.body else {}),
-                    }
-                )
+                body: dict[str, Any] = {
+                    "type": "lock.error" if msg.type.startswith("lock.") else "error",
+                    **({"id": msg.body["id"]} if "id" in msg.body else {}),
+                    "code": "forbidden",
+                    "message": f"{msg.type} needs the {role} role",
+                }
+                if isinstance(msg.body.get("path"), str):
+                    body["path"] = msg.body["path"]
+                state.control(body)
                 return
         was_opted_in = state.wants_control
         room.receive(state, msg)

@@ -27,7 +27,18 @@ import pycrdt
 from collab import protocol as p
 from persistence.base import DocumentStore, StoreError
 from rooms import ystructs
-from rooms.config import Changes, Rejection, UpdateGuard, config_snapshot, diff, restore
+from rooms.config import (
+    Changes,
+    Rejection,
+    UpdateGuard,
+    changes_at,
+    config_map,
+    config_snapshot,
+    diff,
+    reread,
+    restore,
+    touched_paths,
+)
 
 log = logging.getLogger("collab.room")
 
@@ -148,6 +159,8 @@ class Room:
         self._awareness_filters = [x.filter_awareness for x in self.listeners if hasattr(x, "filter_awareness")]
         # Plain view of the `config` map, kept only when someone looks at it.
         self.config_view: dict[str, Any] = {}
+        self._config_touched: set[str] = set()
+        self._config_sub = None
         self._applying_client_update = False
         self._applying_remote = False
         self.relay: Any = None  # scale-out relay (scaleout/relay.py) when several nodes share Redis
@@ -200,6 +213,10 @@ class Room:
         self._to_store.clear()
         if self._tracks_config:
             self.config_view = config_snapshot(self.doc)
+            # From here on the view is kept up to date from the document's
+            # own events: only the paths a transaction touched are re-read.
+            self._config_touched = set()
+            self._config_sub = config_map(self.doc).observe_deep(self._on_config_events)
         self.durable_seq = stored.last_seq
         self.loaded_seq = stored.last_seq
         self._snapshot_seq = stored.snapshot_seq
@@ -419,6 +436,7 @@ class Room:
         self.size_bytes += len(net)  # tombstones and re-inserted content
         if self._tracks_config:
             self.config_view = config_snapshot(self.doc)
+            self._take_touched()
         self._tell_refused(ps, paths, reason)
         self._schedule_flush()
         if error is not None:
@@ -513,13 +531,25 @@ class Room:
     def _tracks_config(self) -> bool:
         return bool(self.guards) or any(hasattr(x, "on_config_change") for x in self.listeners)
 
+    def _on_config_events(self, events: list[Any]) -> None:
+        touched_paths(events, self._config_touched)
+
+    def _take_touched(self) -> set[str]:
+        touched, self._config_touched = self._config_touched, set()
+        return touched
+
     def _check_config(self, ps: PeerState | None) -> None:
         """Run the guards over what an update changed; compensate rejections."""
-        old = self.config_view
-        new = config_snapshot(self.doc)
-        if new == old:
+        touched = self._take_touched()
+        if not touched:
             return
-        changes = diff(old, new)
+        old = self.config_view
+        cfg = config_map(self.doc)
+        new = reread(cfg, old, touched)
+        changes = changes_at(old, new, touched)
+        if not changes:
+            self.config_view = new
+            return
         rejections: list[Rejection] = []
         attempted = changes
         for guard in self.guards:
@@ -531,8 +561,10 @@ class Room:
                 for rejection in found:
                     for path in rejection.paths:
                         restore(self.doc, path, old)
-            new = config_snapshot(self.doc)
-            changes = diff(old, new)
+            more = self._take_touched()
+            new = reread(cfg, new, more)
+            touched |= more
+            changes = changes_at(old, new, touched)
             if not changes:
                 break
         self.config_view = new
@@ -548,13 +580,13 @@ class Room:
 
     def change_config(self, fn: Callable[[pycrdt.Map], None], author: PeerState | None = None) -> None:
         """Make a server-side change to the configuration map (stored and broadcast)."""
-        from rooms.config import config_map
-
         with self.doc.transaction(origin="server"):
             fn(config_map(self.doc))
         if self._tracks_config:
-            new = config_snapshot(self.doc)
-            changes = diff(self.config_view, new)
+            touched = self._take_touched()
+            old = self.config_view
+            new = reread(config_map(self.doc), old, touched)
+            changes = changes_at(old, new, touched)
             self.config_view = new
             if changes:
                 self._emit("on_config_change", author, changes, new)
@@ -726,8 +758,11 @@ class Room:
             self._sv = None
         self.size_bytes += len(update)
         self._size_exact = False
-        if self._tracks_config:
-            self.config_view = config_snapshot(self.doc)
+        if self._tracks_config and self.loaded:
+            # Keep the view current (re-read only what the relayed update touched).
+            touched = self._take_touched()
+            if touched:
+                self.config_view = reread(config_map(self.doc), self.config_view, touched)
         if seq is not None:
             self.durable_seq = max(self.durable_seq, seq)
         if self._outgoing:
