@@ -41,7 +41,7 @@ from collab.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from collab.metrics import Metrics, close_kind
 from collab.security import ConnectionLimiter, OriginPolicy, RateExceeded, RateLimiter
 from collab.settings import Settings
-from persistence.base import DocumentStore
+from persistence.base import DocumentStore, StoreError
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.manager import RoomLimitReached, RoomManager
 from rooms.room import PeerState, Room, RoomConfig
@@ -121,6 +121,10 @@ class App:
             "rate_limited": 0,
         }
         self._last_refusal_log = 0.0
+        if store is None and settings.uses_redis_store:
+            from persistence.redis import RedisDocumentStore
+
+            store = RedisDocumentStore(settings.redis_url, settings.node_id, timeout=settings.redis_timeout_seconds)
         self.store: DocumentStore = store or SQLiteDocumentStore(
             settings.database_path, synchronous=settings.sqlite_synchronous
         )
@@ -440,6 +444,10 @@ class App:
         except RoomLimitReached:
             await self._close(ws, p.CLOSE_TRY_AGAIN, "room limit reached on this server; try again or another node")
             return
+        except StoreError as exc:
+            log.error("cannot load workspace %s: %s", workspace_id, exc)
+            await _close(ws, p.CLOSE_TRY_AGAIN, "storage unavailable; reconnect shortly")
+            return
         except Exception:
             log.exception("cannot load workspace %s", workspace_id)
             await self._close(ws, p.CLOSE_INTERNAL_ERROR, "cannot load workspace")
@@ -729,6 +737,10 @@ def create_app(
 def default_extensions(settings: Settings) -> list[Extension]:
     """The features a server built from settings runs with, in hook order."""
     extensions: list[Extension] = []
+    if settings.uses_redis_store:
+        from scaleout.relay import RelayExtension
+
+        extensions.append(RelayExtension(settings))
     from presence.extension import PresenceExtension
 
     # Presence first: it stamps awareness states before anything else sees them.

@@ -56,6 +56,21 @@ class Settings(BaseSettings):
         description="this server's name in rosters and logs; unique per running process",
     )
 
+    store: Literal["auto", "sqlite", "redis"] = Field(
+        "auto", description="document store; auto = redis when redis_url is set, else sqlite"
+    )
+    redis_timeout_seconds: float = Field(
+        2.0, gt=0, description="Redis socket timeout of the store: a dead Redis is noticed this fast"
+    )
+    relay_block_ms: int = Field(1000, ge=10, le=30_000, description="XREAD BLOCK of the relay reader")
+    relay_awareness_ttl_seconds: float = Field(
+        30.0, ge=1, description="a relayed awareness state not refreshed this long (its node died) is removed"
+    )
+
+    @property
+    def uses_redis_store(self) -> bool:
+        return self.store == "redis" or (self.store == "auto" and bool(self.redis_url))
+
     # Rooms
     flush_interval_ms: float = Field(
         0.0, ge=0, le=1000, description="merge window for broadcasts; 0 merges what arrives in one loop turn"
@@ -179,6 +194,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value):
         return _split_list(value)
+
+    @model_validator(mode="after")
+    def _check_store(self) -> Settings:
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError("COLLAB_STORE=redis needs COLLAB_REDIS_URL")
+        return self
 
     @model_validator(mode="after")
     def _check_auth(self) -> Settings:

@@ -52,6 +52,8 @@ RETRYABLE_4XX = {408, 425, 429}
 UNAVAILABLE = {502, 503, 504}  # like a refused connection: the backend as a whole is not there
 IDLE_LANE_SECONDS = 30.0
 PROBE_CACHE_SECONDS = 1.0  # readiness probes of the backend, at most one per this
+LEASE_MS = 10_000  # forwarding lease of a workspace (shared outbox, several nodes)
+SWEEP_SECONDS = 2.0  # shared outbox: how often a node looks for rows other nodes wrote
 
 
 class SeedError(Exception):
@@ -127,6 +129,10 @@ class Forwarder:
         # Called with (seconds, HTTP status or None) after each request (metrics).
         self.on_request: Callable[[float, int | None], None] | None = None
         self._probe: tuple[float, str | None] | None = None  # (monotonic time, error or None)
+        # Several nodes share the outbox (Redis store): deliveries need the workspace's lease.
+        self._leased = callable(getattr(store, "forward_lease", None))
+        self.node_id = getattr(store, "node_id", "local")
+        self._sweeper: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,11 +151,18 @@ class Forwarder:
             ),
         )
         # Whatever a previous run left undelivered (a crash included) goes out now.
-        for workspace in await self.store.outbox_workspaces():
-            self.wake(workspace)
+        try:
+            for workspace in await self.store.outbox_workspaces():
+                self.wake(workspace)
+        except StoreError as exc:  # the sweep (shared store) or the next change picks them up
+            log.warning("cannot read the outbox at start: %s", exc)
+        if self._leased:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="outbox sweep")
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         lanes = [lane.task for lane in self.lanes.values() if lane.task is not None]
         for task in lanes:
             task.cancel()
@@ -293,8 +306,61 @@ class Forwarder:
                         await asyncio.wait_for(lane.wake.wait(), remaining)
                 if waited:
                     continue  # read again: more changes may have come
+            if self._leased:
+                await self._deliver_leased(lane)
+                continue
             batch = self._batch(rows)
             await self._deliver(lane, batch)
+
+    async def _deliver_leased(self, lane: _Lane) -> None:
+        """Several nodes share the outbox: only the holder of the workspace's lease delivers.
+
+        The lease covers one batch (claim, send, finish) and is renewed while
+        the batch is retried; a node that dies holding it loses it after
+        LEASE_MS, and the next holder re-sends the claimed batch with the
+        same Idempotency-Key.
+        """
+        owner = f"{self.node_id}/{id(lane)}"
+        try:
+            taken = await self.store.forward_lease(lane.workspace, owner, LEASE_MS)
+        except StoreError as exc:
+            log.warning("forwarding lease of %s unavailable: %s", lane.workspace, exc)
+            taken = False
+        if not taken:
+            lane.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.wake.wait(), LEASE_MS / 3000.0)
+            return
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(LEASE_MS / 3000.0)
+                with contextlib.suppress(StoreError):
+                    if not await self.store.forward_lease(lane.workspace, owner, LEASE_MS):
+                        log.warning("forwarding lease of %s lost while delivering", lane.workspace)
+
+        renewer = asyncio.get_running_loop().create_task(renew())
+        try:
+            rows = await self._pending(lane)
+            if rows:
+                await self._deliver(lane, self._batch(rows))
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(StoreError, asyncio.CancelledError):
+                await self.store.forward_lease_release(lane.workspace, owner)
+
+    async def _sweep(self) -> None:
+        """Shared outbox: wake a lane for every workspace with pending rows, whoever wrote them."""
+        while not self._stopping:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                workspaces = await self.store.outbox_workspaces()
+            except StoreError:
+                continue
+            for workspace in workspaces:
+                lane = self.lanes.get(workspace)
+                if lane is None or lane.task is None or lane.task.done():
+                    self.wake(workspace)
 
     async def _pending(self, lane: _Lane) -> list[OutboxRow]:
         delay = 0.5

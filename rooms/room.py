@@ -79,6 +79,7 @@ class PeerState:
     updates_acked: int = 0
     alive: bool = True
     last_seen: float = 0.0  # time.monotonic() of the last message received (liveness of lock holders)
+    remote: str | None = None  # node id: stands for the clients of another node (scale-out relay)
 
     @property
     def read_only(self) -> bool:
@@ -98,6 +99,7 @@ class AwarenessRecord:
     owner: PeerState | None
     seen_epoch: int = 0  # last room epoch at which this live state was sent out
     removed_at: float = 0.0
+    relayed_at: float = 0.0  # time.monotonic() of the last relayed refresh (remote owners only)
 
 
 ControlHandler = Callable[["Room", PeerState, p.Control], None]
@@ -160,6 +162,11 @@ class Room:
         self._config_touched: set[str] = set()
         self._config_sub = None
         self._applying_client_update = False
+        self._applying_remote = False
+        self.relay: Any = None  # scale-out relay (scaleout/relay.py) when several nodes share Redis
+        self.loaded_seq = 0  # the store's last sequence number when this room was loaded
+        self._remote_peers: dict[str, PeerState] = {}
+        self._remote_out: set[int] = set()  # awareness entries of this flush that came from other nodes
         self._refusing = False  # inside _refuse_update: doc events are not news
         # Encoded size of the document: exact after a measurement, an upper
         # bound (exact + bytes applied since) otherwise.
@@ -214,6 +221,7 @@ class Room:
             self._config_touched = set()
             self._config_sub = config_map(self.doc).observe_deep(self._on_config_events)
         self.durable_seq = stored.last_seq
+        self.loaded_seq = stored.last_seq
         self._snapshot_seq = stored.snapshot_seq
         self._tail_updates = len(stored.updates)
         self._tail_bytes = sum(len(u) for u in stored.updates)
@@ -316,6 +324,8 @@ class Room:
                 metrics.updates_refused += 1
             self._refuse_update(ps, update, refusal)
         elif update != p.EMPTY_UPDATE:
+            if self.relay is not None:
+                update = self._cut_relayed(update)
             ranges = self._check_client_update(update)
             self.size_bytes += len(update)
             self._size_exact = False
@@ -350,6 +360,10 @@ class Room:
         if self._refusing:
             return  # _refuse_update sends the net effect itself
         update = event.update
+        if self._applying_remote:
+            # Stored by the node that accepted it: only broadcast here.
+            self._outgoing.append(update)
+            return
         if self._applying_client_update:
             self._client_delta = update
         else:
@@ -674,6 +688,14 @@ class Room:
                     ps.client_ids.add(cid)
                     self._awareness_out[cid] = p.AwarenessEntry(cid, clock, entry.state)
                     accepted.append(entry)
+            elif rec.owner.remote is not None:
+                # Relayed from another node: the client now talks to us (it
+                # reconnected here); a newer clock takes the entry over.
+                if entry.clock > rec.clock and entry.state is not None:
+                    rec.clock, rec.state, rec.owner = entry.clock, entry.state, ps
+                    ps.client_ids.add(cid)
+                    self._awareness_out[cid] = entry
+                    accepted.append(entry)
             elif entry.clock > rec.clock and not _same_user(ps, rec.owner):
                 # Owned by another user's live connection, with a clock its owner
                 # never sent: not an echo but a claim on someone else's client id.
@@ -729,6 +751,114 @@ class Room:
                 }
             )
 
+    # ------------------------------------------------------ scale-out relay
+
+    def apply_remote(self, update: bytes, seq: int | None = None) -> None:
+        """An update another node accepted and stored: apply and broadcast, nothing else.
+
+        No guards (they ran on the node that accepted it), no store append,
+        no acks, no config listeners (that node recorded and forwards it).
+        """
+        self._applying_remote = True
+        try:
+            with self.doc.transaction(origin="remote"):
+                self.doc.apply_update(update)
+        except (ValueError, RuntimeError) as exc:
+            log.error("relayed update for %s does not apply: %s", self.workspace_id, exc)
+        finally:
+            self._applying_remote = False
+            self._sv = None
+        self.size_bytes += len(update)
+        self._size_exact = False
+        if self._tracks_config and self.loaded:
+            # Keep the view current (re-read only what the relayed update touched).
+            touched = self._take_touched()
+            if touched:
+                self.config_view = reread(config_map(self.doc), self.config_view, touched)
+        if seq is not None:
+            self.durable_seq = max(self.durable_seq, seq)
+        if self._outgoing:
+            self._schedule_flush()
+
+    def restore_to_store(self) -> None:
+        """Store the whole document again (the store lost writes this room holds)."""
+        self._to_store.append(self.doc.get_update())
+        self._schedule_flush()
+
+    def _cut_relayed(self, update: bytes) -> bytes:
+        """Drop what the relay brought in meanwhile from a client's own update.
+
+        With several nodes, a client that reconnects here answers our step 1
+        with everything past the state vector we sent; its earlier updates
+        (accepted by the node it left) may reach this room through the relay
+        in between, so the answer restates part of what we now have. Cut at
+        our state vector, it is a clean continuation again.
+        """
+        if update[:1] == b"\x00":
+            return update
+        try:
+            known = self._state_vector()
+            if any(start < known.get(client, 0) < end for client, start, end in ystructs.shape(update).ranges):
+                return pycrdt.get_update(update, self.doc.get_state())
+        except (ValueError, RuntimeError, p.ProtocolError):
+            pass
+        return update
+
+    def _remote_peer(self, node: str) -> PeerState:
+        ps = self._remote_peers.get(node)
+        if ps is None:
+            ps = PeerState(peer=_RemotePeer(node), epoch=0, remote=node)
+            self._remote_peers[node] = ps
+        return ps
+
+    def apply_remote_awareness(self, node: str, entries: list[p.AwarenessEntry]) -> None:
+        """Awareness relayed from another node (states of its clients); newer clocks win."""
+        owner = self._remote_peer(node)
+        now = time.monotonic()
+        changed = False
+        for entry in entries:
+            cid = entry.client_id
+            rec = self.awareness.get(cid)
+            if rec is None:
+                if entry.state is None:
+                    continue
+                rec = self.awareness[cid] = AwarenessRecord(entry.clock, entry.state, owner)
+            elif rec.owner is not None and rec.owner.remote is None:
+                continue  # one of our own connections owns it
+            elif entry.clock == rec.clock and rec.owner is owner and entry.state is not None:
+                rec.relayed_at = now  # heartbeat: still alive on its node
+                continue
+            elif entry.clock > rec.clock or (
+                entry.clock == rec.clock and entry.state is None and rec.state is not None
+            ):
+                rec.clock, rec.state = entry.clock, entry.state
+                rec.owner = owner if entry.state is not None else None
+                if entry.state is None:
+                    rec.removed_at = now
+            else:
+                continue
+            rec.relayed_at = now
+            self._awareness_out[cid] = p.AwarenessEntry(cid, rec.clock, rec.state)
+            self._remote_out.add(cid)
+            changed = True
+        if changed:
+            self._schedule_flush()
+
+    def expire_remote_awareness(self, ttl: float) -> None:
+        """Drop relayed states not refreshed within ``ttl`` seconds (their node died)."""
+        now = time.monotonic()
+        for cid, rec in self.awareness.items():
+            if rec.owner is not None and rec.owner.remote is not None and now - rec.relayed_at > ttl:
+                rec.owner = None
+                rec.removed_at = now
+                if rec.state is not None:
+                    rec.clock += 1
+                    rec.state = None
+                    self._awareness_out[cid] = p.AwarenessEntry(cid, rec.clock, None)
+                    self._remote_out.add(cid)
+        if self._awareness_out:
+            self._schedule_flush(immediate=True)
+
     # -------------------------------------------------------------- flush
 
     def _schedule_flush(self, immediate: bool = False) -> None:
@@ -757,6 +887,11 @@ class Room:
             entries = list(self._awareness_out.values())
             self._awareness_out = {}
             frames.append(p.encode_awareness(entries))
+            if self.relay is not None:
+                local = [e for e in entries if e.client_id not in self._remote_out]
+                if local:
+                    self.relay.publish_awareness(self, local)
+            self._remote_out.clear()
             for entry in entries:
                 rec = self.awareness.get(entry.client_id)
                 if rec is not None and rec.state is not None:
@@ -874,6 +1009,19 @@ class Room:
         stale = [cid for cid, rec in self.awareness.items() if rec.owner is None and rec.removed_at < horizon]
         for cid in stale:
             del self.awareness[cid]
+
+
+class _RemotePeer:
+    """Stands for another node's clients in awareness ownership; sends nothing."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def send(self, frame: bytes) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
 
 
 _REFUSED = "refused"  # transaction origin of updates applied only to be reverted
