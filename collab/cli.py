@@ -98,7 +98,10 @@ def serve(settings: Settings) -> int:
     )
     server = CollabServer(config, app.state.core, settings.shutdown_timeout)
     _announce_when_started(server, settings)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown: exit quietly
+        return 130
     return 0
 
 
