@@ -429,6 +429,12 @@ async def test_4_dropped_holder_frees_the_lock_within_ttl_and_wakes_the_waiter(s
     granted = await holder.command(cmd="acquire", path="connection")
     assert granted["type"] == "lock.granted"
     observer = await connect(node_b, room, "observer")
+    # The lock is known and enforced on the observer's node (with Redis: another node).
+    state = await observer.request({"type": "lock.list"})
+    assert [(lock["path"], lock["holder"]) for lock in state["locks"]] == [("connection", granted["holder"])]
+    observer.doc.get("config", type=pycrdt.Map)["connection"] = pycrdt.Map({"host": "elsewhere"})
+    await observer.until(lambda: messages(observer, "rejected"), WAIT, "rejected on the other node")
+    assert messages(observer, "rejected")[0]["holder"] == granted["holder"]
     waiter = await connect(node_b, room, "waiter")
     waiting = asyncio.create_task(waiter.acquire_lock("connection", wait=10))
     await asyncio.sleep(0.2)
