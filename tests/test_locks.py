@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 
+import httpx
 import msgpack
 import pycrdt
 import pytest
@@ -163,6 +164,11 @@ async def test_acquire_conflict_release_and_broadcasts(server_factory):
     again = await bob.acquire_lock("connection.credentials")
     assert again["type"] == "lock.granted" and again["fence"] > granted["fence"]
     assert plain.control == []
+    # Operators' counters: admins only.
+    async with httpx.AsyncClient(timeout=5) as http:
+        assert (await http.get(f"{server.http_url}/admin/locks/stats?user=eve")).status_code == 403
+        stats = (await http.get(f"{server.http_url}/admin/locks/stats?user=root&role=admin")).json()
+    assert stats["backend"] == "memory" and stats["events"]["granted"] >= 3 and stats["held"] >= 1
     for client in (alice, bob, plain):
         await client.close()
 
