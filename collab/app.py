@@ -18,12 +18,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from collab import __version__
+from collab import __version__, logs
 from collab import protocol as p
+from collab.admin import AdminAPI
 from collab.auth import (
     CLOSE_FORBIDDEN,
     CLOSE_UNAUTHENTICATED,
@@ -36,9 +37,11 @@ from collab.auth import (
 )
 from collab.connection import WebSocketPeer
 from collab.extensions import Extension
+from collab.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from collab.metrics import Metrics, close_kind
 from collab.security import ConnectionLimiter, OriginPolicy, RateExceeded, RateLimiter
 from collab.settings import Settings
-from persistence.base import DocumentStore
+from persistence.base import DocumentStore, StoreError
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.manager import RoomLimitReached, RoomManager
 from rooms.room import PeerState, Room, RoomConfig
@@ -50,22 +53,20 @@ WORKSPACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 # Control messages that need a role, checked before any handler sees them (a
-# second line of defence: handlers check the role too). Any other `lock.*`
-# message needs the editor role; `*force*` lock messages need admin.
+# second line of defence: the lock extension checks roles too, and answers in
+# the same form). `lock.*force*` messages need admin.
 CONTROL_ROLES: dict[str, str] = {
     "lock.acquire": "editor",
     "lock.release": "editor",
     "lock.renew": "editor",
     "lock.force_release": "admin",
-    "lock.force-release": "admin",
-    "lock.forceRelease": "admin",
 }
 
 
 def required_role(control_type: str) -> str | None:
     role = CONTROL_ROLES.get(control_type)
-    if role is None and control_type.startswith("lock."):
-        role = "admin" if "force" in control_type.lower() else "editor"
+    if role is None and control_type.startswith("lock.") and "force" in control_type.lower():
+        role = "admin"
     return role
 
 
@@ -120,6 +121,10 @@ class App:
             "rate_limited": 0,
         }
         self._last_refusal_log = 0.0
+        if store is None and settings.uses_redis_store:
+            from persistence.redis import RedisDocumentStore
+
+            store = RedisDocumentStore(settings.redis_url, settings.node_id, timeout=settings.redis_timeout_seconds)
         self.store: DocumentStore = store or SQLiteDocumentStore(
             settings.database_path, synchronous=settings.sqlite_synchronous
         )
@@ -153,6 +158,10 @@ class App:
         self._no_peers = asyncio.Event()
         self._no_peers.set()
         self.accepting = False
+        self.metrics = Metrics(self)
+        self.counters = self.metrics.counters
+        self.admin = AdminAPI(self)
+        self._redis: Any = None  # client for the readiness check, when COLLAB_REDIS_URL is set
 
     def _make_room(self, workspace_id: str) -> Room:
         handlers: dict = {}
@@ -162,7 +171,7 @@ class App:
             handlers.update(ext.control_handlers())
             guards.extend(ext.guards())
             listeners.extend(ext.listeners())
-        return Room(
+        room = Room(
             workspace_id,
             self.store,
             self.room_config,
@@ -170,12 +179,17 @@ class App:
             guards=guards,
             listeners=listeners,
         )
+        room.metrics = self.counters
+        return room
 
     def routes(self) -> list:
         routes = [
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
+            Route("/metrics", self.metrics_endpoint),
+            Route("/openapi.json", self.openapi_endpoint),
             Route("/admin/stats", self.admin_stats),
+            *self.admin.routes(),
             WebSocketRoute("/ws/{workspace_id}", self.websocket),
         ]
         for ext in self.extensions:
@@ -200,7 +214,12 @@ class App:
         if settings.auth_mode == "development" and isinstance(self.authenticator, DevelopmentAuthenticator):
             banner = "!" * 78
             # Loud even when the log level hides warnings.
-            emit = log.warning if log.isEnabledFor(logging.WARNING) else _stderr_warning
+            if log.isEnabledFor(logging.WARNING):
+                emit = log.warning
+            elif settings.log_format == "json":
+                emit = _json_stderr_warning
+            else:
+                emit = _stderr_warning
             emit(
                 "\n%s\n"
                 "!! DEVELOPMENT MODE: NO AUTHENTICATION. Anyone who can reach this port may\n"
@@ -228,6 +247,11 @@ class App:
         lost and it sees 1006.
         """
         self.accepting = False
+        for ext in self.extensions:
+            try:
+                ext.closing()  # e.g. end event streams, which uvicorn would otherwise wait for
+            except Exception:
+                log.exception("extension %s failed to start closing", ext.name)
         try:
             async with asyncio.timeout(timeout):
                 await self.rooms.close()
@@ -248,6 +272,10 @@ class App:
                 await ext.stop()
             except Exception:
                 log.exception("stopping extension %s failed", ext.name)
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
         await self.store.close()
 
     # ---------------------------------------------------------- endpoints
@@ -265,15 +293,52 @@ class App:
         except Exception as exc:
             checks["store"] = f"error: {exc}"
             ok = False
+        if self.settings.redis_url:
+            try:
+                async with asyncio.timeout(2):
+                    await self._redis_client().ping()
+                checks["redis"] = "ok"
+            except Exception as exc:
+                checks["redis"] = f"error: {type(exc).__name__}: {exc}"
+                ok = False
         for ext in self.extensions:
             try:
                 async with asyncio.timeout(2):
-                    await ext.check()
-                checks[ext.name] = "ok"
+                    result = await ext.check()
+                checks[ext.name] = result if isinstance(result, str) else "ok"
             except Exception as exc:
                 checks[ext.name] = f"error: {exc}"
                 ok = False
+        if not self.accepting:
+            checks["server"] = "not accepting connections (starting or shutting down)"
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    def _redis_client(self) -> Any:
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(
+                self.settings.redis_url, socket_timeout=1.5, socket_connect_timeout=1.5, max_connections=2
+            )
+        return self._redis
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        """Prometheus metrics (open unless COLLAB_METRICS_TOKEN is set)."""
+        secret = self.settings.metrics_token
+        if secret is not None and secret.get_secret_value():
+            import hmac
+
+            header = request.headers.get("authorization", "")
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), secret.get_secret_value()):
+                raise HTTPException(401, "metrics token required", headers={"WWW-Authenticate": "Bearer"})
+        return Response(await self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    async def openapi_endpoint(self, request: Request) -> JSONResponse:
+        """The OpenAPI description of the HTTP endpoints."""
+        from collab.openapi import build
+
+        return JSONResponse(build(list(request.app.routes), __version__))
 
     async def authorize(self, conn: HTTPConnection, role: str = "admin", workspace_id: str | None = None) -> Identity:
         """Who makes an HTTP request, if they hold ``role`` (401/403 otherwise).
@@ -291,6 +356,10 @@ class App:
             raise HTTPException(401, "bearer token required", headers={"WWW-Authenticate": "Bearer"})
         if not has_role(identity, role):
             raise HTTPException(403, f"the {role} role is required")
+        if getattr(identity, "development", False) and role == "admin" and not _loopback(conn):
+            # Development identities are made up from the query string: never
+            # let one administer the server from another machine.
+            raise HTTPException(403, "development mode: admin endpoints answer loopback clients only")
         return identity
 
     async def admin_stats(self, request: Request) -> JSONResponse:
@@ -331,10 +400,11 @@ class App:
     async def _serve(self, ws: WebSocket, workspace_id: str) -> None:
         await ws.accept()
         if not WORKSPACE_ID.fullmatch(workspace_id):
-            await _close(ws, p.CLOSE_POLICY, "invalid workspace id")
+            await self._close(ws, p.CLOSE_POLICY, "invalid workspace id")
             return
+        logs.bind(workspace=workspace_id)  # every log line of this connection names its workspace
         if not self.accepting:
-            await _close(ws, p.CLOSE_RESTART, "server shutting down")
+            await self._close(ws, p.CLOSE_RESTART, "server shutting down")
             return
         settings = self.settings
         rate = (
@@ -349,38 +419,45 @@ class App:
                     identity, pending = await self._authenticate_by_message(ws, workspace_id, rate)
         except TimeoutError:
             self.stats["auth_failed"] += 1
-            await _close(ws, CLOSE_UNAUTHENTICATED, "authentication timeout")
+            await self._close(ws, CLOSE_UNAUTHENTICATED, "authentication timeout")
             return
         except AuthError as exc:
             self.stats["auth_failed"] += 1
-            await _close(ws, exc.code, exc.reason)
+            await self._close(ws, exc.code, exc.reason)
             return
         except _Close as exc:
-            await _close(ws, exc.code, exc.reason)
+            await self._close(ws, exc.code, exc.reason)
             return
         except Exception:  # a broken authenticator: refuse, never let the client in
             log.exception("authenticator failed for %s", workspace_id)
-            await _close(ws, p.CLOSE_INTERNAL_ERROR, "authentication failed")
+            await self._close(ws, p.CLOSE_INTERNAL_ERROR, "authentication failed")
             return
         if identity is None:
+            self.counters.closed(None, "client_closed")
             return  # the client went away before authenticating
+        logs.bind(user=identity.user_id)
         if not self.accepting:  # the shutdown began while it authenticated
-            await _close(ws, p.CLOSE_RESTART, "server restarting")
+            await self._close(ws, p.CLOSE_RESTART, "server restarting")
             return
         try:
             room = await self.rooms.open_room(workspace_id)
         except RoomLimitReached:
-            await _close(ws, p.CLOSE_TRY_AGAIN, "room limit reached on this server; try again or another node")
+            await self._close(ws, p.CLOSE_TRY_AGAIN, "room limit reached on this server; try again or another node")
+            return
+        except StoreError as exc:
+            log.error("cannot load workspace %s: %s", workspace_id, exc)
+            await _close(ws, p.CLOSE_TRY_AGAIN, "storage unavailable; reconnect shortly")
             return
         except Exception:
             log.exception("cannot load workspace %s", workspace_id)
-            await _close(ws, p.CLOSE_INTERNAL_ERROR, "cannot load workspace")
+            await self._close(ws, p.CLOSE_INTERNAL_ERROR, "cannot load workspace")
             return
         client = ws.client
         peer = WebSocketPeer(
             ws,
             settings.peer_queue_frames,
             label=f"{workspace_id} {client.host}:{client.port}" if client else workspace_id,
+            counters=self.counters,
         )
         self.peers.add(peer)
         self._no_peers.clear()
@@ -403,6 +480,12 @@ class App:
                 self.peers.discard(peer)
                 if not self.peers:
                     self._no_peers.set()
+
+    async def _close(self, ws: WebSocket, code: int, reason: str) -> None:
+        """Close a connection that never joined a room (counted by close code)."""
+        kind = "room_limit" if code == p.CLOSE_TRY_AGAIN else close_kind(code)
+        self.counters.closed(code, kind)
+        await _close(ws, code, reason)
 
     async def _deny(self, ws: WebSocket, status: int, reason: str) -> None:
         """Refuse the handshake with an HTTP status (no websocket is opened)."""
@@ -441,6 +524,8 @@ class App:
                 if message["type"] == "websocket.disconnect":
                     return None, []
                 raise _Close(p.CLOSE_UNSUPPORTED_DATA, "text frames are not supported; send binary")
+            self.counters.messages_in += 1
+            self.counters.bytes_in += len(data)
             await self._throttle(rate, len(data))
             if len(data) > settings.preauth_max_bytes:
                 raise _Close(p.CLOSE_TOO_BIG, "message too large before authentication")
@@ -483,12 +568,14 @@ class App:
     ) -> None:
         receive = ws.receive
         max_bytes = self.settings.max_message_bytes
+        counters = self.counters
         try:
             for msg in pending:
                 await self._handle(peer, room, state, msg, session)
                 if peer.closed.done():
                     return
             pending.clear()
+            handled = 0
             while True:
                 message = await receive()
                 data = message.get("bytes")
@@ -498,6 +585,8 @@ class App:
                         return
                     peer.close(p.CLOSE_UNSUPPORTED_DATA, "text frames are not supported; send binary")
                     return
+                counters.messages_in += 1
+                counters.bytes_in += len(data)
                 if len(data) > max_bytes:
                     peer.close(p.CLOSE_TOO_BIG, f"message exceeds {max_bytes} bytes")
                     return
@@ -505,6 +594,13 @@ class App:
                 await self._handle(peer, room, state, p.decode_message(data), session)
                 if peer.closed.done():
                     return
+                handled += 1
+                if handled % 4 == 0:
+                    # receive() doesn't suspend while uvicorn has messages queued: without
+                    # this, one client's burst (a TCP read can hold thousands of small
+                    # messages) would run to the end before any flush, ack or other
+                    # connection got a turn.
+                    await asyncio.sleep(0)
         except p.ProtocolError as exc:
             peer.close(exc.code, exc.reason)
         except _Close as exc:
@@ -524,15 +620,15 @@ class App:
                 return
             role = required_role(msg.type)
             if role is not None and state.wants_control and not has_role(state.identity, role):
-                state.control(
-                    {
-                        # Lock requests are always answered with lock.error (docs/protocol.md).
-                        "type": "lock.error" if msg.type.startswith("lock.") else "error",
-                        "code": "forbidden",
-                        "message": f"{msg.type} needs the {role} role",
-                        **({"id": msg.body["id"]} if "id" in msg.body else {}),
-                    }
-                )
+                body: dict[str, Any] = {
+                    "type": "lock.error" if msg.type.startswith("lock.") else "error",
+                    **({"id": msg.body["id"]} if "id" in msg.body else {}),
+                    "code": "forbidden",
+                    "message": f"{msg.type} needs the {role} role",
+                }
+                if isinstance(msg.body.get("path"), str):
+                    body["path"] = msg.body["path"]
+                state.control(body)
                 return
         was_opted_in = state.wants_control
         room.receive(state, msg)
@@ -586,6 +682,29 @@ class App:
                 return
 
 
+def _loopback(conn: HTTPConnection) -> bool:
+    """The request comes from this machine (after X-Forwarded-For from a trusted proxy)."""
+    import ipaddress
+
+    host = conn.client.host if conn.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """HTTP errors as JSON: ``{"error": "..."}``."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _json_stderr_warning(message: str, *args: Any) -> None:
+    logs.announce(message % args, "json", level="warning", stream=sys.stderr)
+
+
 def _stderr_warning(message: str, *args: Any) -> None:
     print(message % args, file=sys.stderr, flush=True)
 
@@ -610,7 +729,7 @@ def create_app(
     if extensions is None:
         extensions = default_extensions(settings)
     core = App(settings, store, authenticator, extensions)
-    app = Starlette(routes=core.routes(), lifespan=core.lifespan)
+    app = Starlette(routes=core.routes(), lifespan=core.lifespan, exception_handlers={HTTPException: _http_error})
     app.state.core = core
     return app
 
@@ -618,6 +737,10 @@ def create_app(
 def default_extensions(settings: Settings) -> list[Extension]:
     """The features a server built from settings runs with, in hook order."""
     extensions: list[Extension] = []
+    if settings.uses_redis_store:
+        from scaleout.relay import RelayExtension
+
+        extensions.append(RelayExtension(settings))
     from presence.extension import PresenceExtension
 
     # Presence first: it stamps awareness states before anything else sees them.

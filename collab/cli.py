@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 import uvicorn
 from pydantic import ValidationError
 
 from collab import __version__
+from collab.logs import announce
+from collab.logs import configure as configure_logging
 from collab.security import install_log_redaction
 from collab.settings import Settings
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface to listen on (COLLAB_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (COLLAB_PORT, default 8765; 0 picks a free one)")
     serve.add_argument("--data-dir", help="where documents are stored (COLLAB_DATA_DIR, default ./data)")
+    serve.add_argument("--log-format", choices=["text", "json"], help="COLLAB_LOG_FORMAT, default text")
     serve.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             "port": args.port,
             "data_dir": args.data_dir,
             "log_level": args.log_level,
+            "log_format": args.log_format,
         }.items()
         if value is not None
     }
@@ -69,10 +72,7 @@ def serve(settings: Settings) -> int:
     from collab.app import create_app
 
     install_log_redaction()  # uvicorn logs websocket paths with their query string (?token=...)
-    logging.basicConfig(
-        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format, node=settings.node_id)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     config = uvicorn.Config(
@@ -80,6 +80,8 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # JSON lines: uvicorn's loggers propagate to our root handler instead of their own.
+        **({"log_config": None} if settings.log_format == "json" else {}),
         ws="websockets-sansio",
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=settings.ping_interval,
@@ -134,11 +136,11 @@ def _announce_when_started(server, settings: Settings) -> None:
         for srv in getattr(server, "servers", []):
             for sock in srv.sockets:
                 host, port = sock.getsockname()[:2]
-                print(
+                announce(
                     f"datasource-collab {__version__} listening on http://{host}:{port} "
                     f"(websocket ws://{host}:{port}/ws/<workspace>); "
                     f"data in {settings.data_dir.resolve()}",
-                    flush=True,
+                    settings.log_format,
                 )
 
     server.startup = startup

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from typing import Any
 
 from starlette.websockets import WebSocket
 
 from collab import protocol as p
+from collab.metrics import close_kind
 
 log = logging.getLogger("collab.connection")
 
@@ -30,9 +32,10 @@ class WebSocketPeer:
         "close_reason",
         "label",
         "overflowed",
+        "counters",
     )
 
-    def __init__(self, ws: WebSocket, max_queue: int, label: str = "") -> None:
+    def __init__(self, ws: WebSocket, max_queue: int, label: str = "", counters: Any = None) -> None:
         self.ws = ws
         self.max_queue = max_queue
         self.label = label
@@ -42,6 +45,7 @@ class WebSocketPeer:
         self.close_code: int | None = None
         self.close_reason = ""
         self.overflowed = False
+        self.counters = counters  # collab.metrics.Counters (frames and bytes written, closes)
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     # -- Peer protocol
@@ -79,12 +83,17 @@ class WebSocketPeer:
     async def _write_loop(self) -> None:
         send = self.ws.send_bytes
         queue = self._queue
+        counters = self.counters
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
                 while queue:
-                    await send(queue.popleft())
+                    frame = queue.popleft()
+                    await send(frame)
+                    if counters is not None:
+                        counters.messages_out += 1
+                        counters.bytes_out += len(frame)
         except asyncio.CancelledError:
             raise
         except Exception:  # the socket went away under us
@@ -92,6 +101,8 @@ class WebSocketPeer:
 
     async def finish(self, flush_timeout: float = 1.0) -> None:
         """Stop writing; send the close frame if we are the ones closing."""
+        if self.counters is not None:
+            self.counters.closed(self.close_code, close_kind(self.close_code, self.overflowed))
         if self.close_code is not None and self.close_code in (p.CLOSE_GOING_AWAY, p.CLOSE_RESTART):
             # Planned closes deliver what is queued first.
             try:

@@ -40,8 +40,15 @@ class Extension:
     async def start(self, app: App) -> None:
         """Called once at startup, after the document store is open."""
 
+    def closing(self) -> None:
+        """The server is about to shut down: end long-lived HTTP streams now."""
+
     async def stop(self) -> None:
         """Called once at shutdown, after rooms are flushed, before the store closes."""
 
-    async def check(self) -> None:
-        """Raise if the extension cannot serve (reported by /readyz)."""
+    async def check(self) -> str | None:
+        """Raise if the extension cannot serve (reported by /readyz, which then answers 503).
+
+        May return a short text to report instead of "ok" (e.g. a dependency
+        that is down but not required).
+        """

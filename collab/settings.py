@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line with workspace and user (recommended in production)"
+    )
 
     # Storage
     data_dir: Path = Path("./data")
@@ -52,6 +55,21 @@ class Settings(BaseSettings):
         max_length=200,
         description="this server's name in rosters and logs; unique per running process",
     )
+
+    store: Literal["auto", "sqlite", "redis"] = Field(
+        "auto", description="document store; auto = redis when redis_url is set, else sqlite"
+    )
+    redis_timeout_seconds: float = Field(
+        2.0, gt=0, description="Redis socket timeout of the store: a dead Redis is noticed this fast"
+    )
+    relay_block_ms: int = Field(1000, ge=10, le=30_000, description="XREAD BLOCK of the relay reader")
+    relay_awareness_ttl_seconds: float = Field(
+        30.0, ge=1, description="a relayed awareness state not refreshed this long (its node died) is removed"
+    )
+
+    @property
+    def uses_redis_store(self) -> bool:
+        return self.store == "redis" or (self.store == "auto" and bool(self.redis_url))
 
     # Rooms
     flush_interval_ms: float = Field(
@@ -118,6 +136,9 @@ class Settings(BaseSettings):
         description="Origin allowlist for websockets (comma-separated; '*' allows any). Empty: any in "
         "development mode, none (browsers refused) in jwt mode",
     )
+    metrics_token: SecretStr | None = Field(
+        None, description="when set, /metrics needs 'Authorization: Bearer <this>' (otherwise it is open)"
+    )
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted (uvicorn); '*' trusts all"
     )
@@ -173,6 +194,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value):
         return _split_list(value)
+
+    @model_validator(mode="after")
+    def _check_store(self) -> Settings:
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError("COLLAB_STORE=redis needs COLLAB_REDIS_URL")
+        return self
 
     @model_validator(mode="after")
     def _check_auth(self) -> Settings:

@@ -154,6 +154,9 @@ class ForwardingExtension(Extension):
             return
         logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self.forwarder = Forwarder(self.settings, self.store, self._report)
+        counters = getattr(app, "counters", None)
+        if counters is not None:
+            self.forwarder.on_request = counters.observe_forward
         await self.forwarder.start()
         log.info(
             "forwarding accepted changes to %s (debounce %.0f ms, at most %.0f ms)",
@@ -165,6 +168,22 @@ class ForwardingExtension(Extension):
     async def stop(self) -> None:
         if self.forwarder is not None:
             await self.forwarder.stop()
+
+    async def check(self) -> str | None:
+        """Readiness: the data-source backend answers (when forwarding is on).
+
+        Raises while it is unreachable if COLLAB_READY_REQUIRES_BACKEND (the
+        default); otherwise only reports it.
+        """
+        if self.forwarder is None:
+            return None if self.settings.backend_url is None or not self.recording else "ok (forwarding not started)"
+        error = await self.forwarder.probe()
+        if error is None:
+            return None
+        message = f"backend {self.settings.backend_url} unreachable ({error})"
+        if self.settings.ready_requires_backend:
+            raise RuntimeError(message)
+        return f"ok; {message}, not required"
 
     # ---------------------------------------------------------- room events
 
@@ -351,11 +370,13 @@ class _RoomHooks:
         if not self.ext.recording:
             return
         paths = sorted({path for r in rejections for path in r.paths})
+        # Paths refused without their values (a viewer's update, a size cap) are listed bare.
+        changes = change_list(attempted, paths) + [{"path": path} for path in paths if path not in attempted]
         room.stage_outbox(
             ChangeRecord(
                 kind=REJECTED,
                 author=author_of(ps),
-                changes=change_list(attempted, paths),
+                changes=changes,
                 reason=", ".join(sorted({r.reason for r in rejections})),
                 details={"rejections": [{"paths": r.paths, "reason": r.reason, **r.details} for r in rejections]},
             )

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import time
@@ -40,6 +41,7 @@ from urllib.parse import quote
 
 import httpx
 
+from collab import logs
 from forwarding.settings import ForwardingSettings
 from persistence.base import StoreError
 from persistence.outbox import BACKEND_REFUSED, DEAD_LETTERED, DELIVERED, REFUSED, ChangeRecord, OutboxRow
@@ -49,6 +51,9 @@ log = logging.getLogger("collab.forwarder")
 RETRYABLE_4XX = {408, 425, 429}
 UNAVAILABLE = {502, 503, 504}  # like a refused connection: the backend as a whole is not there
 IDLE_LANE_SECONDS = 30.0
+PROBE_CACHE_SECONDS = 1.0  # readiness probes of the backend, at most one per this
+LEASE_MS = 10_000  # forwarding lease of a workspace (shared outbox, several nodes)
+SWEEP_SECONDS = 2.0  # shared outbox: how often a node looks for rows other nodes wrote
 
 
 class SeedError(Exception):
@@ -121,6 +126,13 @@ class Forwarder:
         self._state_changed = asyncio.Event()  # set and replaced on each change of the above
         self._stopping = False
         self.stats = {"requests": 0, "delivered": 0, "refused": 0, "failures": 0, "dead": 0}
+        # Called with (seconds, HTTP status or None) after each request (metrics).
+        self.on_request: Callable[[float, int | None], None] | None = None
+        self._probe: tuple[float, str | None] | None = None  # (monotonic time, error or None)
+        # Several nodes share the outbox (Redis store): deliveries need the workspace's lease.
+        self._leased = callable(getattr(store, "forward_lease", None))
+        self.node_id = getattr(store, "node_id", "local")
+        self._sweeper: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -139,11 +151,18 @@ class Forwarder:
             ),
         )
         # Whatever a previous run left undelivered (a crash included) goes out now.
-        for workspace in await self.store.outbox_workspaces():
-            self.wake(workspace)
+        try:
+            for workspace in await self.store.outbox_workspaces():
+                self.wake(workspace)
+        except StoreError as exc:  # the sweep (shared store) or the next change picks them up
+            log.warning("cannot read the outbox at start: %s", exc)
+        if self._leased:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="outbox sweep")
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         lanes = [lane.task for lane in self.lanes.values() if lane.task is not None]
         for task in lanes:
             task.cancel()
@@ -166,7 +185,10 @@ class Forwarder:
         if lane is None:
             lane = self.lanes[workspace] = _Lane(workspace)
         if (lane.task is None or lane.task.done()) and not self._stopping:
-            lane.task = asyncio.get_running_loop().create_task(self._run(lane), name=f"forward {workspace}")
+            # A context of its own: its log lines name the workspace, not the user whose change woke it.
+            lane.task = asyncio.get_running_loop().create_task(
+                self._run(lane), name=f"forward {workspace}", context=contextvars.Context()
+            )
         lane.wake.set()
         return lane
 
@@ -180,6 +202,29 @@ class Forwarder:
             "last_error": lane.last_error,
             "next_attempt_at": lane.next_try,
         }
+
+    async def probe(self) -> str | None:
+        """Whether the backend answers (for /readyz): None if it does, else why not.
+
+        Any answer but 502/503/504 counts (a 404 on the health path too). The
+        result is kept for PROBE_CACHE_SECONDS, so frequent readiness checks
+        cost the backend at most one request per second.
+        """
+        assert self.client is not None
+        now = time.monotonic()
+        if self._probe is not None and now - self._probe[0] < PROBE_CACHE_SECONDS:
+            return self._probe[1]
+        error: str | None = None
+        try:
+            response = await self.client.get(
+                self.settings.backend_health_path, timeout=min(1.5, self.settings.backend_timeout_seconds)
+            )
+            if response.status_code in UNAVAILABLE:
+                error = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = type(exc).__name__
+        self._probe = (time.monotonic(), error)
+        return error
 
     # ---------------------------------------------------------------- seeding
 
@@ -217,6 +262,7 @@ class Forwarder:
     # ------------------------------------------------------------------ lanes
 
     async def _run(self, lane: _Lane) -> None:
+        logs.bind(workspace=lane.workspace)
         try:
             await self._lane_loop(lane)
         except asyncio.CancelledError:
@@ -260,8 +306,61 @@ class Forwarder:
                         await asyncio.wait_for(lane.wake.wait(), remaining)
                 if waited:
                     continue  # read again: more changes may have come
+            if self._leased:
+                await self._deliver_leased(lane)
+                continue
             batch = self._batch(rows)
             await self._deliver(lane, batch)
+
+    async def _deliver_leased(self, lane: _Lane) -> None:
+        """Several nodes share the outbox: only the holder of the workspace's lease delivers.
+
+        The lease covers one batch (claim, send, finish) and is renewed while
+        the batch is retried; a node that dies holding it loses it after
+        LEASE_MS, and the next holder re-sends the claimed batch with the
+        same Idempotency-Key.
+        """
+        owner = f"{self.node_id}/{id(lane)}"
+        try:
+            taken = await self.store.forward_lease(lane.workspace, owner, LEASE_MS)
+        except StoreError as exc:
+            log.warning("forwarding lease of %s unavailable: %s", lane.workspace, exc)
+            taken = False
+        if not taken:
+            lane.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.wake.wait(), LEASE_MS / 3000.0)
+            return
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(LEASE_MS / 3000.0)
+                with contextlib.suppress(StoreError):
+                    if not await self.store.forward_lease(lane.workspace, owner, LEASE_MS):
+                        log.warning("forwarding lease of %s lost while delivering", lane.workspace)
+
+        renewer = asyncio.get_running_loop().create_task(renew())
+        try:
+            rows = await self._pending(lane)
+            if rows:
+                await self._deliver(lane, self._batch(rows))
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(StoreError, asyncio.CancelledError):
+                await self.store.forward_lease_release(lane.workspace, owner)
+
+    async def _sweep(self) -> None:
+        """Shared outbox: wake a lane for every workspace with pending rows, whoever wrote them."""
+        while not self._stopping:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                workspaces = await self.store.outbox_workspaces()
+            except StoreError:
+                continue
+            for workspace in workspaces:
+                lane = self.lanes.get(workspace)
+                if lane is None or lane.task is None or lane.task.done():
+                    self.wake(workspace)
 
     async def _pending(self, lane: _Lane) -> list[OutboxRow]:
         delay = 0.5
@@ -482,10 +581,15 @@ class Forwarder:
         assert self.client is not None
         self.stats["requests"] += 1
         async with self._limit:
+            started = time.perf_counter()
             try:
                 response = await self.client.put(url, json=payload, headers=headers)
             except httpx.HTTPError as exc:
+                if self.on_request is not None:
+                    self.on_request(time.perf_counter() - started, None)
                 return None, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, None
+            if self.on_request is not None:
+                self.on_request(time.perf_counter() - started, response.status_code)
         try:
             body: Any = response.json()
         except ValueError:

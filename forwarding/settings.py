@@ -28,6 +28,13 @@ class ForwardingSettings(BaseSettings):
         10.0, gt=0, description="a new workspace waits this long for its initial state from the backend"
     )
 
+    ready_requires_backend: bool = Field(
+        True, description="/readyz answers 503 while the backend is unreachable (false: reported, not required)"
+    )
+    backend_health_path: str = Field(
+        "/healthz", description="probed by /readyz; any answer but 502/503/504 means the backend is reachable"
+    )
+
     # Delivery
     forward_debounce_ms: float = Field(500.0, ge=0, description="send once no change came for this long")
     forward_max_delay_ms: float = Field(5000.0, ge=0, description="...but never hold a change longer than this")

@@ -104,8 +104,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 async def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="slow-consumer-"))
-    # The writer runs above the default per-connection message rate: lift it for the benchmark.
-    env = {"COLLAB_PEER_QUEUE_FRAMES": str(args.queue_frames), "COLLAB_MESSAGE_RATE": "0"}
+    # The writer runs above the default per-connection message and byte rates: lift them.
+    env = {"COLLAB_PEER_QUEUE_FRAMES": str(args.queue_frames), "COLLAB_MESSAGE_RATE": "0", "COLLAB_BYTE_RATE": "0"}
     if args.client_cpu is not None:
         os.sched_setaffinity(0, {args.client_cpu})
     proc, port = start_server(tmp, env, args.server_cpu)

@@ -222,6 +222,27 @@ class LockExtension(Extension):
         space = self._spaces.get(workspace)
         return [_record(lease) for lease in space.view.values()] if space else []
 
+    async def current_locks(self, workspace: str) -> list[dict[str, Any]]:
+        """A workspace's leases as the backend has them (admin API); this node's view if it can't answer."""
+        try:
+            leases = await self.manager.list(workspace)
+        except LockUnavailable:
+            return self.locks(workspace)
+        return [_record(lease) for lease in leases]
+
+    async def force_release(self, workspace: str, path: str) -> dict[str, Any] | None:
+        """Administrative release of the lease on exactly ``path`` (admin API).
+
+        Like ``lock.force_release``: the room's peers (the holder included) get
+        ``lock.released`` with reason ``forced``; other nodes learn it from the
+        backend. None if nobody holds it; raises LockUnavailable.
+        """
+        lease = await self.manager.force_release(workspace, path)
+        if lease is None:
+            return None
+        self._local_change(workspace, removed=lease, kind="released", reason="forced")
+        return _record(lease)
+
     def lockable(self, path: str) -> bool:
         parts = path.split(".")
         if len(parts) > self.settings.lock_max_depth or not all(_SEGMENT.fullmatch(x) for x in parts):

@@ -290,6 +290,20 @@ class SQLiteOutboxMixin:
             lambda db: [r[0] for r in db.execute("SELECT DISTINCT workspace FROM outbox WHERE state='pending'")]
         )
 
+    async def outbox_totals(self) -> dict[str, Any]:
+        """Rows per state across workspaces, and the oldest pending one (for /metrics)."""
+
+        def run(db: sqlite3.Connection) -> dict[str, Any]:
+            totals: dict[str, Any] = {"pending": 0, "dead": 0, "oldest_pending_at": None}
+            rows = db.execute("SELECT state, COUNT(*), MIN(created_at) FROM outbox GROUP BY state")
+            for state, count, oldest in rows:
+                totals[state] = count
+                if state == "pending":
+                    totals["oldest_pending_at"] = oldest
+            return totals
+
+        return await self._call(run)
+
     async def outbox_pending(self, workspace: str, limit: int) -> list[OutboxRow]:
         def run(db: sqlite3.Connection) -> list[OutboxRow]:
             rows = [

@@ -37,7 +37,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from collab import protocol as p
-from collab.auth import AuthError, DevelopmentAuthenticator
+from collab.auth import AuthError
 from collab.extensions import Extension
 from presence.base import POLLS_PER_TTL, ConnectionEntry, PresenceRegistry, build_roster, roster_diff
 from rooms.room import AwarenessRejected, PeerState, Room
@@ -158,11 +158,13 @@ class PresenceExtension(Extension):
         self.registry.on_change = self._remote_change
         await self.registry.start()
         self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
-        if isinstance(app.authenticator, DevelopmentAuthenticator):
-            log.warning(
-                "DEVELOPMENT authentication: identities are taken from the query string (?user=&name=&role=); "
-                "do not expose this server"
-            )
+
+    def closing(self) -> None:
+        """End every event stream, so a shutdown does not wait for SSE clients."""
+        self._stopping = True
+        for view in self.views.values():
+            for stream in view.streams:
+                stream.push(None)
 
     async def stop(self) -> None:
         self._stopping = True

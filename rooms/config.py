@@ -121,3 +121,83 @@ def covers(lock_path: str, path: str) -> bool:
 
 def overlaps(a: str, b: str) -> bool:
     return covers(a, b) or covers(b, a)
+
+
+# ------------------------------------------------ incremental configuration view
+
+
+def touched_paths(events: list[Any], into: set[str]) -> None:
+    """Add the configuration paths a transaction's deep events touched.
+
+    A map event names its changed keys; an array or text event (or anything
+    inside an array) touches the whole value at the nearest map path.
+    """
+    for event in events:
+        base: list[str] = []
+        for part in event.path:
+            if not isinstance(part, str):
+                break
+            base.append(part)
+        prefix = ".".join(base)
+        if isinstance(event, pycrdt.MapEvent) and len(base) == len(event.path):
+            for key in event.keys:
+                into.add(f"{prefix}.{key}" if prefix else str(key))
+        elif prefix:
+            into.add(prefix)
+
+
+def _minimal(paths: set[str]) -> list[str]:
+    """Drop paths whose ancestor is also listed (re-reading it covers them)."""
+    kept: list[str] = []
+    for path in sorted(paths, key=lambda x: x.count(".")):
+        if not any(covers(k, path) for k in kept):
+            kept.append(path)
+    return kept
+
+
+def _read(cfg: pycrdt.Map, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, pycrdt.Map) or part not in node:
+            return MISSING
+        node = node[part]
+    return node.to_py() if isinstance(node, pycrdt.Map | pycrdt.Array | pycrdt.Text) else node
+
+
+def reread(cfg: pycrdt.Map, base: dict[str, Any], touched: set[str]) -> dict[str, Any]:
+    """``base`` with the touched paths read again from the document.
+
+    Copy-on-write: ``base`` is not modified, and only the dicts along the
+    touched paths are copied, so the cost follows the change, not the size
+    of the configuration.
+    """
+    if not touched:
+        return base
+    new = dict(base)
+    copied = {id(new)}
+    for path in _minimal(touched):
+        value = _read(cfg, path)
+        parts = path.split(".")
+        node = new
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+            elif id(child) not in copied:
+                child = dict(child)
+            copied.add(id(child))
+            node[part] = child
+            node = child
+        if value is MISSING:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    return new
+
+
+def changes_at(old: dict[str, Any], new: dict[str, Any], touched: set[str]) -> Changes:
+    """Leaf-level changes between ``old`` and ``new`` below the touched paths."""
+    changes: Changes = {}
+    for path in _minimal(touched):
+        changes.update(diff(get_path(old, path), get_path(new, path), path))
+    return changes

@@ -96,6 +96,23 @@ class RoomManager:
                     return self._evicting[wid]
         return None
 
+    async def evict_now(self, workspace_id: str) -> bool:
+        """Evict a room at once if it is idle (drained first); True when it is no longer in memory."""
+        evicting = self._evicting.get(workspace_id)
+        if evicting is not None:
+            await asyncio.wait([evicting])
+        room = self.rooms.get(workspace_id)
+        if room is None:
+            return True
+        if not room.is_idle:
+            return False
+        self._cancel_eviction(workspace_id)
+        self._start_eviction(workspace_id)
+        task = self._evicting.get(workspace_id)
+        if task is not None:
+            await asyncio.wait([task])
+        return self.rooms.get(workspace_id) is not room
+
     def _cancel_eviction(self, workspace_id: str) -> None:
         handle = self._evictors.pop(workspace_id, None)
         if handle is not None:

@@ -27,7 +27,18 @@ import pycrdt
 from collab import protocol as p
 from persistence.base import DocumentStore, StoreError
 from rooms import ystructs
-from rooms.config import Changes, Rejection, UpdateGuard, config_snapshot, diff, restore
+from rooms.config import (
+    Changes,
+    Rejection,
+    UpdateGuard,
+    changes_at,
+    config_map,
+    config_snapshot,
+    diff,
+    reread,
+    restore,
+    touched_paths,
+)
 
 log = logging.getLogger("collab.room")
 
@@ -68,6 +79,7 @@ class PeerState:
     updates_acked: int = 0
     alive: bool = True
     last_seen: float = 0.0  # time.monotonic() of the last message received (liveness of lock holders)
+    remote: str | None = None  # node id: stands for the clients of another node (scale-out relay)
 
     @property
     def read_only(self) -> bool:
@@ -87,6 +99,7 @@ class AwarenessRecord:
     owner: PeerState | None
     seen_epoch: int = 0  # last room epoch at which this live state was sent out
     removed_at: float = 0.0
+    relayed_at: float = 0.0  # time.monotonic() of the last relayed refresh (remote owners only)
 
 
 ControlHandler = Callable[["Room", PeerState, p.Control], None]
@@ -146,7 +159,14 @@ class Room:
         self._awareness_filters = [x.filter_awareness for x in self.listeners if hasattr(x, "filter_awareness")]
         # Plain view of the `config` map, kept only when someone looks at it.
         self.config_view: dict[str, Any] = {}
+        self._config_touched: set[str] = set()
+        self._config_sub = None
         self._applying_client_update = False
+        self._applying_remote = False
+        self.relay: Any = None  # scale-out relay (scaleout/relay.py) when several nodes share Redis
+        self.loaded_seq = 0  # the store's last sequence number when this room was loaded
+        self._remote_peers: dict[str, PeerState] = {}
+        self._remote_out: set[int] = set()  # awareness entries of this flush that came from other nodes
         self._refusing = False  # inside _refuse_update: doc events are not news
         # Encoded size of the document: exact after a measurement, an upper
         # bound (exact + bytes applied since) otherwise.
@@ -178,6 +198,9 @@ class Room:
         self.failed: str | None = None
         self.last_active = time.monotonic()
         self.stats = {"updates_in": 0, "frames_out": 0, "flushes": 0}
+        # Server-wide counters (collab.metrics.Counters), set by the app; None in bare rooms.
+        self.metrics: Any = None
+        self._first_pending_at: float | None = None  # perf_counter() of the oldest update not yet flushed
 
     # ------------------------------------------------------------- loading
 
@@ -193,7 +216,12 @@ class Room:
         self._to_store.clear()
         if self._tracks_config:
             self.config_view = config_snapshot(self.doc)
+            # From here on the view is kept up to date from the document's
+            # own events: only the paths a transaction touched are re-read.
+            self._config_touched = set()
+            self._config_sub = config_map(self.doc).observe_deep(self._on_config_events)
         self.durable_seq = stored.last_seq
+        self.loaded_seq = stored.last_seq
         self._snapshot_seq = stored.snapshot_seq
         self._tail_updates = len(stored.updates)
         self._tail_bytes = sum(len(u) for u in stored.updates)
@@ -280,6 +308,11 @@ class Room:
     def _receive_update(self, ps: PeerState, update: bytes) -> None:
         ps.updates_received += 1
         self.stats["updates_in"] += 1
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.updates_in += 1
+            if self._first_pending_at is None:
+                self._first_pending_at = time.perf_counter()
         refusal = None
         if update != p.EMPTY_UPDATE:
             if ps.read_only:
@@ -287,8 +320,12 @@ class Room:
             elif self._too_large(update):
                 refusal = "document_too_large"
         if refusal is not None:
+            if metrics is not None:
+                metrics.updates_refused += 1
             self._refuse_update(ps, update, refusal)
         elif update != p.EMPTY_UPDATE:
+            if self.relay is not None:
+                update = self._cut_relayed(update)
             ranges = self._check_client_update(update)
             self.size_bytes += len(update)
             self._size_exact = False
@@ -323,6 +360,10 @@ class Room:
         if self._refusing:
             return  # _refuse_update sends the net effect itself
         update = event.update
+        if self._applying_remote:
+            # Stored by the node that accepted it: only broadcast here.
+            self._outgoing.append(update)
+            return
         if self._applying_client_update:
             self._client_delta = update
         else:
@@ -405,6 +446,7 @@ class Room:
         self.size_bytes += len(net)  # tombstones and re-inserted content
         if self._tracks_config:
             self.config_view = config_snapshot(self.doc)
+            self._take_touched()
         self._tell_refused(ps, paths, reason)
         self._schedule_flush()
         if error is not None:
@@ -488,6 +530,8 @@ class Room:
         return scopes
 
     def _tell_refused(self, ps: PeerState, paths: list[str], reason: str) -> None:
+        if paths:  # for the audit trail: which paths and why, not the refused values
+            self._emit("on_config_rejected", ps, [Rejection(paths, reason)], {})
         body: dict[str, Any] = {"type": "rejected", "paths": paths, "reason": reason}
         if reason == "document_too_large":
             body["limit"] = self.config.max_document_bytes
@@ -499,13 +543,25 @@ class Room:
     def _tracks_config(self) -> bool:
         return bool(self.guards) or any(hasattr(x, "on_config_change") for x in self.listeners)
 
+    def _on_config_events(self, events: list[Any]) -> None:
+        touched_paths(events, self._config_touched)
+
+    def _take_touched(self) -> set[str]:
+        touched, self._config_touched = self._config_touched, set()
+        return touched
+
     def _check_config(self, ps: PeerState | None) -> None:
         """Run the guards over what an update changed; compensate rejections."""
-        old = self.config_view
-        new = config_snapshot(self.doc)
-        if new == old:
+        touched = self._take_touched()
+        if not touched:
             return
-        changes = diff(old, new)
+        old = self.config_view
+        cfg = config_map(self.doc)
+        new = reread(cfg, old, touched)
+        changes = changes_at(old, new, touched)
+        if not changes:
+            self.config_view = new
+            return
         rejections: list[Rejection] = []
         attempted = changes
         for guard in self.guards:
@@ -517,8 +573,10 @@ class Room:
                 for rejection in found:
                     for path in rejection.paths:
                         restore(self.doc, path, old)
-            new = config_snapshot(self.doc)
-            changes = diff(old, new)
+            more = self._take_touched()
+            new = reread(cfg, new, more)
+            touched |= more
+            changes = changes_at(old, new, touched)
             if not changes:
                 break
         self.config_view = new
@@ -534,13 +592,13 @@ class Room:
 
     def change_config(self, fn: Callable[[pycrdt.Map], None], author: PeerState | None = None) -> None:
         """Make a server-side change to the configuration map (stored and broadcast)."""
-        from rooms.config import config_map
-
         with self.doc.transaction(origin="server"):
             fn(config_map(self.doc))
         if self._tracks_config:
-            new = config_snapshot(self.doc)
-            changes = diff(self.config_view, new)
+            touched = self._take_touched()
+            old = self.config_view
+            new = reread(config_map(self.doc), old, touched)
+            changes = changes_at(old, new, touched)
             self.config_view = new
             if changes:
                 self._emit("on_config_change", author, changes, new)
@@ -630,6 +688,14 @@ class Room:
                     ps.client_ids.add(cid)
                     self._awareness_out[cid] = p.AwarenessEntry(cid, clock, entry.state)
                     accepted.append(entry)
+            elif rec.owner.remote is not None:
+                # Relayed from another node: the client now talks to us (it
+                # reconnected here); a newer clock takes the entry over.
+                if entry.clock > rec.clock and entry.state is not None:
+                    rec.clock, rec.state, rec.owner = entry.clock, entry.state, ps
+                    ps.client_ids.add(cid)
+                    self._awareness_out[cid] = entry
+                    accepted.append(entry)
             elif entry.clock > rec.clock and not _same_user(ps, rec.owner):
                 # Owned by another user's live connection, with a clock its owner
                 # never sent: not an echo but a claim on someone else's client id.
@@ -685,6 +751,114 @@ class Room:
                 }
             )
 
+    # ------------------------------------------------------ scale-out relay
+
+    def apply_remote(self, update: bytes, seq: int | None = None) -> None:
+        """An update another node accepted and stored: apply and broadcast, nothing else.
+
+        No guards (they ran on the node that accepted it), no store append,
+        no acks, no config listeners (that node recorded and forwards it).
+        """
+        self._applying_remote = True
+        try:
+            with self.doc.transaction(origin="remote"):
+                self.doc.apply_update(update)
+        except (ValueError, RuntimeError) as exc:
+            log.error("relayed update for %s does not apply: %s", self.workspace_id, exc)
+        finally:
+            self._applying_remote = False
+            self._sv = None
+        self.size_bytes += len(update)
+        self._size_exact = False
+        if self._tracks_config and self.loaded:
+            # Keep the view current (re-read only what the relayed update touched).
+            touched = self._take_touched()
+            if touched:
+                self.config_view = reread(config_map(self.doc), self.config_view, touched)
+        if seq is not None:
+            self.durable_seq = max(self.durable_seq, seq)
+        if self._outgoing:
+            self._schedule_flush()
+
+    def restore_to_store(self) -> None:
+        """Store the whole document again (the store lost writes this room holds)."""
+        self._to_store.append(self.doc.get_update())
+        self._schedule_flush()
+
+    def _cut_relayed(self, update: bytes) -> bytes:
+        """Drop what the relay brought in meanwhile from a client's own update.
+
+        With several nodes, a client that reconnects here answers our step 1
+        with everything past the state vector we sent; its earlier updates
+        (accepted by the node it left) may reach this room through the relay
+        in between, so the answer restates part of what we now have. Cut at
+        our state vector, it is a clean continuation again.
+        """
+        if update[:1] == b"\x00":
+            return update
+        try:
+            known = self._state_vector()
+            if any(start < known.get(client, 0) < end for client, start, end in ystructs.shape(update).ranges):
+                return pycrdt.get_update(update, self.doc.get_state())
+        except (ValueError, RuntimeError, p.ProtocolError):
+            pass
+        return update
+
+    def _remote_peer(self, node: str) -> PeerState:
+        ps = self._remote_peers.get(node)
+        if ps is None:
+            ps = PeerState(peer=_RemotePeer(node), epoch=0, remote=node)
+            self._remote_peers[node] = ps
+        return ps
+
+    def apply_remote_awareness(self, node: str, entries: list[p.AwarenessEntry]) -> None:
+        """Awareness relayed from another node (states of its clients); newer clocks win."""
+        owner = self._remote_peer(node)
+        now = time.monotonic()
+        changed = False
+        for entry in entries:
+            cid = entry.client_id
+            rec = self.awareness.get(cid)
+            if rec is None:
+                if entry.state is None:
+                    continue
+                rec = self.awareness[cid] = AwarenessRecord(entry.clock, entry.state, owner)
+            elif rec.owner is not None and rec.owner.remote is None:
+                continue  # one of our own connections owns it
+            elif entry.clock == rec.clock and rec.owner is owner and entry.state is not None:
+                rec.relayed_at = now  # heartbeat: still alive on its node
+                continue
+            elif entry.clock > rec.clock or (
+                entry.clock == rec.clock and entry.state is None and rec.state is not None
+            ):
+                rec.clock, rec.state = entry.clock, entry.state
+                rec.owner = owner if entry.state is not None else None
+                if entry.state is None:
+                    rec.removed_at = now
+            else:
+                continue
+            rec.relayed_at = now
+            self._awareness_out[cid] = p.AwarenessEntry(cid, rec.clock, rec.state)
+            self._remote_out.add(cid)
+            changed = True
+        if changed:
+            self._schedule_flush()
+
+    def expire_remote_awareness(self, ttl: float) -> None:
+        """Drop relayed states not refreshed within ``ttl`` seconds (their node died)."""
+        now = time.monotonic()
+        for cid, rec in self.awareness.items():
+            if rec.owner is not None and rec.owner.remote is not None and now - rec.relayed_at > ttl:
+                rec.owner = None
+                rec.removed_at = now
+                if rec.state is not None:
+                    rec.clock += 1
+                    rec.state = None
+                    self._awareness_out[cid] = p.AwarenessEntry(cid, rec.clock, None)
+                    self._remote_out.add(cid)
+        if self._awareness_out:
+            self._schedule_flush(immediate=True)
+
     # -------------------------------------------------------------- flush
 
     def _schedule_flush(self, immediate: bool = False) -> None:
@@ -713,6 +887,11 @@ class Room:
             entries = list(self._awareness_out.values())
             self._awareness_out = {}
             frames.append(p.encode_awareness(entries))
+            if self.relay is not None:
+                local = [e for e in entries if e.client_id not in self._remote_out]
+                if local:
+                    self.relay.publish_awareness(self, local)
+            self._remote_out.clear()
             for entry in entries:
                 rec = self.awareness.get(entry.client_id)
                 if rec is not None and rec.state is not None:
@@ -722,6 +901,16 @@ class Room:
                 for frame in frames:
                     peer.send(frame)
             self.stats["frames_out"] += len(frames) * len(self.peers)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.flushes += 1
+            if frames:
+                metrics.frames_queued += len(frames) * len(self.peers)
+            if self._first_pending_at is not None:
+                # Fan-out latency: the oldest update of this flush, from its arrival
+                # until it sits in every peer's queue (observed once per flush).
+                metrics.fanout.observe(time.perf_counter() - self._first_pending_at)
+                self._first_pending_at = None
         if self._to_store or self._to_ack or self._staged:
             updates, acks, staged = self._to_store, self._to_ack, self._staged
             self._to_store, self._to_ack, self._staged = [], {}, []
@@ -730,14 +919,19 @@ class Room:
             )
 
     async def _persist(self, updates: list[bytes], acks: dict[PeerState, int], previous, staged=None) -> None:
+        started = time.perf_counter()
         try:
             if staged:
                 seq = await self.store.append(self.workspace_id, updates, outbox=staged)
             else:
                 seq = await self.store.append(self.workspace_id, updates) if updates else None
         except StoreError as exc:
+            if self.metrics is not None:
+                self.metrics.store_errors += 1
             self._fail(f"storage failure: {exc}")
             return
+        if self.metrics is not None and (updates or staged):
+            self.metrics.store_append.observe(time.perf_counter() - started)
         if previous is not None:
             await asyncio.wait([previous])  # acks leave in the order updates arrived
         if self.failed:
@@ -815,6 +1009,19 @@ class Room:
         stale = [cid for cid, rec in self.awareness.items() if rec.owner is None and rec.removed_at < horizon]
         for cid in stale:
             del self.awareness[cid]
+
+
+class _RemotePeer:
+    """Stands for another node's clients in awareness ownership; sends nothing."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def send(self, frame: bytes) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
 
 
 _REFUSED = "refused"  # transaction origin of updates applied only to be reverted

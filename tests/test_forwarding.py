@@ -404,3 +404,35 @@ async def test_dead_letter_after_the_configured_time_then_retry(server_factory, 
     assert history(server, "ds-dead")[1]["forward_status"] == "delivered"
     await client.close()
     down.stop()
+
+
+async def test_lock_fence_travels_with_the_change_and_stale_fences_are_refused(server_factory, backend_factory):
+    backend = backend_factory()
+    server = server_factory(env=forwarding_env(backend))
+    room = "ds-fence"
+    alice = await connect(server, room, "alice")
+    granted = await alice.acquire_lock("connection")
+    assert granted["type"] == "lock.granted", granted
+    cfg = alice.doc.get("config", type=pycrdt.Map)
+    cfg["connection"] = pycrdt.Map({"host": "db1", "port": 5432})
+    await alice.wait_saved()
+    await alice.until(lambda: controls(alice, "forwarded"), WAIT, "locked change forwarded")
+    cfg["description"] = "not under the lock"
+    await alice.wait_saved()
+    await alice.until(lambda: len(controls(alice, "forwarded")) == 2, WAIT, "unlocked change forwarded")
+    applied = backend.log_of(room)["applied"]
+    assert [(e["seq"], e["fence"]) for e in applied] == [(1, granted["fence"]), (2, None)]
+    accepted = [e for e in history(server, room) if e["kind"] == "accepted"]
+    assert [e["fence"] for e in accepted] == [granted["fence"], None]
+
+    # A request from a zombie holder with an older fence on that path is refused by the backend (409).
+    stale = {
+        "seq": 3,
+        "first_seq": 3,
+        "config": {},
+        "changes": [{"path": "connection.host", "op": "set", "new": "zombie"}],
+        "fence": granted["fence"] - 1,
+    }
+    response = httpx.put(f"{backend.url}/data-sources/{room}", json=stale, headers={"Idempotency-Key": "z"}, timeout=5)
+    assert response.status_code == 409 and response.json()["error"] == "stale_fence"
+    await alice.close()

@@ -331,7 +331,7 @@ async def test_concurrent_edits_converge_between_node_and_python(server, node_cl
     assert final["config"]["shared"] in {"node-14", "py-14"}  # one side's last write wins, the same everywhere
     for i in range(15):
         assert f"[n{i}]" in final["text"] and f"<p{i}>" in final["text"]
-    assert final["text"].endswith("!")
+    assert final["text"].count("!") == 1  # where it lands depends on concurrent inserts at 0
     assert len(final["text"]) == sum(len(f"[n{i}]") + len(f"<p{i}>") for i in range(15)) + 1
 
     # The server's own document agrees too: a fresh client syncs to the same contents.

@@ -115,7 +115,7 @@ async def test_killed_and_frozen_clients_leave_within_the_ping_timeout(server_fa
             await until_users(watcher, {"watcher"}, interval + timeout + 3, "frozen client's leave")
             took = time.monotonic() - start
             print(f"frozen client left the roster after {took:.2f}s (ping {interval}s + {timeout}s)")
-            assert took <= interval + timeout + 0.5, took
+            assert took <= interval + timeout + 1.0, took  # the goal, plus a margin for a busy machine
             # Thawed, its connection is gone for good: no ghost comes back.
             os.kill(frozen.pid, signal.SIGCONT)
             late = await person(server.ws_url, ws, "late")
@@ -176,7 +176,8 @@ async def test_rest_and_event_stream_feeds(server):
 
 
 async def test_bad_awareness_is_dropped_with_an_error_to_its_sender_only(server_factory):
-    server = server_factory(env={"COLLAB_AWARENESS_RATE": "20", "COLLAB_AWARENESS_BURST": "10"})
+    rate, burst, window = 5.0, 10, 0.05  # the flood error is re-armed only after burst / rate = 2 s of quiet
+    server = server_factory(env={"COLLAB_AWARENESS_RATE": str(rate), "COLLAB_AWARENESS_BURST": str(burst)})
     ws = "ds-bad-awareness"
     watcher = await person(server.ws_url, ws, "watcher")
     bad = await person(server.ws_url, ws, "mallory")
@@ -201,26 +202,31 @@ async def test_bad_awareness_is_dropped_with_an_error_to_its_sender_only(server_
     expected = ["awareness_too_large", "awareness_malformed", "awareness_user_mismatch", "awareness_client_id_taken"]
     await bad.until(lambda: errors(bad) == expected, 5, "an error for each bad state")
 
-    # A flood: 500 states at once. One error, a handful of diffs, nobody else disturbed.
-    for clock in range(200, 700):
-        await bad.send_raw(p.encode_awareness([p.AwarenessEntry(cid, clock, json.dumps({"focus": f"f{clock}"}))]))
-    await bad.until(lambda: "awareness_rate_limited" in errors(bad), 5, "rate-limit error")
+    # A flood: 500 states at once. One error, few diffs, nobody else disturbed.
+    flood = [p.encode_awareness([p.AwarenessEntry(cid, c, json.dumps({"focus": f"f{c}"}))]) for c in range(200, 700)]
+    start = time.monotonic()
+    for frame in flood:
+        await bad.send_raw(frame)
     await bad.send_raw(p.encode_control({"type": "ping", "id": "after"}))
-    await bad.until(lambda: any(m.get("id") == "after" for m in bad.control), 5, "pong after the flood")
+    await bad.until(lambda: any(m.get("id") == "after" for m in bad.control), 10, "pong after the flood")
+    elapsed = time.monotonic() - start
     assert errors(bad).count("awareness_rate_limited") == 1
     assert "watcher" in roster_of(bad.control)
     await watcher.send_raw(p.encode_control({"type": "ping", "id": "w"}))
     await watcher.until(lambda: any(m.get("id") == "w" for m in watcher.control), 5, "watcher unaffected")
     assert errors(watcher) == []
+    await watcher.until(lambda: roster_of(watcher.control)["mallory"]["editing"] != "ok", 5, "a flood state")
     diffs = sum(m["type"] == "presence.diff" for m in watcher.control) - diffs_before
-    assert diffs <= 5, diffs
+    # At most the states the rate limit let through, and at most one diff per coalescing window.
+    accepted = burst + rate * elapsed
+    assert 1 <= diffs <= min(accepted, elapsed / window + 1) + 1, (diffs, elapsed)
     assert watcher.peer_states()[cid]["user"]["id"] == "mallory"
     assert not bad.closed.is_set()
     await close_all(watcher, bad)
 
 
 async def test_a_killed_node_leaves_no_ghosts(server_factory, redis_server):
-    ttl = 2.0
+    ttl = 3.0  # by design gone within 0.8 * ttl: the rest is margin for a busy machine
     common = {
         "COLLAB_REDIS_URL": redis_server.url,
         "COLLAB_PRESENCE_TTL_SECONDS": str(ttl),
@@ -300,3 +306,25 @@ async def node_clients():
 
     yield spawn
     await asyncio.gather(*(c.cleanup() for c in started))
+
+
+async def test_locks_held_show_in_the_roster_on_every_node(server_factory, redis_server):
+    """The locks feature's on_locks_changed hook fills each participant's ``locks``."""
+    common = {"COLLAB_REDIS_URL": redis_server.url, "COLLAB_PRESENCE_TTL_SECONDS": "3"}
+    node_a = server_factory(env={**common, "COLLAB_NODE_ID": "node-a"}, name="a")
+    node_b = server_factory(env={**common, "COLLAB_NODE_ID": "node-b"}, name="b")
+    ws = "ds-presence-locks"
+    ann = await person(node_a.ws_url, ws, "ann")
+    ben = await person(node_b.ws_url, ws, "ben")
+    await until_users(ben, {"ann", "ben"}, 5)
+    granted = await ann.acquire_lock("connection.host", ttl=30)
+    assert granted["type"] == "lock.granted", granted
+    for watcher in (ann, ben):
+        await watcher.until(
+            lambda w=watcher: roster_of(w.control)["ann"]["locks"] == ["connection.host"], 5, "ann's lock in roster"
+        )
+    assert roster_of(ben.control)["ben"]["locks"] == []
+    released = await ann.release_lock("connection.host")
+    assert released["type"] == "lock.release.ok", released
+    await ben.until(lambda: roster_of(ben.control)["ann"]["locks"] == [], 5, "ann's lock gone from the roster")
+    await close_all(ann, ben)

@@ -232,3 +232,17 @@ async def test_pluggable_model_through_the_environment(server_factory):
     await client.wait_saved()
     assert config.to_py() == {"name": "short", "type": "anything goes with this model"}
     await client.close()
+
+
+async def test_a_viewers_refused_edit_is_in_the_audit_trail_without_its_values(tmp_path):
+    store, room = await _room(tmp_path)
+    ps = room.join(Sink(), Identity("vera", "Vera", "#000", role="viewer"))
+    room.receive(ps, p.SyncUpdate(_update(pycrdt.Doc(), lambda c: c.__setitem__("name", "not allowed"))))
+    await room.drain()
+    assert room.doc.get("config", type=pycrdt.Map).to_py() == {}
+    entries = await store.history("ws-1", None, 10)
+    assert [(e["kind"], e["reason"], e["paths"], e["changes"]) for e in entries] == [
+        ("rejected", "read-only", ["name"], [{"path": "name"}])
+    ]
+    assert entries[0]["author"]["id"] == "vera" and await store.outbox_pending("ws-1", 10) == []
+    await store.close()

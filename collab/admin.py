@@ -1,0 +1,236 @@
+"""The admin API (``/api/admin/...``): rooms, participants, locks, configuration.
+
+Every endpoint needs the admin role (``App.authorize``): a token whose
+``workspaces`` claim grants ``admin`` for the workspace in the path, or
+``"*": "admin"`` for the endpoints about the whole server (the room list).
+In development mode the query string gives the identity (``?role=admin``),
+and only from a loopback address. Errors are JSON: ``{"error": "..."}``.
+
+What a node answers is about itself (its rooms and connections), except
+participants and locks, which come from the presence registry and the lock
+backend (every node's, when they are in Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import pycrdt
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from collab import logs
+from collab import protocol as p
+from rooms.config import config_snapshot
+from rooms.room import PeerState, Room
+
+if TYPE_CHECKING:
+    from collab.app import App
+
+log = logging.getLogger("collab.admin")
+
+CLOSE_WAIT_SECONDS = 5.0  # for the peers of a closed room to leave before it is evicted
+CLOSE_CODES = {p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY, p.CLOSE_RESTART, p.CLOSE_TRY_AGAIN}
+
+
+class AdminAPI:
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def routes(self) -> list[Route]:
+        base = "/api/admin/rooms"
+        return [
+            Route(base, self.list_rooms, methods=["GET"]),
+            Route(base + "/{workspace_id}", self.room, methods=["GET"]),
+            Route(base + "/{workspace_id}/config", self.config, methods=["GET"]),
+            Route(base + "/{workspace_id}/locks/{path}/release", self.release_lock, methods=["POST"]),
+            Route(base + "/{workspace_id}/close", self.close_room, methods=["POST"]),
+        ]
+
+    # ------------------------------------------------------------ helpers
+
+    async def _workspace(self, request: Request) -> str:
+        from collab.app import WORKSPACE_ID
+
+        workspace_id = request.path_params["workspace_id"]
+        if not WORKSPACE_ID.fullmatch(workspace_id):
+            raise HTTPException(404, "invalid workspace id")
+        identity = await self.app.authorize(request, "admin", workspace_id)
+        logs.bind(workspace=workspace_id, user=identity.user_id)  # admin actions are logged with who did them
+        return workspace_id
+
+    def _extension(self, name: str) -> Any:
+        for ext in self.app.extensions:
+            if getattr(ext, "name", None) == name:
+                return ext
+        return None
+
+    def _room_summary(self, room: Room) -> dict[str, Any]:
+        users = {getattr(ps.identity, "user_id", None) for ps in room.peers.values()} - {None}
+        locks = self._extension("locks")
+        presence = self._extension("presence")
+        view = getattr(presence, "views", {}).get(room.workspace_id) if presence is not None else None
+        return {
+            "workspace": room.workspace_id,
+            "peers": len(room.peers),
+            "users": len(users),
+            "participants": len(view.roster) if view is not None else None,
+            "locks": len(locks.locks(room.workspace_id)) if locks is not None else None,
+            "awareness_states": sum(1 for rec in room.awareness.values() if rec.state is not None),
+            "loaded": room.loaded,
+            "failed": room.failed,
+            "idle_seconds": round(time.monotonic() - room.last_active, 3) if room.is_idle else 0.0,
+            "size_bytes": room.size_bytes,
+            "durable_seq": room.durable_seq,
+            "stats": dict(room.stats),
+        }
+
+    @staticmethod
+    def _peer(ps: PeerState) -> dict[str, Any]:
+        identity = ps.identity
+        peer = ps.peer
+        client = getattr(getattr(peer, "ws", None), "client", None)
+        return {
+            "user": identity.public() if hasattr(identity, "public") else None,
+            "address": f"{client.host}:{client.port}" if client else None,
+            "client_ids": sorted(ps.client_ids),
+            "control": ps.wants_control,
+            "updates_received": ps.updates_received,
+            "updates_acked": ps.updates_acked,
+            "queued_frames": getattr(peer, "queued", None),
+            "idle_seconds": round(time.monotonic() - ps.last_seen, 3),
+            "expires_at": getattr(identity, "expires_at", None),
+        }
+
+    # ---------------------------------------------------------- endpoints
+
+    async def list_rooms(self, request: Request) -> JSONResponse:
+        """``GET /api/admin/rooms``: the rooms in memory on this node, with peer counts."""
+        await self.app.authorize(request, "admin")
+        rooms = sorted(self.app.rooms.rooms.values(), key=lambda room: room.workspace_id)
+        return JSONResponse(
+            {
+                "node": self.app.settings.node_id,
+                "rooms": [self._room_summary(room) for room in rooms],
+                "loading": sorted(self.app.rooms._loading),
+                "peers": len(self.app.peers),
+            }
+        )
+
+    async def room(self, request: Request) -> JSONResponse:
+        """``GET /api/admin/rooms/{id}``: peers on this node, participants and locks (every node's)."""
+        workspace_id = await self._workspace(request)
+        room = self.app.rooms.rooms.get(workspace_id)
+        body: dict[str, Any] = {"workspace": workspace_id, "node": self.app.settings.node_id, "open": room is not None}
+        if room is not None:
+            body.update(self._room_summary(room))
+            body["peers"] = [self._peer(ps) for ps in room.peers.values()]
+        else:
+            body["peers"] = []
+        body["participants"] = await self._participants(workspace_id)
+        locks = self._extension("locks")
+        body["locks"] = await locks.current_locks(workspace_id) if locks is not None else []
+        return JSONResponse(body)
+
+    async def _participants(self, workspace_id: str) -> list[dict[str, Any]] | None:
+        presence = self._extension("presence")
+        if presence is None:
+            return None
+        from presence.base import build_roster
+
+        try:
+            async with asyncio.timeout(2):
+                state = await presence.registry.read(workspace_id)
+            roster = [part.to_json() for part in build_roster(state).values()]
+        except Exception:  # the registry is down: what this node last published
+            view = presence.views.get(workspace_id)
+            roster = list(view.roster.values()) if view is not None else []
+        return sorted(roster, key=lambda part: (part.get("joined_at", 0), part.get("user_id", "")))
+
+    async def config(self, request: Request) -> JSONResponse:
+        """``GET /api/admin/rooms/{id}/config``: the current configuration (secrets masked).
+
+        From the room in memory, else from the store (the room is not opened).
+        """
+        from forwarding.extension import jsonable, redact
+
+        workspace_id = await self._workspace(request)
+        room = self.app.rooms.rooms.get(workspace_id)
+        if room is not None and room.loaded:
+            config, seq, source = config_snapshot(room.doc), room.durable_seq, "memory"
+        else:
+            stored = await self.app.store.load(workspace_id)
+            if stored.is_new:
+                raise HTTPException(404, f"no document stored for workspace {workspace_id!r}")
+            doc = pycrdt.Doc()
+            if stored.snapshot is not None:
+                doc.apply_update(stored.snapshot)
+            for update in stored.updates:
+                doc.apply_update(update)
+            config, seq, source = config_snapshot(doc), stored.last_seq, "store"
+        return JSONResponse(
+            {"workspace": workspace_id, "source": source, "seq": seq, "config": redact(jsonable(config))}
+        )
+
+    async def release_lock(self, request: Request) -> JSONResponse:
+        """``POST /api/admin/rooms/{id}/locks/{path}/release``: force-release a lock."""
+        from locks.base import LockUnavailable
+
+        workspace_id = await self._workspace(request)
+        locks = self._extension("locks")
+        if locks is None:
+            raise HTTPException(404, "locks are disabled on this server")
+        path = request.path_params["path"]
+        if not path or len(path) > 512:
+            raise HTTPException(400, "invalid lock path")
+        try:
+            released = await locks.force_release(workspace_id, path)
+        except LockUnavailable as exc:
+            raise HTTPException(503, f"lock service unavailable: {exc}") from None
+        if released is None:
+            raise HTTPException(404, f"nobody holds a lock on exactly {path!r}")
+        log.warning("admin force-released the lock on %s held by %s", path, released.get("user_id"))
+        return JSONResponse({"workspace": workspace_id, "released": released})
+
+    async def close_room(self, request: Request) -> JSONResponse:
+        """``POST /api/admin/rooms/{id}/close``: close every peer (1012 by default), then evict the room.
+
+        Optional JSON body ``{"code": 1012, "reason": "..."}``; ``code`` is one
+        of 1000, 1001, 1012, 1013 or 4000-4999. Clients that reconnect load
+        the document afresh from the store.
+        """
+        workspace_id = await self._workspace(request)
+        code, reason = p.CLOSE_RESTART, "room closed by an administrator; reconnect"
+        raw = await request.body()
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise HTTPException(400, "the body must be JSON") from None
+            if not isinstance(body, dict):
+                raise HTTPException(400, "the body must be a JSON object")
+            code = body.get("code", code)
+            reason = body.get("reason", reason)
+            if isinstance(code, bool) or not isinstance(code, int) or not (code in CLOSE_CODES or 4000 <= code <= 4999):
+                raise HTTPException(400, "code must be 1000, 1001, 1012, 1013 or 4000-4999")
+            if not isinstance(reason, str):
+                raise HTTPException(400, "reason must be a string")
+        room = self.app.rooms.rooms.get(workspace_id)
+        if room is None:
+            return JSONResponse({"workspace": workspace_id, "closed": 0, "evicted": True, "open": False})
+        peers = list(room.peers)
+        log.warning("admin closes room %s: %d connections, code %d", workspace_id, len(peers), code)
+        for peer in peers:
+            peer.close(code, reason[:120])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_WAIT_SECONDS
+        while any(peer in room.peers for peer in peers) and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # peers leave once their close handshake is done
+        evicted = await self.app.rooms.evict_now(workspace_id)
+        return JSONResponse({"workspace": workspace_id, "closed": len(peers), "evicted": evicted, "open": True})

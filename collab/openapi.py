@@ -1,0 +1,362 @@
+"""The OpenAPI description of the HTTP endpoints, served at ``/openapi.json``.
+
+Built from the app's routes: every registered HTTP route is in it, with the
+methods it really accepts. What each endpoint does, its parameters and its
+answers are written here by hand (``OPERATIONS``); a route added without an
+entry still appears, described by its endpoint's docstring, and a test
+fails until it gets one. The websocket (``/ws/{workspace_id}``) is not an
+HTTP operation: see docs/protocol.md (linked from ``info``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from starlette.routing import BaseRoute, Mount, Route
+
+JSON = "application/json"
+
+_ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}},
+    "required": ["error"],
+}
+
+
+def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema or {"type": "object"}}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(description, {"$ref": "#/components/schemas/Error"})
+
+
+_AUTH = {
+    "401": _error("no credentials, or invalid ones"),
+    "403": _error("the credentials do not grant the role this needs"),
+}
+_WORKSPACE_READ = {**_AUTH}
+_ADMIN = {**_AUTH}
+_SERVER_ADMIN_NOTE = 'Needs `"*": "admin"` in the token (in development mode: `?role=admin`, from loopback only).'
+_ROOM_ADMIN_NOTE = (
+    'Needs the admin role for the workspace (`{"<id>": "admin"}` or `"*": "admin"`; in development mode: '
+    "`?role=admin`, from loopback only)."
+)
+_WORKSPACE_NOTE = "Needs a token with any role for the workspace (in development mode: none)."
+
+# (path, method) -> OpenAPI operation (without path parameters, which are added from the route).
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/healthz", "get"): {
+        "summary": "Liveness: the process answers",
+        "tags": ["operations"],
+        "responses": {
+            "200": _json(
+                "alive",
+                {
+                    "type": "object",
+                    "properties": {"status": {"type": "string", "enum": ["ok"]}, "version": {"type": "string"}},
+                },
+            )
+        },
+    },
+    ("/readyz", "get"): {
+        "summary": "Readiness: the store, Redis (when configured) and the data-source backend (when forwarding) answer",
+        "description": "Each check is `ok` or `error: ...`. 503 while any required check fails or the server is "
+        "shutting down: take the node out of the load balancer.",
+        "tags": ["operations"],
+        "responses": {
+            "200": _json("ready", {"$ref": "#/components/schemas/Readiness"}),
+            "503": _json("not ready", {"$ref": "#/components/schemas/Readiness"}),
+        },
+    },
+    ("/metrics", "get"): {
+        "summary": "Prometheus metrics (text exposition format 0.0.4)",
+        "description": "Open unless `COLLAB_METRICS_TOKEN` is set; then `Authorization: Bearer <that token>`.",
+        "tags": ["operations"],
+        "responses": {
+            "200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "401": _error("COLLAB_METRICS_TOKEN is set and the request does not carry it"),
+        },
+    },
+    ("/openapi.json", "get"): {
+        "summary": "This description",
+        "tags": ["operations"],
+        "responses": {"200": _json("the OpenAPI document")},
+    },
+    ("/admin/stats", "get"): {
+        "summary": "Connection counts and refusals (origin, limits, authentication, rate)",
+        "description": _SERVER_ADMIN_NOTE,
+        "tags": ["admin"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json("counts"), **_ADMIN},
+    },
+    ("/api/admin/rooms", "get"): {
+        "summary": "The rooms in memory on this node, with peer counts",
+        "description": _SERVER_ADMIN_NOTE,
+        "tags": ["admin"],
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": _json(
+                "rooms",
+                {
+                    "type": "object",
+                    "properties": {
+                        "node": {"type": "string"},
+                        "rooms": {"type": "array", "items": {"$ref": "#/components/schemas/RoomSummary"}},
+                        "loading": {"type": "array", "items": {"type": "string"}},
+                        "peers": {"type": "integer"},
+                    },
+                },
+            ),
+            **_ADMIN,
+        },
+    },
+    ("/api/admin/rooms/{workspace_id}", "get"): {
+        "summary": "A room: its peers on this node, its participants and its locks (every node's)",
+        "description": _ROOM_ADMIN_NOTE + " Answers for a room that is not open here too (`open: false`).",
+        "tags": ["admin"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json("the room"), **_ADMIN, "404": _error("invalid workspace id")},
+    },
+    ("/api/admin/rooms/{workspace_id}/config", "get"): {
+        "summary": "The current configuration as JSON (secret-looking values masked as ***)",
+        "description": _ROOM_ADMIN_NOTE + " From the room in memory, else read from the store without opening it.",
+        "tags": ["admin"],
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": _json(
+                "configuration",
+                {
+                    "type": "object",
+                    "properties": {
+                        "workspace": {"type": "string"},
+                        "source": {"type": "string", "enum": ["memory", "store"]},
+                        "seq": {"type": "integer"},
+                        "config": {"type": "object"},
+                    },
+                },
+            ),
+            **_ADMIN,
+            "404": _error("nothing stored for this workspace, or an invalid id"),
+        },
+    },
+    ("/api/admin/rooms/{workspace_id}/locks/{path}/release", "post"): {
+        "summary": "Force-release the lock on exactly this configuration path",
+        "description": _ROOM_ADMIN_NOTE + " The room's peers (the holder too) get `lock.released` with reason "
+        "`forced`.",
+        "tags": ["admin"],
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": _json("the lease that was released"),
+            **_ADMIN,
+            "404": _error("nobody holds this lock, or locks are disabled"),
+            "503": _error("the lock backend is unavailable"),
+        },
+    },
+    ("/api/admin/rooms/{workspace_id}/close", "post"): {
+        "summary": "Close every connection of the room (1012 by default), then evict it from memory",
+        "description": _ROOM_ADMIN_NOTE + " Clients reconnect and load the document afresh from the store.",
+        "tags": ["admin"],
+        "security": [{"bearer": []}],
+        "requestBody": {
+            "required": False,
+            "content": {
+                JSON: {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "code": {
+                                "type": "integer",
+                                "description": "1000, 1001, 1012, 1013 or 4000-4999",
+                                "default": 1012,
+                            },
+                            "reason": {"type": "string"},
+                        },
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": _json(
+                "what was done",
+                {
+                    "type": "object",
+                    "properties": {
+                        "closed": {"type": "integer"},
+                        "evicted": {"type": "boolean"},
+                        "open": {"type": "boolean"},
+                    },
+                },
+            ),
+            "400": _error("invalid body"),
+            **_ADMIN,
+        },
+    },
+    ("/locks/stats", "get"): {
+        "summary": "Lock counters of this node (no lock contents)",
+        "tags": ["locks"],
+        "responses": {"200": _json("counters")},
+    },
+    ("/api/workspaces/{workspace_id}/participants", "get"): {
+        "summary": "The workspace's participants (every node's)",
+        "description": _WORKSPACE_NOTE,
+        "tags": ["presence"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json("roster"), **_WORKSPACE_READ, "503": _error("presence registry unavailable")},
+    },
+    ("/api/workspaces/{workspace_id}/participants/events", "get"): {
+        "summary": "Participants as Server-Sent Events: a snapshot, then diffs",
+        "description": _WORKSPACE_NOTE,
+        "tags": ["presence"],
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": {"description": "event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **_WORKSPACE_READ,
+        },
+    },
+    ("/workspaces/{workspace_id}", "get"): {
+        "summary": "The participant panel (HTML)",
+        "tags": ["presence"],
+        "responses": {"200": {"description": "HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}},
+    },
+    ("/presence/static/{path}", "get"): {
+        "summary": "Static files of the participant panel",
+        "tags": ["presence"],
+        "responses": {"200": {"description": "a file"}, "404": {"description": "no such file"}},
+    },
+    ("/api/workspaces/{workspace_id}/history", "get"): {
+        "summary": "The audit trail of configuration changes, newest first",
+        "description": _WORKSPACE_NOTE,
+        "tags": ["forwarding"],
+        "security": [{"bearer": []}],
+        "parameters": [
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+            },
+            {"name": "before", "in": "query", "schema": {"type": "integer"}, "description": "entry id to page from"},
+        ],
+        "responses": {"200": _json("entries"), "400": _error("bad paging parameters"), **_WORKSPACE_READ},
+    },
+    ("/api/workspaces/{workspace_id}/forwarding", "get"): {
+        "summary": "Delivery status of the workspace's changes to the data-source backend",
+        "description": _WORKSPACE_NOTE,
+        "tags": ["forwarding"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json("status"), **_WORKSPACE_READ},
+    },
+    ("/api/workspaces/{workspace_id}/dead-letters", "get"): {
+        "summary": "Changes that could not be delivered",
+        "description": _WORKSPACE_NOTE,
+        "tags": ["forwarding"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json("dead letters"), **_WORKSPACE_READ},
+    },
+    ("/api/workspaces/{workspace_id}/dead-letters/{key}/retry", "post"): {
+        "summary": "Queue a dead letter for delivery again",
+        "description": "Needs the editor role for the workspace.",
+        "tags": ["forwarding"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json("requeued rows"), **_WORKSPACE_READ, "404": _error("no such dead letter")},
+    },
+    ("/api/workspaces/{workspace_id}/dead-letters/{key}", "delete"): {
+        "summary": "Discard a dead letter (recorded in the audit trail)",
+        "description": "Needs the editor role for the workspace.",
+        "tags": ["forwarding"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json("discarded rows"), **_WORKSPACE_READ, "404": _error("no such dead letter")},
+    },
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _ERROR,
+    "Readiness": {
+        "type": "object",
+        "properties": {
+            "ready": {"type": "boolean"},
+            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "RoomSummary": {
+        "type": "object",
+        "properties": {
+            "workspace": {"type": "string"},
+            "peers": {"type": "integer"},
+            "users": {"type": "integer"},
+            "participants": {"type": ["integer", "null"]},
+            "locks": {"type": ["integer", "null"]},
+            "loaded": {"type": "boolean"},
+            "failed": {"type": ["string", "null"]},
+            "size_bytes": {"type": "integer"},
+            "durable_seq": {"type": "integer"},
+        },
+    },
+}
+
+
+def http_operations(routes: list[BaseRoute]) -> list[tuple[str, str, Any]]:
+    """(OpenAPI path, lower-case method, endpoint) for every HTTP route; mounts as ``{path}``."""
+    out = []
+    for route in routes:
+        if isinstance(route, Route):
+            for method in sorted(route.methods or ()):
+                if method != "HEAD":
+                    out.append((route.path, method.lower(), route.endpoint))
+        elif isinstance(route, Mount):
+            out.append((route.path.rstrip("/") + "/{path}", "get", route.app))
+    return out
+
+
+def build(routes: list[BaseRoute], version: str) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, endpoint in http_operations(routes):
+        operation = dict(OPERATIONS.get((path, method)) or _from_docstring(endpoint))
+        params = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in _path_params(path)
+        ]
+        if params or "parameters" in operation:
+            operation["parameters"] = params + list(operation.get("parameters", []))
+        operation.setdefault("operationId", f"{method}_{_slug(path)}")
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "datasource-collab",
+            "version": version,
+            "description": "HTTP endpoints of the collaboration server. Clients edit through the websocket "
+            "`/ws/{workspace_id}` (Yjs sync and awareness, plus control messages; see docs/protocol.md). "
+            'Errors are JSON objects `{"error": "..."}`.',
+        },
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "A token as in docs/security.md (`workspaces` claim gives the role per workspace).",
+                }
+            },
+        },
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    import re
+
+    return re.findall(r"{([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?}", path)
+
+
+def _slug(path: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_") or "root"
+
+
+def _from_docstring(endpoint: Any) -> dict[str, Any]:
+    doc = inspect.getdoc(endpoint) or ""
+    summary = doc.strip().splitlines()[0] if doc.strip() else "(undocumented)"
+    return {"summary": summary, "x-undocumented": True, "responses": {"200": {"description": "see the summary"}}}

@@ -1,0 +1,225 @@
+"""``python -m loadtest {fanout,sweep,serve}``.
+
+fanout  one bounded run (duration + drain), prints a table, optional JSON
+sweep   the same room shape with a shrinking write interval until p99 exceeds
+        the limit, updates are lost, or throughput stops growing
+serve   start our server pinned to a core (see loadtest/serve.py)
+
+Targets must be loopback (127.0.0.0/8, localhost, ::1) unless --allow-remote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from loadtest.fanout import FanoutParams, FanoutResult, TargetError, check_target, print_table, run_fanout
+
+
+def _add_run_args(p: argparse.ArgumentParser, sweep: bool) -> None:
+    p.add_argument("--url", help="server websocket base URL, e.g. ws://127.0.0.1:8765/ws (rooms are URL/<name>)")
+    p.add_argument("--rooms", type=int, default=1)
+    p.add_argument("--clients", type=int, default=100, help="clients per room")
+    p.add_argument("--writers", type=int, default=10, help="writers per room (among the clients)")
+    if sweep:
+        p.add_argument(
+            "--intervals",
+            default="100,50,20,10,5,2,1",
+            help="write intervals in ms, tried in order (default %(default)s)",
+        )
+        p.add_argument("--p99-limit", type=float, default=100.0, help="stop when p99 exceeds this many ms")
+        p.add_argument("--min-gain", type=float, default=0.05, help="stop when throughput grows less than this share")
+    else:
+        p.add_argument("--interval", type=float, default=10.0, help="ms between two edits of one writer")
+    p.add_argument("--duration", type=float, default=20.0 if not sweep else 10.0, help="seconds of load (per step)")
+    p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for late deliveries after the load")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds between handshake and load")
+    p.add_argument("--query", default="", help="query string for every room URL (e.g. identity: user=lt)")
+    p.add_argument("--server-pid", type=int, help="server PID: report its CPU time per delivery (/proc/PID/stat)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    p.add_argument("--harness-cpu", type=int, help="pin this process to a core (like taskset -c N)")
+    p.add_argument(
+        "--spawn-server",
+        action="store_true",
+        help="start our server for the run (pinned to --server-cpu, fresh temp data dir), stop it afterwards",
+    )
+    p.add_argument("--server-cpu", type=int, default=0, help="core for --spawn-server (-1: not pinned)")
+    p.add_argument("--data-dir", help="data directory for --spawn-server (default: a temp dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_args(sub.add_parser("fanout", help="R rooms x C clients, W writers each"), sweep=False)
+    _add_run_args(sub.add_parser("sweep", help="shrink the write interval until saturation"), sweep=True)
+    serve = sub.add_parser("serve", help="start our server pinned to a core")
+    serve.add_argument("--cpu", type=int, default=0, help="core (-1: not pinned)")
+    serve.add_argument("--data-dir", help="data directory (default: a temp dir, removed afterwards)")
+    serve.add_argument("--port", type=int, default=0)
+    return parser
+
+
+def environment() -> dict[str, Any]:
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        **{pkg: version(pkg) for pkg in ("pycrdt", "uvicorn", "starlette", "websockets", "uvloop")},
+    }
+
+
+def _params(args: argparse.Namespace, interval: float) -> FanoutParams:
+    return FanoutParams(
+        url=args.url,
+        rooms=args.rooms,
+        clients=args.clients,
+        writers=args.writers,
+        interval_ms=interval,
+        duration=args.duration,
+        drain=args.drain,
+        warmup=args.warmup,
+        server_pid=args.server_pid,
+        query=args.query,
+        progress=not args.quiet,
+    )
+
+
+async def _fanout(args: argparse.Namespace) -> dict[str, Any]:
+    res = await run_fanout(_params(args, args.interval), allow_remote=args.allow_remote)
+    print_table([res])
+    return {"scenario": "fanout", "result": res.to_dict()}
+
+
+def _good(res: FanoutResult, p99_limit: float) -> bool:
+    p99 = res.latency_ms.get("p99")
+    return res.lost == 0 and res.converged and p99 is not None and p99 <= p99_limit and not res.disconnects
+
+
+async def _sweep(args: argparse.Namespace) -> dict[str, Any]:
+    intervals = [float(x) for x in args.intervals.split(",") if x.strip()]
+    base = _params(args, intervals[0])
+    results: list[FanoutResult] = []
+    last_good: FanoutResult | None = None
+    stop_reason = "all steps passed"
+    for interval in intervals:
+        res = await run_fanout(replace(base, interval_ms=interval), args.allow_remote, label=f"sweep T={interval:g}ms")
+        results.append(res)
+        if not _good(res, args.p99_limit):
+            p99 = res.latency_ms.get("p99")
+            stop_reason = (
+                f"T={interval:g} ms: p99 {p99} ms (limit {args.p99_limit:g}), lost {res.lost}, "
+                f"converged {res.converged}, disconnects {res.disconnects or 0}"
+            )
+            break
+        if last_good is not None and res.delivered_per_s < last_good.delivered_per_s * (1 + args.min_gain):
+            stop_reason = (
+                f"T={interval:g} ms: throughput stopped growing ({res.delivered_per_s:.0f}/s vs "
+                f"{last_good.delivered_per_s:.0f}/s)"
+            )
+            break
+        last_good = res
+        await asyncio.sleep(1.0)
+    print_table(results)
+    if last_good is not None:
+        print(
+            f"last good step: T={last_good.params['interval_ms']:g} ms, {last_good.delivered_per_s:.0f} deliveries/s, "
+            f"p99 {last_good.latency_ms['p99']} ms"
+        )
+    else:
+        print("no step passed")
+    print(f"stopped: {stop_reason}")
+    if any(r.harness_saturated for r in results):
+        print("note: the harness saturated in some steps; their latencies include harness queueing")
+    return {
+        "scenario": "sweep",
+        "p99_limit_ms": args.p99_limit,
+        "stop_reason": stop_reason,
+        "last_good": last_good.to_dict() if last_good else None,
+        "steps": [r.to_dict() for r in results],
+    }
+
+
+def _run(coro_fn, args: argparse.Namespace) -> dict[str, Any]:
+    use_uvloop = not args.no_uvloop
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            use_uvloop = False
+    if use_uvloop:
+        return uvloop.run(coro_fn(args))
+    return asyncio.run(coro_fn(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from loadtest.serve import main as serve_main
+
+        return serve_main(args)
+
+    if args.harness_cpu is not None:
+        os.sched_setaffinity(0, {args.harness_cpu})
+    server = None
+    if args.spawn_server:
+        if args.url:
+            print("--spawn-server and --url are exclusive", file=sys.stderr)
+            return 2
+        from loadtest.serve import PinnedServer
+
+        server = PinnedServer(cpu=None if args.server_cpu < 0 else args.server_cpu, data_dir=args.data_dir).start()
+        args.url = server.ws_url
+        args.server_pid = server.pid
+        if not args.quiet:
+            print(f"spawned server pid {server.pid} on cpu {args.server_cpu}: {server.ws_url}", file=sys.stderr)
+    if not args.url:
+        print("--url (or --spawn-server) is required", file=sys.stderr)
+        return 2
+    try:
+        check_target(args.url, args.allow_remote)
+    except TargetError as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return 2
+    try:
+        out = _run(_fanout if args.command == "fanout" else _sweep, args)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if server is not None:
+            server.stop()
+    if args.json:
+        out["environment"] = environment()
+        out["command"] = " ".join(sys.argv)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if out["scenario"] == "fanout":
+        res = out["result"]
+        return 0 if res["lost"] == 0 and res["converged"] else 1
+    return 0

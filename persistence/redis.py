@@ -1,0 +1,645 @@
+"""Redis document store: the durable store of a scale-out deployment.
+
+Every key of a workspace starts with ``collab:ws:{<id>}``: the hash tag
+``{<id>}`` is the one the lock and presence keys of the workspace carry too,
+so a Redis Cluster keeps all of them in one slot, and each multi-key write
+is one atomic script. Below, ``{ws:X}`` stands for ``collab:ws:{X}``:
+
+* ``{ws:X}:doc``      hash: ``snapshot``, ``snapshot_seq``, ``last_seq``
+* ``{ws:X}:updates``  stream: one entry per raw update, id ``0-<seq>``, fields
+  ``node`` (origin) and ``data``. It is the durable tail of the document *and*
+  the relay between nodes (scaleout/relay.py reads it). Compaction writes the
+  snapshot and trims the stream (keeping a margin for lagging readers).
+* ``{ws:X}:awareness`` stream (capped): relayed awareness, never durable.
+* ``{ws:X}:meta``     hash: per-workspace metadata (lock fences).
+* ``{ws:X}:fwd``      hash: forward state (``last_seq``, ``delivered_seq``,
+  ``seeded_at``, ``seed_status``, ``audit_id``).
+* ``{ws:X}:outbox``   hash: outbox rows (``<seq>`` immutable JSON, ``<seq>:batch``,
+  ``:fa``, ``:att``, ``:err``; ``b:<batch>`` the seqs of a claimed batch);
+  ``{ws:X}:outbox:pending`` / ``:dead`` sorted sets of seqs.
+* ``{ws:X}:audit``    hash: audit entries (``<id>`` JSON, ``<id>:seq``,
+  ``<id>:fs`` forward status, ``<id>:fa`` forwarded at);
+  ``{ws:X}:audit:byseq`` change seq -> audit id.
+* ``{ws:X}:fwd:lease`` the forwarding lease (one forwarder per workspace).
+
+Updates and their outbox/audit records are written by one Lua script (the
+same guarantee as the SQLite transaction). ``collab:outbox:workspaces`` (a set
+outside any workspace slot) indexes workspaces with pending rows; it is
+written in the same round trip, right after the script.
+
+Durability is Redis's: with ``appendonly yes`` + ``appendfsync always`` an
+acknowledged write survives a crash of Redis; see docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from persistence.base import StoredDocument, StoreError
+from persistence.outbox import (
+    ACCEPTED,
+    DEAD,
+    DELIVERED,
+    DISCARDED,
+    PENDING,
+    SEEDED,
+    ChangeRecord,
+    OutboxRow,
+)
+
+log = logging.getLogger("collab.store.redis")
+
+OUTBOX_INDEX = "collab:outbox:workspaces"
+TRIM_MARGIN = 200  # entries kept below a snapshot, so relay readers a little behind miss nothing
+
+_APPEND = """
+local node = ARGV[1]
+local n = tonumber(ARGV[2])
+local last = redis.call('HINCRBY', KEYS[1], 'last_seq', n)
+local first = last - n + 1
+for i = 1, n do
+  redis.call('XADD', KEYS[2], '0-' .. (first + i - 1), 'node', node, 'data', ARGV[2 + i])
+end
+local pos = 3 + n
+local nrec = tonumber(ARGV[pos])
+pos = pos + 1
+local out = {last}
+for r = 1, nrec do
+  local forward = ARGV[pos]
+  local seeded = ARGV[pos + 1]
+  local seed_seq = tonumber(ARGV[pos + 2])
+  local seed_at = ARGV[pos + 3]
+  local seed_status = ARGV[pos + 4]
+  local audit_json = ARGV[pos + 5]
+  local outbox_json = ARGV[pos + 6]
+  local kind = ARGV[pos + 7]
+  local ref_seq = ARGV[pos + 8]
+  pos = pos + 9
+  local seq = 0
+  if seeded == '1' then
+    local cur = tonumber(redis.call('HGET', KEYS[3], 'last_seq') or '0')
+    if seed_seq > cur then redis.call('HSET', KEYS[3], 'last_seq', seed_seq) end
+    local d = tonumber(redis.call('HGET', KEYS[3], 'delivered_seq') or '0')
+    if seed_seq > d then redis.call('HSET', KEYS[3], 'delivered_seq', seed_seq) end
+    redis.call('HSET', KEYS[3], 'seeded_at', seed_at, 'seed_status', seed_status)
+  end
+  if forward == '1' then
+    seq = redis.call('HINCRBY', KEYS[3], 'last_seq', 1)
+    redis.call('HSET', KEYS[4], tostring(seq), outbox_json)
+    redis.call('ZADD', KEYS[5], seq, tostring(seq))
+  end
+  local id = redis.call('HINCRBY', KEYS[3], 'audit_id', 1)
+  redis.call('HSET', KEYS[6], tostring(id), audit_json)
+  if seq > 0 then
+    redis.call('HSET', KEYS[6], id .. ':seq', seq, id .. ':fs', 'pending')
+    redis.call('HSET', KEYS[7], tostring(seq), id)
+  else
+    if ref_seq ~= '' then redis.call('HSET', KEYS[6], id .. ':seq', ref_seq) end
+    if kind == 'accepted' then redis.call('HSET', KEYS[6], id .. ':fs', 'not_forwarded') end
+  end
+  out[#out + 1] = seq
+  out[#out + 1] = id
+end
+return out
+"""
+
+_COMPACT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'snapshot_seq') or '0')
+local upto = tonumber(ARGV[2])
+if upto <= cur then return 0 end
+redis.call('HSET', KEYS[1], 'snapshot', ARGV[1], 'snapshot_seq', upto)
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+if upto > last then redis.call('HSET', KEYS[1], 'last_seq', upto) end
+local keep = upto - tonumber(ARGV[3])
+if keep > 0 then redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. (keep + 1)) end
+return 1
+"""
+
+_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def tag(workspace: str) -> str:
+    """Key prefix of a workspace: ``collab:ws:{W}`` (the hash tag ``{W}`` is the one locks and presence use)."""
+    return "collab:ws:{" + workspace + "}"
+
+
+def updates_key(workspace: str) -> str:
+    return tag(workspace) + ":updates"
+
+
+def awareness_key(workspace: str) -> str:
+    return tag(workspace) + ":awareness"
+
+
+def seq_of(stream_id: bytes | str) -> int:
+    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    return int(text.split("-", 1)[1])
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _s(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def _f(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
+
+
+class RedisDocumentStore:
+    """DocumentStore + OutboxStore in Redis (see the module docstring)."""
+
+    def __init__(self, url: str, node_id: str, timeout: float = 2.0, trim_margin: int = TRIM_MARGIN) -> None:
+        self.url = url
+        self.node_id = node_id
+        self.timeout = timeout
+        self.trim_margin = trim_margin
+        self.client: aioredis.Redis | None = None
+        self.path = f"redis {url.split('@')[-1]}"  # for logs (never the password)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        if self.client is not None:
+            return
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=64,
+            timeout=self.timeout,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            # A connection idle for a second is pinged (and replaced) before use, so the
+            # first append after Redis restarted does not fail on a stale socket.
+            health_check_interval=1,
+        )
+        self.client = aioredis.Redis(connection_pool=pool)
+        self._append = self.client.register_script(_APPEND)
+        self._compact = self.client.register_script(_COMPACT)
+        self._lease = self.client.register_script(_LEASE)
+        self._release = self.client.register_script(_RELEASE)
+        # Not fatal: a node may start while Redis is down (readiness says so).
+        try:
+            await self.client.ping()
+        except RedisError as exc:
+            log.warning("Redis at %s not reachable yet: %s", self.path, exc)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    def _r(self) -> aioredis.Redis:
+        if self.client is None:
+            raise StoreError("store is closed")
+        return self.client
+
+    async def _run(self, coro_fn, *args):
+        try:
+            return await coro_fn(*args)
+        except RedisError as exc:
+            raise StoreError(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
+
+    # ----------------------------------------------------------- documents
+
+    async def load(self, workspace_id: str) -> StoredDocument:
+        t = tag(workspace_id)
+
+        async def run() -> StoredDocument:
+            pipe = self._r().pipeline(transaction=True)
+            pipe.hmget(t + ":doc", "snapshot", "snapshot_seq", "last_seq")
+            pipe.xrange(t + ":updates", "-", "+")
+            (snapshot, snapshot_seq, last_seq), entries = await pipe.execute()
+            snapshot_seq = int(snapshot_seq or 0)
+            updates = []
+            top = int(last_seq or 0)
+            for stream_id, fields in entries:
+                seq = seq_of(stream_id)
+                top = max(top, seq)
+                if seq > snapshot_seq:
+                    updates.append(fields[b"data"])
+            return StoredDocument(snapshot=snapshot, snapshot_seq=snapshot_seq, updates=updates, last_seq=top)
+
+        return await self._run(run)
+
+    async def read_tail(self, workspace_id: str, after_seq: int) -> list[tuple[int, str, bytes]]:
+        """Stream entries after ``after_seq``: (seq, origin node, update)."""
+
+        async def run():
+            entries = await self._r().xrange(updates_key(workspace_id), f"0-{after_seq + 1}", "+")
+            return [(seq_of(i), f[b"node"].decode(), f[b"data"]) for i, f in entries]
+
+        return await self._run(run)
+
+    async def last_seq(self, workspace_id: str) -> int:
+        async def run():
+            return int(await self._r().hget(tag(workspace_id) + ":doc", "last_seq") or 0)
+
+        return await self._run(run)
+
+    async def append(self, workspace_id: str, updates: list[bytes], outbox: list[ChangeRecord] | None = None) -> int:
+        t = tag(workspace_id)
+        records = list(outbox or [])
+        args: list[Any] = [self.node_id, len(updates), *updates, len(records)]
+        for rec in records:
+            audit = {
+                "at": rec.at,
+                "kind": rec.kind,
+                "author": rec.author,
+                "paths": rec.paths,
+                "changes": rec.changes,
+                "fence": rec.fence,
+                "reason": rec.reason,
+                "details": rec.details,
+            }
+            row = {
+                "key": rec.key,
+                "created_at": rec.at,
+                "author": rec.author,
+                "changes": rec.changes,
+                "config": rec.config or {},
+                "fence": rec.fence,
+            }
+            ref = rec.seq if rec.kind not in (ACCEPTED, SEEDED) and rec.seq is not None else ""
+            args += [
+                "1" if rec.forward else "0",
+                "1" if rec.kind == SEEDED else "0",
+                rec.seed_seq or 0,
+                rec.at,
+                rec.reason or "",
+                _dumps(audit),
+                _dumps(row) if rec.forward else "",
+                rec.kind,
+                ref,
+            ]
+        keys = [t + k for k in (":doc", ":updates", ":fwd", ":outbox", ":outbox:pending", ":audit", ":audit:byseq")]
+
+        async def run():
+            forward = any(r.forward for r in records)
+            if forward:
+                pipe = self._r().pipeline(transaction=False)
+                await self._append(keys=keys, args=args, client=pipe)
+                pipe.sadd(OUTBOX_INDEX, workspace_id)
+                result = (await pipe.execute())[0]
+            else:
+                result = await self._append(keys=keys, args=args)
+            return result
+
+        result = await self._run(run)
+        for i, rec in enumerate(records):
+            seq, audit_id = int(result[1 + 2 * i]), int(result[2 + 2 * i])
+            rec.seq, rec.audit_id = (seq if rec.forward else None), audit_id
+        return int(result[0])
+
+    async def compact(self, workspace_id: str, snapshot: bytes, upto_seq: int) -> None:
+        t = tag(workspace_id)
+        await self._run(
+            lambda: self._compact(keys=[t + ":doc", t + ":updates"], args=[snapshot, upto_seq, self.trim_margin])
+        )
+
+    async def check(self) -> None:
+        await self._run(lambda: self._r().ping())
+
+    async def get_meta(self, workspace_id: str, key: str) -> bytes | None:
+        return await self._run(lambda: self._r().hget(tag(workspace_id) + ":meta", key))
+
+    async def put_meta(self, workspace_id: str, key: str, value: bytes) -> None:
+        await self._run(lambda: self._r().hset(tag(workspace_id) + ":meta", key, bytes(value)))
+
+    # ----------------------------------------------------- forwarding lease
+
+    async def forward_lease(self, workspace_id: str, owner: str, ttl_ms: int) -> bool:
+        """Take or renew the lease that makes ``owner`` the one forwarder of a workspace."""
+        key = tag(workspace_id) + ":fwd:lease"
+        return bool(await self._run(lambda: self._lease(keys=[key], args=[owner, int(ttl_ms)])))
+
+    async def forward_lease_release(self, workspace_id: str, owner: str) -> None:
+        key = tag(workspace_id) + ":fwd:lease"
+        await self._run(lambda: self._release(keys=[key], args=[owner]))
+
+    # -------------------------------------------------------------- outbox
+
+    async def _rows(self, workspace: str, seqs: list[int]) -> list[OutboxRow]:
+        if not seqs:
+            return []
+        fields = []
+        for s in seqs:
+            fields += [str(s), f"{s}:batch", f"{s}:fa", f"{s}:att", f"{s}:err", f"{s}:state"]
+        values = await self._r().hmget(tag(workspace) + ":outbox", fields)
+        rows = []
+        for i, s in enumerate(seqs):
+            raw, batch, fa, att, err, state = values[6 * i : 6 * i + 6]
+            if raw is None:
+                continue
+            body = json.loads(raw)
+            rows.append(
+                OutboxRow(
+                    workspace=workspace,
+                    seq=s,
+                    key=body["key"],
+                    created_at=body["created_at"],
+                    author=body.get("author"),
+                    changes=body.get("changes") or [],
+                    config=body.get("config") or {},
+                    fence=body.get("fence"),
+                    state=_s(state) or "pending",
+                    batch=_s(batch),
+                    first_attempt_at=_f(fa),
+                    attempts=int(att or 0),
+                    last_error=_s(err),
+                )
+            )
+        return rows
+
+    async def _batch_seqs(self, workspace: str, batch: str) -> list[int]:
+        raw = await self._r().hget(tag(workspace) + ":outbox", f"b:{batch}")
+        return json.loads(raw) if raw else []
+
+    async def outbox_workspaces(self) -> list[str]:
+        async def run():
+            names = [m.decode() for m in await self._r().smembers(OUTBOX_INDEX)]
+            out = []
+            for name in names:
+                if await self._r().zcard(tag(name) + ":outbox:pending"):
+                    out.append(name)
+                elif not await self._r().zcard(tag(name) + ":outbox:dead"):
+                    await self._r().srem(OUTBOX_INDEX, name)
+            return out
+
+        return await self._run(run)
+
+    async def outbox_pending(self, workspace: str, limit: int) -> list[OutboxRow]:
+        async def run():
+            key = tag(workspace) + ":outbox:pending"
+            seqs = [int(m) for m in await self._r().zrange(key, 0, limit - 1)]
+            rows = await self._rows(workspace, seqs)
+            if rows and rows[0].batch is not None and rows[-1].batch == rows[0].batch:
+                claimed = set(await self._batch_seqs(workspace, rows[0].batch))
+                every = [int(m) for m in await self._r().zrange(key, 0, -1)]
+                rows = await self._rows(workspace, [s for s in every if s in claimed])
+            return rows
+
+        return await self._run(run)
+
+    async def outbox_claim(self, workspace: str, seqs: list[int], batch: str, at: float) -> None:
+        async def run():
+            rows = await self._rows(workspace, seqs)
+            mine = [r.seq for r in rows if r.batch in (None, batch)]
+            pipe = self._r().pipeline(transaction=True)
+            key = tag(workspace) + ":outbox"
+            for r in rows:
+                if r.seq in mine:
+                    pipe.hset(key, f"{r.seq}:batch", batch)
+                    if r.first_attempt_at is None:
+                        pipe.hset(key, f"{r.seq}:fa", at)
+            pipe.hset(key, f"b:{batch}", json.dumps(sorted(set(mine) | set(await self._batch_seqs(workspace, batch)))))
+            await pipe.execute()
+
+        await self._run(run)
+
+    async def outbox_failed_attempt(self, workspace: str, batch: str, error: str) -> None:
+        async def run():
+            pipe = self._r().pipeline(transaction=True)
+            key = tag(workspace) + ":outbox"
+            for s in await self._batch_seqs(workspace, batch):
+                pipe.hincrby(key, f"{s}:att", 1)
+                pipe.hset(key, f"{s}:err", error[:1000])
+            await pipe.execute()
+
+        await self._run(run)
+
+    async def _write_audit(self, workspace: str, rec: ChangeRecord) -> None:
+        t = tag(workspace)
+        audit_id = await self._r().hincrby(t + ":fwd", "audit_id", 1)
+        audit = {
+            "at": rec.at,
+            "kind": rec.kind,
+            "author": rec.author,
+            "paths": rec.paths,
+            "changes": rec.changes,
+            "fence": rec.fence,
+            "reason": rec.reason,
+            "details": rec.details,
+        }
+        mapping = {str(audit_id): _dumps(audit)}
+        if rec.seq is not None:
+            mapping[f"{audit_id}:seq"] = str(rec.seq)
+        await self._r().hset(t + ":audit", mapping=mapping)
+        rec.audit_id = audit_id
+
+    async def _set_status(self, workspace: str, seqs: list[int], status: str, at: float | None) -> None:
+        if not seqs:
+            return
+        t = tag(workspace)
+        ids = await self._r().hmget(t + ":audit:byseq", [str(s) for s in seqs])
+        mapping = {}
+        for audit_id in ids:
+            if audit_id is None:
+                continue
+            mapping[f"{audit_id.decode()}:fs"] = status
+            mapping[f"{audit_id.decode()}:fa"] = "" if at is None else str(at)
+        if mapping:
+            await self._r().hset(t + ":audit", mapping=mapping)
+
+    def _drop_rows(self, pipe, workspace: str, seqs: list[int], batch: str | None) -> None:
+        t = tag(workspace)
+        fields = []
+        for s in seqs:
+            fields += [str(s), f"{s}:batch", f"{s}:fa", f"{s}:att", f"{s}:err", f"{s}:state"]
+        if batch is not None:
+            fields.append(f"b:{batch}")
+        if fields:
+            pipe.hdel(t + ":outbox", *fields)
+        if seqs:
+            pipe.zrem(t + ":outbox:pending", *[str(s) for s in seqs])
+            pipe.zrem(t + ":outbox:dead", *[str(s) for s in seqs])
+
+    async def outbox_finish(
+        self, workspace: str, batch: str, status: str, at: float, audit: ChangeRecord | None = None
+    ) -> list[int]:
+        async def run():
+            t = tag(workspace)
+            seqs = await self._batch_seqs(workspace, batch)
+            pipe = self._r().pipeline(transaction=True)
+            self._drop_rows(pipe, workspace, seqs, batch)
+            await pipe.execute()
+            await self._set_status(workspace, seqs, status, at)
+            if seqs and status == DELIVERED:
+                cur = int(await self._r().hget(t + ":fwd", "delivered_seq") or 0)
+                if max(seqs) > cur:
+                    await self._r().hset(t + ":fwd", "delivered_seq", max(seqs))
+            if audit is not None:
+                audit.seq = max(seqs) if seqs else audit.seq
+                await self._write_audit(workspace, audit)
+            return seqs
+
+        return await self._run(run)
+
+    async def outbox_dead(self, workspace: str, batch: str, at: float, audit: ChangeRecord) -> list[int]:
+        async def run():
+            t = tag(workspace)
+            seqs = await self._batch_seqs(workspace, batch)
+            pipe = self._r().pipeline(transaction=True)
+            for s in seqs:
+                pipe.hset(t + ":outbox", f"{s}:state", "dead")
+                pipe.zrem(t + ":outbox:pending", str(s))
+                pipe.zadd(t + ":outbox:dead", {str(s): s})
+            await pipe.execute()
+            await self._set_status(workspace, seqs, DEAD, None)
+            audit.seq = max(seqs) if seqs else audit.seq
+            await self._write_audit(workspace, audit)
+            return seqs
+
+        return await self._run(run)
+
+    async def dead_letters(self, workspace: str) -> list[dict[str, Any]]:
+        async def run():
+            seqs = [int(m) for m in await self._r().zrange(tag(workspace) + ":outbox:dead", 0, -1)]
+            batches: dict[str, dict[str, Any]] = {}
+            for row in await self._rows(workspace, seqs):
+                entry = batches.setdefault(
+                    row.batch or row.key,
+                    {
+                        "key": row.batch or row.key,
+                        "first_seq": row.seq,
+                        "seq": row.seq,
+                        "first_attempt_at": row.first_attempt_at,
+                        "attempts": row.attempts,
+                        "last_error": row.last_error,
+                        "paths": [],
+                        "changes": 0,
+                    },
+                )
+                entry["seq"] = row.seq
+                entry["changes"] += 1
+                for change in row.changes:
+                    if change["path"] not in entry["paths"]:
+                        entry["paths"].append(change["path"])
+            return list(batches.values())
+
+        return await self._run(run)
+
+    async def dead_letter_retry(self, workspace: str, batch: str) -> int:
+        async def run():
+            t = tag(workspace)
+            dead = {int(m) for m in await self._r().zrange(t + ":outbox:dead", 0, -1)}
+            seqs = [s for s in await self._batch_seqs(workspace, batch) if s in dead]
+            if not seqs:
+                return 0
+            pipe = self._r().pipeline(transaction=True)
+            for s in seqs:
+                pipe.hdel(t + ":outbox", f"{s}:state", f"{s}:fa")
+                pipe.hset(t + ":outbox", f"{s}:att", 0)
+                pipe.zrem(t + ":outbox:dead", str(s))
+                pipe.zadd(t + ":outbox:pending", {str(s): s})
+            pipe.sadd(OUTBOX_INDEX, workspace)
+            await pipe.execute()
+            await self._set_status(workspace, seqs, PENDING, None)
+            return len(seqs)
+
+        return await self._run(run)
+
+    async def dead_letter_discard(self, workspace: str, batch: str, at: float) -> int:
+        async def run():
+            t = tag(workspace)
+            dead = {int(m) for m in await self._r().zrange(t + ":outbox:dead", 0, -1)}
+            seqs = [s for s in await self._batch_seqs(workspace, batch) if s in dead]
+            pipe = self._r().pipeline(transaction=True)
+            self._drop_rows(pipe, workspace, seqs, batch)
+            await pipe.execute()
+            await self._set_status(workspace, seqs, DISCARDED, at)
+            return len(seqs)
+
+        return await self._run(run)
+
+    async def forward_status(self, workspace: str) -> dict[str, Any]:
+        async def run():
+            t = tag(workspace)
+            last, delivered, seeded_at, seed_status = await self._r().hmget(
+                t + ":fwd", "last_seq", "delivered_seq", "seeded_at", "seed_status"
+            )
+            pending = await self._r().zcard(t + ":outbox:pending")
+            dead = await self._r().zcard(t + ":outbox:dead")
+            oldest = None
+            first = await self._r().zrange(t + ":outbox:pending", 0, 0)
+            if first:
+                rows = await self._rows(workspace, [int(first[0])])
+                oldest = rows[0].created_at if rows else None
+            return {
+                "workspace": workspace,
+                "recorded_seq": int(last or 0),
+                "delivered_seq": int(delivered or 0),
+                "pending": pending,
+                "dead_letters": dead,
+                "oldest_pending_at": oldest,
+                "seeded_at": _f(seeded_at),
+                "seed_status": _s(seed_status) or None,
+            }
+
+        return await self._run(run)
+
+    async def history(self, workspace: str, before: int | None, limit: int) -> list[dict[str, Any]]:
+        async def run():
+            t = tag(workspace)
+            top = int(await self._r().hget(t + ":fwd", "audit_id") or 0)
+            start = min(top, (before - 1) if before is not None else top)
+            ids = list(range(start, max(0, start - limit), -1))
+            if not ids:
+                return []
+            fields = []
+            for i in ids:
+                fields += [str(i), f"{i}:seq", f"{i}:fs", f"{i}:fa"]
+            values = await self._r().hmget(t + ":audit", fields)
+            out = []
+            for n, i in enumerate(ids):
+                raw, seq, fs, fa = values[4 * n : 4 * n + 4]
+                if raw is None:
+                    continue
+                body = json.loads(raw)
+                out.append(
+                    {
+                        "id": i,
+                        "at": body["at"],
+                        "kind": body["kind"],
+                        "seq": int(seq) if seq else None,
+                        "author": body.get("author"),
+                        "paths": body.get("paths") or [],
+                        "changes": body.get("changes") or [],
+                        "fence": body.get("fence"),
+                        "reason": body.get("reason"),
+                        "details": body.get("details"),
+                        "forward_status": _s(fs),
+                        "forwarded_at": float(fa) if fa else None,
+                    }
+                )
+            return out
+
+        return await self._run(run)
+
+    async def seed_status(self, workspace: str) -> dict[str, Any] | None:
+        async def run():
+            seeded_at, status = await self._r().hmget(tag(workspace) + ":fwd", "seeded_at", "seed_status")
+            if seeded_at is None:
+                return None
+            return {"seeded_at": float(seeded_at), "status": _s(status) or None}
+
+        return await self._run(run)
+

@@ -1,0 +1,76 @@
+"""Smoke test of the load generator against a real server (a few seconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.cli import main as loadtest_main
+from loadtest.fanout import FanoutParams, TargetError, check_target, run_fanout
+
+
+async def test_fanout_smoke(server):
+    params = FanoutParams(
+        url=server.ws_url,
+        rooms=1,
+        clients=3,
+        writers=2,
+        interval_ms=50,
+        duration=2.0,
+        drain=5.0,
+        warmup=0.2,
+        server_pid=server.proc.pid,
+        progress=False,
+    )
+    res = await run_fanout(params)
+    assert res.sent_updates >= 30  # 2 writers x ~40 ticks
+    assert res.expected_deliveries == res.sent_updates * 2
+    assert res.lost == 0
+    assert res.delivered == res.expected_deliveries
+    assert res.duplicates == 0
+    assert res.converged, res.convergence
+    room = res.convergence["rooms"][0]
+    assert room["clients_agree"] and room["matches_server"] and room["matches_last_writes"]
+    for key in ("p50", "p95", "p99", "max"):
+        assert res.latency_ms[key] is not None and res.latency_ms[key] >= 0
+    assert res.latency_ms["p50"] <= res.latency_ms["p99"] <= res.latency_ms["max"]
+    assert res.latency_ms["samples"] == res.delivered
+    assert res.server_cpu_s is not None and res.server_us_per_delivery is not None
+    assert not res.disconnects
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ws://127.0.0.1:1/ws", "ws://127.8.9.10:1/ws", "ws://localhost:1/ws", "ws://[::1]:1/ws"],
+)
+def test_loopback_targets_allowed(url):
+    check_target(url)
+
+
+@pytest.mark.parametrize("url", ["ws://10.0.0.1:8765/ws", "ws://example.com/ws", "ws://[2001:db8::1]:1/ws"])
+def test_remote_targets_refused(url, capsys):
+    with pytest.raises(TargetError):
+        check_target(url)
+    check_target(url, allow_remote=True)
+    assert loadtest_main(["fanout", "--url", url, "--duration", "1", "--quiet"]) == 2
+    assert "refusing" in capsys.readouterr().err
+
+
+async def test_loss_and_duplicate_accounting():
+    """Deliveries are counted from the markers in frames, exactly, after the run."""
+    from collab import protocol as p
+    from loadtest.fanout import FanoutClient, RunState
+
+    run = RunState(1)
+    receiver = FanoutClient(run, 0)
+
+    def frame(*markers: tuple[int, int]) -> bytes:
+        body = b"".join(b"\x77\x0f\x02%d:%d:%d\x03" % (w, s, run.now_us()) for w, s in markers)
+        return p.encode_sync_update(b"\x01" + body)
+
+    receiver.on_message(frame((0, 0), (1, 0)))
+    receiver.on_message(frame((0, 0), (1, 0)))  # the same frame again: two duplicates
+    receiver.on_message(frame((0, 2)))  # writer 0's update 1 never arrives
+    receiver.on_message(frame((7, 0)))  # a writer that is not in the room
+    got, dups, unknown = receiver.count_received({0: 3, 1: 1})
+    assert (got, dups, unknown) == (3, 2, 1)
+    assert sum(run.hist) == run.delivered == 6
