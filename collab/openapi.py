@@ -193,10 +193,12 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             **_ADMIN,
         },
     },
-    ("/locks/stats", "get"): {
+    ("/admin/locks/stats", "get"): {
         "summary": "Lock counters of this node (no lock contents)",
-        "tags": ["locks"],
-        "responses": {"200": _json("counters")},
+        "description": _SERVER_ADMIN_NOTE,
+        "tags": ["locks", "admin"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json("counters"), **_ADMIN},
     },
     ("/api/workspaces/{workspace_id}/participants", "get"): {
         "summary": "The workspace's participants (every node's)",

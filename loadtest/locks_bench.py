@@ -338,7 +338,7 @@ def _stats(port: int) -> dict[str, Any]:
     import httpx
 
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/locks/stats", timeout=2).json()
+        return httpx.get(f"http://127.0.0.1:{port}/admin/locks/stats?user=bench&role=admin", timeout=2).json()
     except (httpx.HTTPError, ValueError):
         return {}
 

@@ -106,6 +106,7 @@ class LockExtension(Extension):
         self._tasks: set[asyncio.Task] = set()
         self._periodic: asyncio.Task | None = None
         self._stopping = False
+        self._app: Any = None
         self.stats = {k: 0 for k in ("granted", "released", "renewed", "expired", "lost", "rejected_updates")}
 
     # ------------------------------------------------------------ extension
@@ -125,10 +126,12 @@ class LockExtension(Extension):
         return [self]
 
     def routes(self) -> list:
-        return [Route("/locks/stats", self._stats_endpoint)]
+        return [Route("/admin/locks/stats", self._stats_endpoint)]
 
     async def _stats_endpoint(self, request: Request) -> JSONResponse:
-        """Counters for operators and benchmarks (no lock contents)."""
+        """Counters for operators and benchmarks (no lock contents); admins only."""
+        if self._app is not None and hasattr(self._app, "authorize"):
+            await self._app.authorize(request, "admin")
         return JSONResponse(
             {
                 "backend": getattr(self.manager, "name", None),
@@ -143,6 +146,7 @@ class LockExtension(Extension):
         )
 
     async def start(self, app: App) -> None:
+        self._app = app
         if self.manager is None:
             fences = FenceKeeper(app.store, block=self.settings.lock_fence_block)
             if self.settings.redis_url:

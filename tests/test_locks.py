@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 
+import httpx
 import msgpack
 import pycrdt
 import pytest
@@ -163,6 +164,11 @@ async def test_acquire_conflict_release_and_broadcasts(server_factory):
     again = await bob.acquire_lock("connection.credentials")
     assert again["type"] == "lock.granted" and again["fence"] > granted["fence"]
     assert plain.control == []
+    # Operators' counters: admins only.
+    async with httpx.AsyncClient(timeout=5) as http:
+        assert (await http.get(f"{server.http_url}/admin/locks/stats?user=eve")).status_code == 403
+        stats = (await http.get(f"{server.http_url}/admin/locks/stats?user=root&role=admin")).json()
+    assert stats["backend"] == "memory" and stats["events"]["granted"] >= 3 and stats["held"] >= 1
     for client in (alice, bob, plain):
         await client.close()
 
@@ -432,6 +438,12 @@ async def test_4_dropped_holder_frees_the_lock_within_ttl_and_wakes_the_waiter(s
     granted = await holder.command(cmd="acquire", path="connection")
     assert granted["type"] == "lock.granted"
     observer = await connect(node_b, room, "observer")
+    # The lock is known and enforced on the observer's node (with Redis: another node).
+    state = await observer.request({"type": "lock.list"})
+    assert [(lock["path"], lock["holder"]) for lock in state["locks"]] == [("connection", granted["holder"])]
+    observer.doc.get("config", type=pycrdt.Map)["connection"] = pycrdt.Map({"host": "elsewhere"})
+    await observer.until(lambda: messages(observer, "rejected"), WAIT, "rejected on the other node")
+    assert messages(observer, "rejected")[0]["holder"] == granted["holder"]
     waiter = await connect(node_b, room, "waiter")
     waiting = asyncio.create_task(waiter.acquire_lock("connection", wait=10))
     await asyncio.sleep(0.2)
