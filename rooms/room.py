@@ -193,6 +193,7 @@ class Room:
         self._tail_bytes = 0
         self._persist_tail: asyncio.Task | None = None
         self._compacting = False
+        self._compact_task: asyncio.Task | None = None
         self.loaded = False
         self.is_new = False
         self.failed: str | None = None
@@ -950,24 +951,22 @@ class Room:
             self._tail_updates >= self.config.compact_every_updates
             or self._tail_bytes >= self.config.compact_every_bytes
         ) and not self._compacting:
-            await self._compact()
+            # In its own task: the next persist (and its acks) need not wait.
+            self._compacting = True
+            self._compact_task = asyncio.get_running_loop().create_task(self._compact())
 
     async def _compact(self) -> None:
         self._compacting = True
         try:
             upto = self.durable_seq
             # The in-memory document holds every durable update (and maybe a
-            # few newer ones, which is harmless: updates are idempotent) --
-            # except what pycrdt still holds back: structs and deletions
-            # waiting for a missing dependency are left out of get_update().
-            # The stored updates that carry some are merged into the snapshot.
-            stored = await self.store.load(self.workspace_id)
+            # few newer ones, which is harmless: updates are idempotent).
+            # pycrdt leaves structs still waiting for a missing dependency out
+            # of get_update(), but the room never holds any: an update that
+            # would leave some is refused before it is applied
+            # (_check_client_update), and relayed updates come in stream
+            # order after everything they depend on.
             snapshot = self.doc.get_update()
-            state = self.doc.get_state()
-            held = [stored.snapshot] if stored.snapshot is not None else []
-            pending = [u for u in held + stored.updates if not _integrated(u, state)]
-            if pending:
-                snapshot = pycrdt.merge_updates(snapshot, *pending)
             await self.store.compact(self.workspace_id, snapshot, upto)
             self._snapshot_seq = upto
             self._tail_updates = 0
@@ -994,6 +993,9 @@ class Room:
         tail = self._persist_tail
         if tail is not None:
             await asyncio.wait([tail])
+        compaction = self._compact_task
+        if compaction is not None and not compaction.done():
+            await asyncio.wait([compaction])
 
     # ------------------------------------------------------------ helpers
 
@@ -1066,32 +1068,6 @@ def _delete_set_update(ranges: dict[int, tuple[int, int]]) -> bytes:
     for client, (start, end) in ranges.items():
         parts += [p.write_var_uint(client), b"\x01", p.write_var_uint(start), p.write_var_uint(end - start)]
     return b"".join(parts)
-
-
-def _integrated(update: bytes, state: bytes) -> bool:
-    """Whether a document with state vector ``state`` holds all of ``update``."""
-    try:
-        diff = pycrdt.get_update(update, state)  # what the update has beyond `state`
-        if diff[:1] != b"\x00":
-            return False  # structs the document lacks
-        known: dict[int, int] = {}
-        count, pos = p.read_var_uint(state, 0)
-        for _ in range(count):
-            client, pos = p.read_var_uint(state, pos)
-            known[client], pos = p.read_var_uint(state, pos)
-        # No structs left: the rest is the update's delete set.
-        count, pos = p.read_var_uint(diff, 1)
-        for _ in range(count):
-            client, pos = p.read_var_uint(diff, pos)
-            ranges, pos = p.read_var_uint(diff, pos)
-            for _ in range(ranges):
-                clock, pos = p.read_var_uint(diff, pos)
-                length, pos = p.read_var_uint(diff, pos)
-                if clock + length > known.get(client, 0):
-                    return False  # deletes items the document does not have yet
-    except (ValueError, p.ProtocolError):
-        return False
-    return True
 
 
 def _same_user(a: PeerState, b: PeerState) -> bool:
