@@ -82,8 +82,8 @@ def fanout_protocol(protocol: str) -> Iterator[None]:
     """Run ``loadtest.fanout`` unchanged against a Hocuspocus server.
 
     fanout.py builds its clients from module globals (``FanoutClient``,
-    ``FanoutWriter``, and ``LeanWebSocket`` for the convergence probe); for
-    the duration of the block they are replaced by adapted subclasses, so the
+    ``FanoutWriter``, and ``_fresh_state`` for the convergence probe); for
+    the duration of the block they are replaced by adapted versions, so the
     fan-out code path and its measurements stay exactly the same.
     """
     if protocol == "y-websocket":
@@ -91,11 +91,30 @@ def fanout_protocol(protocol: str) -> Iterator[None]:
         return
     from loadtest import fanout
 
-    saved = fanout.FanoutClient, fanout.FanoutWriter, fanout.LeanWebSocket
+    async def fresh_state(host: str, port: int, path: str):
+        import asyncio
+
+        import pycrdt
+
+        from loadtest.scenarios import SyncClient
+
+        c = client_class(SyncClient, protocol)()
+        await c.open(host, port, path)
+        try:
+            c.send(p.encode_sync_step1(b"\x00"))
+            async with asyncio.timeout(10):
+                _, m = await c.step2
+        finally:
+            await c.close()
+        doc = pycrdt.Doc()
+        doc.apply_update(p.read_var_bytes(m, 2)[0])
+        return doc.get("config", type=pycrdt.Map).to_py()
+
+    saved = fanout.FanoutClient, fanout.FanoutWriter, fanout._fresh_state
     fanout.FanoutClient = client_class(saved[0], protocol)  # type: ignore[misc]
     fanout.FanoutWriter = client_class(saved[1], protocol)  # type: ignore[misc]
-    fanout.LeanWebSocket = client_class(saved[2], protocol)  # type: ignore[misc]
+    fanout._fresh_state = fresh_state  # type: ignore[assignment]
     try:
         yield
     finally:
-        fanout.FanoutClient, fanout.FanoutWriter, fanout.LeanWebSocket = saved  # type: ignore[misc]
+        fanout.FanoutClient, fanout.FanoutWriter, fanout._fresh_state = saved  # type: ignore[misc]
