@@ -75,3 +75,11 @@ def test_hocuspocus_adapter_frames():
     c.on_message(var_string("other") + b"\x00\x02\x00")  # another document: dropped
     assert c.got == [b"\x00\x01\x02\x00\x00", b"\x01\x01\x00"]
     assert client_class(Base, "y-websocket") is Base
+
+
+@pytest.mark.parametrize("command", ["join", "connections", "awareness"])
+def test_cli_refuses_remote_targets(command, capsys):
+    from loadtest.cli import main
+
+    assert main([command, "--url", "ws://10.1.2.3:8765/ws", "--quiet"]) == 2
+    assert "refusing" in capsys.readouterr().err
