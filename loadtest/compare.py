@@ -52,6 +52,7 @@ PEERS = Path(__file__).resolve().parent / "peers"
 SERVERS = ("ours", "hocuspocus", "reference")
 SCENARIOS = ("connections", "join", "cpu", "sweep1", "sweep50", "awareness")
 
+
 def _nofile() -> int:
     import resource
 

@@ -110,6 +110,7 @@ class SyncClient(LeanWebSocket):
     def on_closed(self) -> None:
         if not self.step2.done():
             self.step2.set_exception(ConnectionError(f"closed before step 2 ({self.close_code} {self.close_reason})"))
+            self.step2.exception()  # whoever awaits it still gets it; nobody else: no "never retrieved" noise
 
 
 def _room_path(base: str, room: str, query: str) -> str:
