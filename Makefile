@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install js deps-test lint bench clean
+.PHONY: run test install js deps-test lint bench bench-peers bench-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,5 +48,16 @@ test: $(STAMP) deps-test js
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Benchmark only (not part of `make test`): our server vs Hocuspocus vs the Yjs reference
+# server, each pinned to core 0, the harness on core 1; see docs/benchmarks.md.
+loadtest/peers/node_modules/.package-lock.json: loadtest/peers/package-lock.json
+	cd loadtest/peers && npm ci --no-audit --no-fund --loglevel=error
+
+bench-peers: loadtest/peers/node_modules/.package-lock.json
+
+BENCH_OUT ?= /tmp/bench-compare
+bench-compare: $(STAMP) bench-peers
+	$(BIN)/python -m loadtest compare --json $(BENCH_OUT).json --markdown $(BENCH_OUT).md
+
 clean:
-	rm -rf $(VENV) js/node_modules data
+	rm -rf $(VENV) js/node_modules loadtest/peers/node_modules data

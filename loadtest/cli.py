@@ -1,9 +1,16 @@
-"""``python -m loadtest {fanout,sweep,serve}``.
+"""``python -m loadtest {fanout,sweep,join,connections,awareness,locks,compare,serve}``.
 
-fanout  one bounded run (duration + drain), prints a table, optional JSON
-sweep   the same room shape with a shrinking write interval until p99 exceeds
-        the limit, updates are lost, or throughput stops growing
-serve   start our server pinned to a core (see loadtest/serve.py)
+fanout       one bounded run (duration + drain), prints a table, optional JSON
+sweep        the same room shape with a shrinking write interval until p99
+             exceeds the limit, updates are lost, or throughput stops growing
+join         time for a new client to sync a document of N prior updates
+connections  K idle connections: server memory per connection
+awareness    presence (awareness) fan-out latency and deliveries
+locks        lock acquire/release under contention (loadtest/locks_bench.py, our server only)
+compare      ours vs Hocuspocus vs the Yjs reference server (loadtest/compare.py)
+serve        start our server pinned to a core (see loadtest/serve.py)
+
+join/connections/awareness take --protocol hocuspocus to talk to a Hocuspocus server.
 
 Targets must be loopback (127.0.0.0/8, localhost, ::1) unless --allow-remote.
 """
@@ -58,11 +65,83 @@ def _add_run_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--data-dir", help="data directory for --spawn-server (default: a temp dir)")
 
 
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="server websocket base URL, e.g. ws://127.0.0.1:8765/ws (rooms are URL/<name>)")
+    p.add_argument("--protocol", choices=["y-websocket", "hocuspocus"], default="y-websocket")
+    p.add_argument("--query", default="", help="query string for every room URL")
+    p.add_argument("--server-pid", type=int, help="server PID: CPU and memory from /proc/PID")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    p.add_argument("--harness-cpu", type=int, help="pin this process to a core (like taskset -c N)")
+    p.add_argument(
+        "--spawn-server",
+        action="store_true",
+        help="start our server for the run (pinned, temp data dir, rate limits lifted as in compare)",
+    )
+    p.add_argument("--server-cpu", type=int, default=0, help="core for --spawn-server (-1: not pinned)")
+    p.add_argument("--data-dir", help="data directory for --spawn-server (default: a temp dir)")
+
+
+def _add_scenario_args(sub) -> None:
+    j = sub.add_parser("join", help="new client sync time for a document of N updates")
+    _add_common(j)
+    j.add_argument("--updates", type=int, default=10_000)
+    j.add_argument("--keys", type=int, default=1000, help="distinct map keys the updates cycle over")
+    j.add_argument("--joins", type=int, default=20)
+    c = sub.add_parser("connections", help="K idle connections: server memory per connection")
+    _add_common(c)
+    c.add_argument("--connections", type=int, default=5000)
+    c.add_argument("--per-room", type=int, default=10)
+    c.add_argument("--awareness", action="store_true", help="each client also sets an awareness state")
+    c.add_argument("--settle", type=float, default=3.0, help="seconds between the last connect and the RSS reading")
+    a = sub.add_parser("awareness", help="presence fan-out")
+    _add_common(a)
+    a.add_argument("--rooms", type=int, default=1)
+    a.add_argument("--clients", type=int, default=100)
+    a.add_argument("--movers", type=int, default=10, help="clients per room that change their state")
+    a.add_argument("--interval", type=float, default=50.0, help="ms between two changes of one mover")
+    a.add_argument("--duration", type=float, default=10.0)
+    a.add_argument("--drain", type=float, default=3.0)
+
+
+async def _scenario(args: argparse.Namespace) -> dict[str, Any]:
+    from loadtest import scenarios as sc
+
+    common = dict(
+        protocol=args.protocol,
+        server_pid=args.server_pid,
+        query=args.query,
+        allow_remote=args.allow_remote,
+        progress=not args.quiet,
+    )
+    if args.command == "join":
+        res = await sc.run_join(args.url, args.updates, args.keys, args.joins, **common)
+        sc.print_join(res)
+    elif args.command == "connections":
+        res = await sc.run_connections(
+            args.url, args.connections, args.per_room, awareness=args.awareness, settle=args.settle, **common
+        )
+        sc.print_connections(res)
+    else:
+        res = await sc.run_awareness(
+            args.url, args.rooms, args.clients, args.movers, args.interval, args.duration, args.drain, **common
+        )
+        sc.print_awareness(res)
+    return {"scenario": args.command, "result": res.to_dict()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_args(sub.add_parser("fanout", help="R rooms x C clients, W writers each"), sweep=False)
     _add_run_args(sub.add_parser("sweep", help="shrink the write interval until saturation"), sweep=True)
+    _add_scenario_args(sub)
+    sub.add_parser("locks", help="lock acquire/release under contention (args: see locks --help)", add_help=False)
+    sub.add_parser(
+        "compare", help="ours vs Hocuspocus vs the reference server (args: see compare --help)", add_help=False
+    )
     serve = sub.add_parser("serve", help="start our server pinned to a core")
     serve.add_argument("--cpu", type=int, default=0, help="core (-1: not pinned)")
     serve.add_argument("--data-dir", help="data directory (default: a temp dir, removed afterwards)")
@@ -179,6 +258,15 @@ def _run(coro_fn, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("locks", "compare"):
+        if argv[0] == "locks":
+            from loadtest.locks_bench import main as locks_main
+
+            return locks_main(argv[1:])
+        from loadtest.compare import main as compare_main
+
+        return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         from loadtest.serve import main as serve_main
@@ -192,9 +280,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             print("--spawn-server and --url are exclusive", file=sys.stderr)
             return 2
-        from loadtest.serve import PinnedServer
+        cpu = None if args.server_cpu < 0 else args.server_cpu
+        if args.command in ("fanout", "sweep"):
+            from loadtest.serve import PinnedServer
 
-        server = PinnedServer(cpu=None if args.server_cpu < 0 else args.server_cpu, data_dir=args.data_dir).start()
+            server = PinnedServer(cpu=cpu, data_dir=args.data_dir).start()
+        else:
+            from loadtest.compare import OUR_ENV, OurServer
+
+            server = OurServer(cpu=cpu, data_dir=args.data_dir, env=OUR_ENV).start()
         args.url = server.ws_url
         args.server_pid = server.pid
         if not args.quiet:
@@ -208,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest: {exc}", file=sys.stderr)
         return 2
     try:
-        out = _run(_fanout if args.command == "fanout" else _sweep, args)
+        fn = {"fanout": _fanout, "sweep": _sweep}.get(args.command, _scenario)
+        out = _run(fn, args)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -222,4 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if out["scenario"] == "fanout":
         res = out["result"]
         return 0 if res["lost"] == 0 and res["converged"] else 1
+    if out["scenario"] in ("join", "awareness"):
+        return 0 if out["result"]["converged"] else 1
+    if out["scenario"] == "connections":
+        return 0 if out["result"]["failed"] == 0 else 1
     return 0
