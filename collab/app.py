@@ -130,6 +130,7 @@ class App:
         )
         self.room_config = RoomConfig(
             flush_interval=settings.flush_interval_ms / 1000.0,
+            flush_min_gap=settings.flush_min_gap_ms / 1000.0,
             compact_every_updates=settings.compact_every_updates,
             compact_every_bytes=settings.compact_every_bytes,
             max_awareness_state_bytes=settings.max_awareness_state_bytes,

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         return self.store == "redis" or (self.store == "auto" and bool(self.redis_url))
 
     # Rooms
+    flush_min_gap_ms: float = Field(
+        3.0,
+        ge=0,
+        le=100,
+        description="a busy room flushes at most this often (merging more updates per frame); a quiet one at once",
+    )
     flush_interval_ms: float = Field(
         0.0, ge=0, le=1000, description="merge window for broadcasts; 0 merges what arrives in one loop turn"
     )

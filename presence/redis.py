@@ -148,7 +148,9 @@ class RedisPresenceRegistry:
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: a task stuck in a Redis call must not hold a shutdown.
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
         self._tasks = []
         # Everything of ours that may be in Redis: current entries and staged removals.
         doomed: dict[str, set[str]] = {ws: set(own) for ws, own in self._own.items()}
@@ -171,13 +173,16 @@ class RedisPresenceRegistry:
         self._staged.clear()
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
+                async with asyncio.timeout(2):
+                    await self._pubsub.aclose()
             self._pubsub = None
         if self._owns_client and self._client is not None:
             with contextlib.suppress(Exception):
-                await self._client.aclose()
+                async with asyncio.timeout(2):
+                    await self._client.aclose()
             with contextlib.suppress(Exception):
-                await self._client.connection_pool.disconnect()
+                async with asyncio.timeout(2):
+                    await self._client.connection_pool.disconnect()
             self._client = None
 
     # ------------------------------------------------------------- writes

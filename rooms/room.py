@@ -56,6 +56,10 @@ class Peer(Protocol):
 @dataclass(slots=True)
 class RoomConfig:
     flush_interval: float = 0.0  # seconds; 0 = merge what arrives in one loop turn
+    # Minimum gap between two flushes (seconds). A quiet room flushes at once;
+    # a busy one at most every `flush_min_gap`, so more updates share a frame
+    # (one send per peer per flush is the dominant cost under load).
+    flush_min_gap: float = 0.0
     compact_every_updates: int = 500
     compact_every_bytes: int = 4 * 1024 * 1024
     max_awareness_state_bytes: int = 64 * 1024
@@ -194,6 +198,7 @@ class Room:
         self._persist_tail: asyncio.Task | None = None
         self._compacting = False
         self._compact_task: asyncio.Task | None = None
+        self._last_flush = 0.0
         self.loaded = False
         self.is_new = False
         self.failed: str | None = None
@@ -869,14 +874,21 @@ class Room:
         interval = self.config.flush_interval
         if interval > 0 and not immediate:
             self._flush_handle = loop.call_later(interval, self.flush)
-        else:
-            self._flush_handle = loop.call_soon(self.flush)
+            return
+        gap = self.config.flush_min_gap
+        if gap > 0 and not immediate:
+            wait = self._last_flush + gap - time.monotonic()
+            if wait > 0:
+                self._flush_handle = loop.call_later(wait, self.flush)
+                return
+        self._flush_handle = loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Send merged updates and awareness to every peer; start persisting."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        self._last_flush = time.monotonic()
         self.stats["flushes"] += 1
         frames = []
         if self._outgoing:
