@@ -113,7 +113,7 @@ class ForwardingExtension(Extension):
     # ------------------------------------------------------------ extension
 
     def guards(self) -> list:
-        return [ValidationGuard(self.validator)] if self.validator is not None else []
+        return [ValidationGuard(self.validator, self.settings.max_config_fields)] if self.validator is not None else []
 
     def listeners(self) -> list:
         return [self.hooks]

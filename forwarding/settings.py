@@ -20,6 +20,13 @@ class ForwardingSettings(BaseSettings):
         DEFAULT_MODEL, description="pydantic model of a valid configuration, module:Class; empty = no validation"
     )
 
+    max_config_fields: int = Field(
+        1000,
+        ge=0,
+        description="most fields (leaves) the config map may hold; every accepted change records the whole "
+        "configuration, so an unbounded map would make each change ever dearer (0 = no limit)",
+    )
+
     # The data-source backend
     backend_url: str | None = Field(None, description="e.g. http://127.0.0.1:8766; unset = forwarding off")
     backend_token: str | None = Field(None, description="sent as 'Authorization: Bearer <token>'")

@@ -111,14 +111,36 @@ class ConfigValidator:
         ]
 
 
+def count_fields(value: Any, limit: int) -> int:
+    """Leaves of a plain configuration, counting stops a little past ``limit``."""
+    if isinstance(value, dict):
+        total = 0
+        for item in value.values():
+            total += count_fields(item, limit)
+            if total > limit:
+                break
+        return total
+    return 1
+
+
 class ValidationGuard:
     """rooms.config.UpdateGuard: an update that makes the configuration invalid is undone."""
 
-    def __init__(self, validator: ConfigValidator) -> None:
+    def __init__(self, validator: ConfigValidator, max_fields: int = 0) -> None:
         self.validator = validator
+        self.max_fields = max_fields
 
     def check(self, room: Any, peer: Any, changes: Changes, config: dict[str, Any]) -> list[Rejection]:
         old = getattr(room, "config_view", {})  # the configuration before this update
+        if self.max_fields and len(changes) and count_fields(config, self.max_fields) > self.max_fields:
+            if count_fields(config, self.max_fields) > count_fields(old, self.max_fields):
+                return [
+                    Rejection(
+                        paths=sorted(changes),
+                        reason="too_many_fields",
+                        details={"limit": self.max_fields},
+                    )
+                ]
         errors = self.validator.introduced(old, config, changes)
         if not errors:
             return []
