@@ -56,6 +56,32 @@ _key_counter = itertools.count(1)
 def _new_key() -> str:
     return f"{_KEY_PREFIX}{next(_key_counter):016x}"
 
+
+def group_dead_letters(rows: Any) -> list[dict[str, Any]]:
+    """Dead outbox rows (in seq order) grouped by the request (batch) they belong to."""
+    batches: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = batches.setdefault(
+            row.batch or row.key,
+            {
+                "key": row.batch or row.key,
+                "first_seq": row.seq,
+                "seq": row.seq,
+                "first_attempt_at": row.first_attempt_at,
+                "attempts": row.attempts,
+                "last_error": row.last_error,
+                "paths": [],
+                "changes": 0,
+            },
+        )
+        entry["seq"] = row.seq
+        entry["changes"] += 1
+        for change in row.changes:
+            if change["path"] not in entry["paths"]:
+                entry["paths"].append(change["path"])
+    return list(batches.values())
+
+
 @dataclass(slots=True)
 class ChangeRecord:
     """One audit entry; also an outbox entry when ``forward`` is set."""
@@ -402,30 +428,10 @@ class SQLiteOutboxMixin:
 
     async def dead_letters(self, workspace: str) -> list[dict[str, Any]]:
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            batches: dict[str, dict[str, Any]] = {}
-            for r in db.execute(
+            rows = db.execute(
                 f"SELECT {_ROW_COLUMNS} FROM outbox WHERE workspace=? AND state='dead' ORDER BY seq", (workspace,)
-            ):
-                row = _row(r)
-                entry = batches.setdefault(
-                    row.batch or row.key,
-                    {
-                        "key": row.batch or row.key,
-                        "first_seq": row.seq,
-                        "seq": row.seq,
-                        "first_attempt_at": row.first_attempt_at,
-                        "attempts": row.attempts,
-                        "last_error": row.last_error,
-                        "paths": [],
-                        "changes": 0,
-                    },
-                )
-                entry["seq"] = row.seq
-                entry["changes"] += 1
-                for change in row.changes:
-                    if change["path"] not in entry["paths"]:
-                        entry["paths"].append(change["path"])
-            return list(batches.values())
+            )
+            return group_dead_letters(_row(r) for r in rows)
 
         return await self._call(run)
 

@@ -50,6 +50,7 @@ from persistence.outbox import (
     SEEDED,
     ChangeRecord,
     OutboxRow,
+    group_dead_letters,
 )
 
 log = logging.getLogger("collab.store.redis")
@@ -513,27 +514,7 @@ class RedisDocumentStore:
     async def dead_letters(self, workspace: str) -> list[dict[str, Any]]:
         async def run():
             seqs = [int(m) for m in await self._r().zrange(tag(workspace) + ":outbox:dead", 0, -1)]
-            batches: dict[str, dict[str, Any]] = {}
-            for row in await self._rows(workspace, seqs):
-                entry = batches.setdefault(
-                    row.batch or row.key,
-                    {
-                        "key": row.batch or row.key,
-                        "first_seq": row.seq,
-                        "seq": row.seq,
-                        "first_attempt_at": row.first_attempt_at,
-                        "attempts": row.attempts,
-                        "last_error": row.last_error,
-                        "paths": [],
-                        "changes": 0,
-                    },
-                )
-                entry["seq"] = row.seq
-                entry["changes"] += 1
-                for change in row.changes:
-                    if change["path"] not in entry["paths"]:
-                        entry["paths"].append(change["path"])
-            return list(batches.values())
+            return group_dead_letters(await self._rows(workspace, seqs))
 
         return await self._run(run)
 
