@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.support import ROOT, ServerProcess
-
-_LISTENING = re.compile(r"refbackend listening on http://([\d.]+):(\d+)")
+from tests.support import ServerProcess, spawn_listening
 
 # Short delivery timings for tests (the defaults are 500 ms / 5 s / 0.5 s..30 s).
 FAST_FORWARDING = {
@@ -42,26 +38,14 @@ class BackendProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> BackendProcess:
-        self._log = open(self.log_path, "ab")
-        offset = self._log.tell()
-        self.proc = subprocess.Popen(
+        self.proc, self._log, self.port = spawn_listening(
             [sys.executable, "-m", "refbackend", "--port", str(self.port), "--db", str(self.db)],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            self.log_path,
+            {**os.environ, "PYTHONUNBUFFERED": "1"},
+            timeout,
+            "refbackend",
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"refbackend exited with {self.proc.returncode}:\n{self.log()}")
-            match = _LISTENING.search(self.log_path.read_bytes()[offset:].decode(errors="replace"))
-            if match:
-                self.port = int(match.group(2))
-                return self
-            time.sleep(0.02)
-        self.kill()
-        raise RuntimeError(f"refbackend did not start within {timeout}s:\n{self.log()}")
+        return self
 
     def restart(self) -> BackendProcess:
         """Start again on the same port and database (after ``stop`` or ``kill``)."""

@@ -24,6 +24,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_listening(
+    argv: list[str], log_path: Path, env: dict[str, str], timeout: float, name: str
+) -> tuple[subprocess.Popen, object, int]:
+    """Start a child whose output goes to ``log_path``; wait for its "listening on" line.
+
+    Returns the process, the open log file and the port it printed (so port 0
+    works). Kills the child and raises with its log if it exits or stays silent.
+    """
+    log = open(log_path, "ab")
+    offset = log.tell()
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-8000:]
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+        match = _LISTENING.search(log_path.read_bytes()[offset:].decode(errors="replace"))
+        if match:
+            return proc, log, int(match.group(2))
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    raise RuntimeError(f"{name} did not start within {timeout}s:\n{log_path.read_text(errors='replace')[-8000:]}")
+
+
 class ServerProcess:
     """``python -m collab serve`` in a child process we own (and only that)."""
 
@@ -45,27 +71,14 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.setdefault("COLLAB_LOG_LEVEL", "info")
-        self._log = open(self.log_path, "ab")
-        offset = self._log.tell()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "collab", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            match = _LISTENING.search(self.log_path.read_bytes()[offset:].decode(errors="replace"))
-            if match:
-                self.port = int(match.group(2))
-                break
-            time.sleep(0.02)
-        else:
-            self.kill()
-            raise RuntimeError(f"server did not start within {timeout}s:\n{self.log()}")
+        self.proc, self._log, self.port = spawn_listening(
+            [sys.executable, "-m", "collab", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            self.log_path,
+            env,
+            timeout,
+            "server",
+        )
         # Listening is printed after startup; /healthz must answer too.
         while time.monotonic() < deadline:
             try:
