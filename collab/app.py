@@ -635,6 +635,11 @@ class App:
         room.receive(state, msg)
         if not was_opted_in and state.wants_control and getattr(state.identity, "expires_at", None) is not None:
             self._send_auth_status(state)  # tells a token client when to refresh
+            expires_at = state.identity.expires_at
+            if expires_at - self.settings.token_refresh_window <= time.time():
+                # The warning fell due before this peer opted in (and was not
+                # sent to it then): ask for a fresh token now.
+                state.control({"type": "auth.expiring", "expires_at": expires_at})
 
     def _send_auth_status(self, state: PeerState, request: p.Control | None = None) -> None:
         identity = state.identity
