@@ -7,7 +7,12 @@
   one becomes an audit record; a new workspace is seeded once from the
   backend before anyone joins;
 * the forwarder (when ``COLLAB_BACKEND_URL`` is set) delivers the outbox;
-* HTTP: ``/api/workspaces/{id}/history``, ``/forwarding``, ``/dead-letters``;
+* HTTP: ``/api/workspaces/{id}/history``, ``/forwarding``, ``/dead-letters``,
+  ``/backend-changes`` (the backend's change hook), ``/config`` (GET, and
+  PATCH: JSON Merge Patch edits by non-CRDT callers), ``/api/bulk``;
+* two-way sync (forwarding/backendsync.py): changes made at the backend are
+  merged into the document (pushed, pulled on open and on an interval, or
+  found by a 412), refused changes are reverted;
 * control: ``forward.status``.
 """
 
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import hmac
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -26,6 +33,7 @@ from starlette.routing import Route
 
 from collab.auth import AuthError
 from collab.extensions import Extension
+from forwarding.backendsync import BackendSync, version_text
 from forwarding.forwarder import Forwarder, SeedError
 from forwarding.model import SECRET_KEYS
 from forwarding.settings import ForwardingSettings
@@ -33,6 +41,7 @@ from forwarding.validation import ConfigValidator, ValidationGuard, load_model
 from persistence.base import StoreError
 from persistence.outbox import ACCEPTED, REJECTED, SEEDED, ChangeRecord, OutboxStore
 from rooms.config import MISSING, Changes, diff
+from rooms.manager import RoomLimitReached
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -108,7 +117,14 @@ class ForwardingExtension(Extension):
         self.forwarder: Forwarder | None = None
         self._fence_for = None
         self._seeding: set[int] = set()  # id() of rooms writing their initial state
+        self._authoring: dict[int, dict[str, Any]] = {}  # id() of rooms making a server change -> its author
         self.hooks = _RoomHooks(self)
+        self.sync = BackendSync(self)
+        self.seqs: dict[str, int] = {}  # last change sequence number stored per workspace (HTTP ETags)
+        from forwarding.edits import BulkJobs, ConfigEdits
+
+        self.edits = ConfigEdits(self)
+        self.bulk = BulkJobs(self)
 
     # ------------------------------------------------------------ extension
 
@@ -129,6 +145,9 @@ class ForwardingExtension(Extension):
             Route(f"{base}/dead-letters", self._api_dead_letters, methods=["GET"]),
             Route(f"{base}/dead-letters/{{key}}/retry", self._api_dead_letter_retry, methods=["POST"]),
             Route(f"{base}/dead-letters/{{key}}", self._api_dead_letter_discard, methods=["DELETE"]),
+            Route(f"{base}/backend-changes", self._api_backend_changes, methods=["POST"]),
+            *self.edits.routes(),
+            *self.bulk.routes(),
         ]
 
     async def start(self, app: App) -> None:
@@ -146,6 +165,7 @@ class ForwardingExtension(Extension):
         if not self.recording:
             log.warning("the store %s keeps no outbox: changes are neither recorded nor forwarded", type(self.store))
             return
+        await self.bulk.start()
         if self.settings.backend_url is None:
             log.warning(
                 "forwarding is OFF: COLLAB_BACKEND_URL is not set; accepted changes are recorded in the outbox "
@@ -157,7 +177,9 @@ class ForwardingExtension(Extension):
         counters = getattr(app, "counters", None)
         if counters is not None:
             self.forwarder.on_request = counters.observe_forward
+        self.forwarder.sync = self.sync
         await self.forwarder.start()
+        self.sync.start(self.settings.backend_pull_seconds)
         log.info(
             "forwarding accepted changes to %s (debounce %.0f ms, at most %.0f ms)",
             self.settings.backend_url,
@@ -165,9 +187,43 @@ class ForwardingExtension(Extension):
             self.settings.forward_max_delay_ms,
         )
 
+    def closing(self) -> None:
+        self.bulk.closing()
+
     async def stop(self) -> None:
+        await self.bulk.stop()
+        await self.sync.stop()
         if self.forwarder is not None:
             await self.forwarder.stop()
+
+    # ------------------------------------------------------ server changes
+
+    @contextlib.contextmanager
+    def authoring(self, room: Room, author: dict[str, Any], details: dict[str, Any] | None = None, fence=None):
+        """Within: a server change of ``room`` is recorded with this author (not the server's)."""
+        self._authoring[id(room)] = {"author": author, "details": details, "fence": fence}
+        try:
+            yield
+        finally:
+            self._authoring.pop(id(room), None)
+
+    def lock_extension(self) -> Any:
+        """The lock feature, if the server runs it (for lock holders and tokens)."""
+        for ext in self.app.extensions if self.app is not None else []:
+            if (
+                ext is not self
+                and callable(getattr(ext, "locks", None))
+                and callable(getattr(ext, "connection_id", None))
+            ):
+                return ext
+        return None
+
+    async def last_seq(self, workspace: str) -> int:
+        """The workspace's last change sequence number (stored changes only)."""
+        if workspace not in self.seqs:
+            status = await self.store.forward_status(workspace)
+            self.seqs[workspace] = max(self.seqs.get(workspace, 0), status["recorded_seq"])
+        return self.seqs[workspace]
 
     async def check(self) -> str | None:
         """Readiness: the data-source backend answers (when forwarding is on).
@@ -213,7 +269,7 @@ class ForwardingExtension(Extension):
         if await self.store.seed_status(workspace) is not None:
             return  # seeded before (the backend had nothing): never again
         try:
-            status, config, seq = await self.forwarder.fetch_initial(workspace)
+            status, config, seq, version = await self.forwarder.fetch_initial(workspace)
         except SeedError as exc:
             log.warning("%s", exc)
             raise
@@ -243,10 +299,12 @@ class ForwardingExtension(Extension):
                 self._seeding.discard(id(room))
             record.changes = change_list(diff({}, room.config_view))
             record.config = jsonable(room.config_view)
+        record.details["version"] = version
         room.stage_outbox(record)
         await room.drain()
         if room.failed:
             raise StoreError(f"could not store the initial state of {workspace}: {room.failed}")
+        await self.sync.remember(workspace, jsonable(config or {}), version)
         log.info("seeded %s from the backend (%s, %d fields)", workspace, record.reason, len(record.changes))
 
     # -------------------------------------------------------------- control
@@ -331,6 +389,54 @@ class ForwardingExtension(Extension):
             self.forwarder.wake(workspace)
         return JSONResponse({"requeued": count})
 
+    async def _is_backend(self, request: Request, workspace: str) -> bool:
+        """The caller is the data-source backend: COLLAB_BACKEND_TOKEN, or a JWT with the service role."""
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        token = self.settings.backend_token
+        if token and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+            return True
+        try:
+            identity = await self.app.authenticator.authenticate(request, workspace)
+        except AuthError:
+            return False
+        if identity is None:
+            return False
+        claims = getattr(identity, "claims", {}) or {}
+        roles = claims.get("roles")
+        if claims.get("role") == "service" or (isinstance(roles, list) and "service" in roles):
+            return True
+        # Development mode (no authentication at all) without a backend token: anyone may.
+        return bool(getattr(identity, "development", False)) and not token
+
+    async def _api_backend_changes(self, request: Request) -> JSONResponse:
+        """The backend's change hook: a data source changed outside the server; merge it into the document."""
+        from collab.app import WORKSPACE_ID
+
+        workspace = request.path_params["workspace_id"]
+        if not WORKSPACE_ID.fullmatch(workspace):
+            return JSONResponse({"error": "invalid workspace id"}, status_code=400)
+        if self.app is None:
+            return JSONResponse({"error": "not started"}, status_code=503)
+        if not await self._is_backend(request, workspace):
+            return JSONResponse({"error": "the backend's token (or a service-role JWT) is required"}, status_code=401)
+        if not self.recording:
+            return JSONResponse({"error": "this store keeps no outbox or audit trail"}, status_code=501)
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the body is not JSON"}, status_code=400)
+        if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
+            return JSONResponse({"error": "send {config: {...}, version}"}, status_code=400)
+        version = version_text(body.get("version"))
+        try:
+            paths = await self.sync.apply(workspace, jsonable(body["config"]), version, "push")
+        except (StoreError, RoomLimitReached) as exc:
+            return JSONResponse({"error": f"cannot apply it now: {exc}"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(
+            {"workspace": workspace, "version": version, "applied": paths is not None, "paths": paths or []}
+        )
+
     async def _api_dead_letter_discard(self, request: Request) -> JSONResponse:
         workspace = await self._authorize(request, write=True)
         if isinstance(workspace, JSONResponse):
@@ -348,20 +454,29 @@ class _RoomHooks:
         self.ext = ext
 
     async def on_load(self, room: Room) -> None:
-        await self.ext.seed(room)
+        ext = self.ext
+        new = room.is_new
+        await ext.seed(room)
+        if not new and ext.forwarder is not None and ext.settings.backend_pull_on_open:
+            # What changed at the backend while the workspace was closed (not awaited: the
+            # room opens without waiting for the backend; the merge follows as a server change).
+            workspace = room.workspace_id
+            ext.sync.spawn(ext.sync.refresh(workspace, "open"), f"pull on open of {workspace}")
 
     def on_config_change(self, room: Room, ps: PeerState | None, changes: Changes, config: dict) -> None:
         ext = self.ext
         if not ext.recording or id(room) in ext._seeding:
             return
         paths = sorted(changes)
+        override = ext._authoring.get(id(room))
         room.stage_outbox(
             ChangeRecord(
                 kind=ACCEPTED,
-                author=author_of(ps),
+                author=override["author"] if override else author_of(ps),
                 changes=change_list(changes),
                 config=jsonable(config),
-                fence=ext.fence(room, ps, paths),
+                fence=override["fence"] if override else ext.fence(room, ps, paths),
+                details=override["details"] if override else None,
                 forward=True,
             )
         )
@@ -383,5 +498,9 @@ class _RoomHooks:
         )
 
     def on_outbox_persisted(self, room: Room, records: list) -> None:
+        seqs = [r.seq for r in records if r.seq is not None]
+        if seqs:
+            ws = room.workspace_id
+            self.ext.seqs[ws] = max(self.ext.seqs.get(ws, 0), *seqs)
         if self.ext.forwarder is not None:
             self.ext.forwarder.notify(room.workspace_id, records)
