@@ -55,6 +55,7 @@ def is_backend_author(author: dict[str, Any] | None) -> bool:
 class KnownState:
     config: dict[str, Any]
     version: str | None
+    absent: bool = False  # the backend answered 404: a forward creates it (If-None-Match: *)
 
 
 def version_text(value: Any) -> str | None:
@@ -140,13 +141,14 @@ class BackendSync:
         if raw is None:
             return None
         data = json.loads(raw)
-        state = KnownState(data.get("config") or {}, data.get("version"))
+        state = KnownState(data.get("config") or {}, data.get("version"), bool(data.get("absent")))
         self.states[workspace] = state
         return state
 
-    async def remember(self, workspace: str, config: dict[str, Any], version: str | None) -> None:
-        state = KnownState(copy.deepcopy(config), version)
-        raw = json.dumps({"config": state.config, "version": version}, separators=(",", ":")).encode()
+    async def remember(self, workspace: str, config: dict[str, Any], version: str | None, absent: bool = False) -> None:
+        state = KnownState(copy.deepcopy(config), version, absent)
+        body = {"config": state.config, "version": version, "absent": absent}
+        raw = json.dumps(body, separators=(",", ":")).encode()
         await self.ext.store.put_meta(workspace, META_KEY, raw)
         self.states[workspace] = state
 
@@ -170,12 +172,13 @@ class BackendSync:
         reason: str,
         revert_paths: list[str] | None = None,
         details: dict[str, Any] | None = None,
+        absent: bool = False,
     ) -> list[str] | None:
         """Merge the backend's state into the document; the paths changed (None: an older version, ignored)."""
         async with self.lock(workspace):
             room = await self.open(workspace)
             try:
-                return await self._apply(room, config, version, reason, revert_paths or [], details or {})
+                return await self._apply(room, config, version, reason, revert_paths or [], details or {}, absent)
             finally:
                 self.release(room)
 
@@ -187,6 +190,7 @@ class BackendSync:
         reason: str,
         revert_paths: list[str],
         details: dict[str, Any],
+        absent: bool = False,
     ) -> list[str] | None:
         from forwarding.extension import jsonable
 
@@ -216,7 +220,7 @@ class BackendSync:
                 raise StoreError(f"could not store the backend's change of {workspace}: {room.failed}")
             self.stats["applied"] += 1
             log.info("backend change of %s (%s, version %s): %s", workspace, reason, version, paths)
-        await self.remember(workspace, config, version)
+        await self.remember(workspace, config, version, absent)
         return paths
 
     def _tell(self, room: Room, paths: list[str], version: str | None, reason: str, details: dict) -> None:
@@ -265,7 +269,7 @@ class BackendSync:
             config = {}
         elif status != 200 or config is None:
             raise RuntimeError(f"GET data source {workspace}: HTTP {status}")
-        return await self.apply(workspace, config, version, reason)
+        return await self.apply(workspace, config, version, reason, absent=status == 404)
 
     async def on_conflict(self, workspace: str) -> None:
         """A forward was answered 412: merge the backend's current state, then it is sent again."""
@@ -280,7 +284,10 @@ class BackendSync:
             config = {}
         elif status != 200 or config is None:
             raise RuntimeError(f"GET data source {workspace}: HTTP {status}")
-        return await self.apply(workspace, config, version, "revert", revert_paths=paths, details=details) or []
+        paths = await self.apply(
+            workspace, config, version, "revert", revert_paths=paths, details=details, absent=status == 404
+        )
+        return paths or []
 
     # ------------------------------------------------------------ background work
 

@@ -304,7 +304,7 @@ class ForwardingExtension(Extension):
         await room.drain()
         if room.failed:
             raise StoreError(f"could not store the initial state of {workspace}: {room.failed}")
-        await self.sync.remember(workspace, jsonable(config or {}), version)
+        await self.sync.remember(workspace, jsonable(config or {}), version, absent=status == 404)
         log.info("seeded %s from the backend (%s, %d fields)", workspace, record.reason, len(record.changes))
 
     # -------------------------------------------------------------- control
@@ -424,7 +424,7 @@ class ForwardingExtension(Extension):
             return JSONResponse({"error": "this store keeps no outbox or audit trail"}, status_code=501)
         try:
             body = await request.json()
-        except ValueError:
+        except Exception:  # not JSON, or the caller went away
             return JSONResponse({"error": "the body is not JSON"}, status_code=400)
         if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
             return JSONResponse({"error": "send {config: {...}, version}"}, status_code=400)

@@ -487,6 +487,8 @@ class Forwarder:
             headers["X-Collab-Fence"] = str(head.fence)
         if known is not None and known.version is not None:
             headers["If-Match"] = f'"{known.version}"'
+        elif known is not None and known.absent:
+            headers["If-None-Match"] = "*"  # it did not exist: create it, or hear that someone else did
         return payload, headers, known
 
     async def _deliver(self, lane: _Lane, batch: list[OutboxRow]) -> None:

@@ -55,7 +55,6 @@ class ForwardingSettings(BaseSettings):
     )
     forward_concurrency: int = Field(16, ge=1, description="requests in flight to the backend at most")
 
-
     # Two-way sync (docs/forwarding.md, "Changes made at the backend")
     revert_refused: bool = Field(
         True,

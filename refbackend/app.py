@@ -10,7 +10,8 @@ talk to, and a model for a real backend:
   forwarded by the collaboration server, in one transaction:
 
   1. a key seen before replays the stored answer (``Idempotent-Replayed: true``);
-  2. ``If-Match`` naming another version than the data source's -> 412
+  2. ``If-Match`` naming another version than the data source's (or
+     ``If-None-Match: *`` while it exists) -> 412
      ``version_mismatch`` with the current ``config`` and ``version`` (not
      stored under the key: the server merges and sends again);
   3. a refusal rule that matches one of the changes -> 422 (business validation);
@@ -276,7 +277,7 @@ class Backend:
         self._tx(lambda db: db.execute("DELETE FROM notifications WHERE id=? AND version<=?", (ds, version)))
 
     def put(
-        self, ds: str, key: str, body: dict[str, Any], if_match: int | None = None
+        self, ds: str, key: str, body: dict[str, Any], if_match: int | None = None, create_only: bool = False
     ) -> tuple[int, dict[str, Any], bool]:
         """Apply one forwarded change: (status, answer, replayed)."""
         seq, first_seq = body["seq"], body["first_seq"]
@@ -308,7 +309,7 @@ class Backend:
                 return replay[1], json.loads(replay[2]), True
             row = db.execute("SELECT seq, version, config FROM data_sources WHERE id=?", (ds,)).fetchone()
             current, version = (row[0], row[1]) if row else (0, 0)
-            if if_match is not None and if_match != version:
+            if (if_match is not None and if_match != version) or (create_only and row is not None):
                 # Not stored under the key: the same request, merged, comes again.
                 log(db, 412, "version_mismatch")
                 config = json.loads(row[2]) if row else {}
@@ -498,7 +499,13 @@ def create_app(db_path: str | Path, notify_url: str | None = None, notify_token:
         problem = _check_body(body)
         if problem:
             return _error(400, "invalid_body", problem)
-        status, payload, replayed = backend.put(ds, key, body, parse_version(request.headers.get("If-Match")))
+        status, payload, replayed = backend.put(
+            ds,
+            key,
+            body,
+            parse_version(request.headers.get("If-Match")),
+            create_only=request.headers.get("If-None-Match", "").strip() == "*",
+        )
         if backend.hold_from_seq is not None and body["seq"] >= backend.hold_from_seq and backend.released:
             # Applied, but the answer is held back: the caller cannot know it is in effect.
             with contextlib.suppress(TimeoutError):

@@ -203,7 +203,9 @@ async def test_kill_9_in_the_middle_of_forwarding(server_factory, backend_factor
 
 @pytest.mark.skipif(NODE is None, reason="needs node (stock Yjs client)")
 async def test_invalid_edit_from_the_stock_js_client_is_undone_and_never_forwarded(
-    server_factory, backend_factory, node_clients  # noqa: F811
+    server_factory,
+    backend_factory,
+    node_clients,  # noqa: F811
 ):
     """Issue test 3."""
     backend = backend_factory()
