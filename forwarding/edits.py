@@ -32,7 +32,7 @@ from starlette.routing import Route
 from forwarding.backendsync import merge_patch, set_plain, write_paths
 from forwarding.validation import ValidationGuard
 from persistence.base import StoreError
-from rooms.config import diff, get_path, overlaps
+from rooms.config import MISSING, diff, get_path, overlaps
 from rooms.manager import RoomLimitReached
 
 if TYPE_CHECKING:
@@ -119,6 +119,14 @@ class ConfigEdits:
                     target = old
                     for path in changes:
                         target = set_plain(target, path, get_path(new, path))
+                    for path in list(changes):  # a section the patch removes goes if nothing else is left in it
+                        parts = path.split(".")
+                        for depth in range(1, len(parts)):
+                            section = ".".join(parts[:depth])
+                            if get_path(target, section) == {} and get_path(patch, section) is None:
+                                target = set_plain(target, section, MISSING)
+                                changes[section] = (get_path(old, section), MISSING)
+                                break
                     new = target
                 if not changes:
                     return {"seq": seq, "config": old, "paths": []}
@@ -451,7 +459,17 @@ class BulkJobs:
                 paths = item.get("paths") or []
                 patch: dict[str, Any] = {}
                 for path in paths:
-                    patch = merge_patch(patch, _patch_for(path, get_path(before, path)))
+                    # The shallowest section the item created goes as a whole (no empty map left behind).
+                    parts = path.split(".")
+                    created = next(
+                        (
+                            ".".join(parts[:d])
+                            for d in range(1, len(parts))
+                            if get_path(before, ".".join(parts[:d])) is MISSING
+                        ),
+                        path,
+                    )
+                    patch = _combine(patch, _patch_for(created, get_path(before, created)))
                 try:
                     await self.ext.edits.apply(
                         item["workspace"],
@@ -591,13 +609,22 @@ class BulkJobs:
 
 
 def _patch_for(path: str, value: Any) -> dict[str, Any]:
-    from rooms.config import MISSING
-
     parts = path.split(".")
     node: Any = None if value is MISSING else value
     for part in reversed(parts):
         node = {part: node}
     return node
+
+
+def _combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two merge patches as one (unlike applying one to the other, its nulls stay)."""
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _combine(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _public(item: dict[str, Any]) -> dict[str, Any]:
