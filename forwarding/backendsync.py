@@ -135,7 +135,8 @@ class BackendSync:
 
     async def known(self, workspace: str) -> KnownState | None:
         state = self.states.get(workspace)
-        if state is not None:
+        # Several nodes share the store (Redis): another node may have moved it on; read it each time.
+        if state is not None and not callable(getattr(self.ext.store, "forward_lease", None)):
             return state
         raw = await self.ext.store.get_meta(workspace, META_KEY)
         if raw is None:

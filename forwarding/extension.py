@@ -41,7 +41,6 @@ from forwarding.validation import ConfigValidator, ValidationGuard, load_model
 from persistence.base import StoreError
 from persistence.outbox import ACCEPTED, REJECTED, SEEDED, ChangeRecord, OutboxStore
 from rooms.config import MISSING, Changes, diff
-from rooms.manager import RoomLimitReached
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -165,12 +164,12 @@ class ForwardingExtension(Extension):
         if not self.recording:
             log.warning("the store %s keeps no outbox: changes are neither recorded nor forwarded", type(self.store))
             return
-        await self.bulk.start()
         if self.settings.backend_url is None:
             log.warning(
                 "forwarding is OFF: COLLAB_BACKEND_URL is not set; accepted changes are recorded in the outbox "
                 "and will be delivered once a backend is configured"
             )
+            await self.bulk.start()
             return
         logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self.forwarder = Forwarder(self.settings, self.store, self._report)
@@ -180,6 +179,7 @@ class ForwardingExtension(Extension):
         self.forwarder.sync = self.sync
         await self.forwarder.start()
         self.sync.start(self.settings.backend_pull_seconds)
+        await self.bulk.start()  # unfinished jobs resume (after the forwarder: new workspaces are seeded)
         log.info(
             "forwarding accepted changes to %s (debounce %.0f ms, at most %.0f ms)",
             self.settings.backend_url,
@@ -431,7 +431,8 @@ class ForwardingExtension(Extension):
         version = version_text(body.get("version"))
         try:
             paths = await self.sync.apply(workspace, jsonable(body["config"]), version, "push")
-        except (StoreError, RoomLimitReached) as exc:
+        except Exception as exc:  # store, room limit, a new workspace that cannot be seeded now
+            log.warning("backend change of %s not applied: %s", workspace, exc)
             return JSONResponse({"error": f"cannot apply it now: {exc}"}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse(
             {"workspace": workspace, "version": version, "applied": paths is not None, "paths": paths or []}

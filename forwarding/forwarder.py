@@ -564,8 +564,8 @@ class Forwarder:
                     log.info("backend's %s moved on (412): merging its state and sending again", workspace)
                     try:
                         await self.sync.on_conflict(workspace)
-                    except Exception as exc:
-                        status, error = None, f"merge after 412 failed: {exc}"
+                    except Exception as exc:  # retried like a 5xx (the backend itself answered)
+                        status, error = 500, f"merge after 412 failed: {exc}"
                     else:
                         payload, headers, known = await self._compose(workspace, batch, key)
                         if not payload["changes"]:

@@ -1,0 +1,185 @@
+"""HTTP edits benchmark: PATCH latency at a steady rate, then one large bulk job.
+
+    python -m loadtest.edits_bench [--workspaces 50] [--rate 200] [--seconds 30]
+                                   [--bulk 1000] [--batch-size 100] [--parallelism 8] [--no-pin]
+
+Starts, as processes it owns, the reference backend and the collaboration
+server (forwarding to it), connects one websocket client per workspace (so
+every PATCH is also broadcast), then:
+
+1. **PATCH**: ``--rate`` ``PATCH /api/workspaces/{id}/config`` per second on
+   a fixed (open-loop) schedule, round-robin over ``--workspaces``
+   workspaces, for ``--seconds``; latency from send to answer,
+   p50/p90/p99/max, and how far the schedule slipped.
+2. **bulk**: one ``POST /api/bulk`` over ``--bulk`` new workspaces (each is
+   opened, seeded from the backend, patched, forwarded); the time until the
+   job reports ``completed``.
+
+Prints one JSON object (with nproc and load average before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pycrdt
+
+from collab.client import CollabClient
+from loadtest.forward_bench import Proc, percentile
+
+
+async def patch_phase(base: str, names: list[str], rate: float, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    slips: list[float] = []
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+
+        async def one(i: int) -> None:
+            ws = names[i % len(names)]
+            started = time.perf_counter()
+            response = await client.patch(
+                f"/api/workspaces/{ws}/config?user=bench",
+                content=json.dumps({"description": f"patch {i}"}),
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            latencies.append(time.perf_counter() - started)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            slips.append(max(0.0, time.perf_counter() - due))
+            tasks.append(asyncio.get_running_loop().create_task(one(i)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    ms = [x * 1000 for x in latencies]
+    return {
+        "requests": n,
+        "achieved_rate": round(n / elapsed, 1),
+        "statuses": statuses,
+        "latency_ms": {
+            "p50": round(percentile(ms, 0.50), 2),
+            "p90": round(percentile(ms, 0.90), 2),
+            "p99": round(percentile(ms, 0.99), 2),
+            "max": round(max(ms), 2),
+        },
+        "schedule_slip_ms_p99": round(percentile([s * 1000 for s in slips], 0.99), 2),
+    }
+
+
+async def bulk_phase(base: str, count: int, batch_size: int, parallelism: int) -> dict[str, Any]:
+    names = [f"bulk-ds-{i:04d}" for i in range(count)]
+    body = {
+        "workspaces": names,
+        "patch": {"schedule": {"cron": "0 3 * * *"}},
+        "batch_size": batch_size,
+        "parallelism": parallelism,
+    }
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        started = time.perf_counter()
+        created = await client.post("/api/bulk?user=bench", json=body)
+        created.raise_for_status()
+        job = created.json()["job"]
+        while True:
+            state = (await client.get(f"/api/bulk/{job}?user=bench")).json()
+            if state["state"] not in ("pending", "running", "rolling_back"):
+                break
+            await asyncio.sleep(0.1)
+        duration = time.perf_counter() - started
+    return {
+        "workspaces": count,
+        "batch_size": batch_size,
+        "parallelism": parallelism,
+        "state": state["state"],
+        "counts": state["counts"],
+        "seconds": round(duration, 2),
+        "workspaces_per_second": round(count / duration, 1),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="edits-bench-"))
+    pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    if pin:
+        os.sched_setaffinity(0, {1})
+    result: dict[str, Any] = {
+        "command": " ".join(["python -m loadtest.edits_bench", *sys.argv[1:]]),
+        "nproc": os.cpu_count(),
+        "loadavg_before": os.getloadavg(),
+        "pinned": pin,
+    }
+    backend = Proc(
+        "refbackend",
+        [sys.executable, "-m", "refbackend", "--port", "0", "--db", str(work / "backend.sqlite3")],
+        {},
+        work / "backend.log",
+        r"refbackend listening on http://[\d.]+:(\d+)",
+        1 if pin else None,
+    ).start()
+    server = Proc(
+        "collab",
+        [sys.executable, "-m", "collab", "serve", "--port", "0", "--data-dir", str(work / "data")],
+        {
+            "COLLAB_BACKEND_URL": f"http://127.0.0.1:{backend.port}",
+            "COLLAB_LOG_LEVEL": "warning",
+            "COLLAB_BACKEND_PULL_SECONDS": "0",
+        },
+        work / "server.log",
+        r"listening on http://[\d.]+:(\d+)",
+        0 if pin else None,
+    ).start()
+    base = f"http://127.0.0.1:{server.port}"
+    names = [f"edit-ds-{i:02d}" for i in range(args.workspaces)]
+    clients = [await CollabClient(f"ws://127.0.0.1:{server.port}/ws", n).connect(timeout=30) for n in names]
+    try:
+        cpu0 = server.cpu_seconds()
+        result["patch"] = await patch_phase(base, names, args.rate, args.seconds)
+        result["patch"]["server_cpu_percent"] = round(100 * (server.cpu_seconds() - cpu0) / args.seconds, 1)
+        # Every connected client got the PATCHes of its workspace (broadcast).
+        await asyncio.sleep(1.0)
+        result["patch"]["clients_updated"] = sum(
+            1 for c in clients if "description" in (c.doc.get("config", type=pycrdt.Map).to_py() or {})
+        )
+        if args.bulk:
+            result["bulk"] = await bulk_phase(base, args.bulk, args.batch_size, args.parallelism)
+    finally:
+        for client in clients:
+            await client.close()
+        server.stop()
+        backend.stop()
+    result["loadavg_after"] = os.getloadavg()
+    result["workdir"] = str(work)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.edits_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--workspaces", type=int, default=50)
+    parser.add_argument("--rate", type=float, default=200.0, help="PATCH requests per second")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--bulk", type=int, default=1000, help="workspaces of the bulk job (0: none)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--parallelism", type=int, default=8)
+    parser.add_argument("--no-pin", action="store_true")
+    args = parser.parse_args(argv)
+    print(json.dumps(asyncio.run(run(args)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
