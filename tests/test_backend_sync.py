@@ -58,6 +58,8 @@ async def test_direct_backend_change_while_two_clients_edit_is_never_lost(server
     await alice.wait_saved()
     await delivered(server, room)
     assert backend_config(backend, room)["connection"]["host"] == "db1"
+    granted = await alice.acquire_lock("connection")  # alice edits the connection under a lock
+    assert granted["type"] == "lock.granted"
 
     # Directly at the backend (its own API): host and a description.
     answer = backend.post(
@@ -96,7 +98,12 @@ async def test_direct_backend_change_while_two_clients_edit_is_never_lost(server
         if request["method"] == "PUT" and request["seq"] > 1:
             assert request["config"]["connection"]["host"] == "db-bulk", request
             assert request["config"].get("description") == "bulk", request
-    assert any(m["type"] == "backend.changed" for m in alice.control)
+    assert any(m["type"] == "backend.changed" for m in bob.control)
+    # The backend is the system of record: it won over alice's lock, and she was told.
+    [overridden] = controls(alice, "lock.overridden")
+    assert overridden["path"] == "connection" and overridden["paths"] == ["connection.host"]
+    assert overridden["by"] == "backend" and overridden["version"] == str(answer["version"])
+    assert not controls(bob, "lock.overridden")
     await alice.close()
     await bob.close()
 
