@@ -30,7 +30,6 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from forwarding.backendsync import merge_patch, set_plain, write_paths
-from forwarding.validation import ValidationGuard
 from persistence.base import StoreError
 from rooms.config import MISSING, diff, get_path, overlaps
 from rooms.manager import RoomLimitReached
@@ -131,15 +130,16 @@ class ConfigEdits:
                 if not changes:
                     return {"seq": seq, "config": old, "paths": []}
                 fence = await self._check_locks(workspace, list(changes), lock_token)
-                if ext.validator is not None:
-                    guard = ValidationGuard(ext.validator, ext.settings.max_config_fields)
+                # The room's update guards, as for a websocket edit (validation, and whatever
+                # else the server runs; the lock guard is the check above: it needs a connection).
+                for guard in room.guards:
                     rejections = guard.check(room, None, changes, new)
                     if rejections:
                         first = rejections[0]
                         raise EditRefused(
-                            422,
+                            409 if first.reason == "locked" else 422,
                             {
-                                "error": "invalid configuration",
+                                "error": "locked" if first.reason == "locked" else "invalid configuration",
                                 "type": "rejected",
                                 "paths": first.paths,
                                 "reason": first.reason,
