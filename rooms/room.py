@@ -561,7 +561,7 @@ class Room:
             old.unobserve(self._doc_sub)
             self._doc_sub = doc.observe(self._on_doc_update)
         if self._config_sub is not None:
-            config_map(old).unobserve(self._config_sub)
+            self._config_sub.drop()  # (config_map() returns a new wrapper: unobserve() can't find it)
             self._config_sub = config_map(doc).observe_deep(self._on_config_events)
         self.doc = doc
         self._sv = None
