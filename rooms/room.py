@@ -536,7 +536,7 @@ class Room:
         its own state with that pair broken; this happens only when an edit
         actually lands between two halves.
         """
-        plan = self._splits.plan(update, self._state_vector())
+        plan = self._splits.plan(update, self._state_vector)
         if plan is None:
             return update
         if plan.in_document:
@@ -546,16 +546,12 @@ class Room:
         return plan.update
 
     def _break_pairs_in_document(self, pairs: set[tuple[int, int]]) -> None:
-        state = self.doc.get_update()
-        fixed = textsplit.break_pairs(state, pairs)
-        if fixed == state:
+        doc = _rebuilt(self.doc, pairs, self._splits)
+        if doc is None:
             return  # those pairs were deleted meanwhile
-        log.info("room %s: an edit cuts %d surrogate pair(s); replaced by U+FFFD as Yjs does", self.workspace_id, len(pairs))
-        doc = pycrdt.Doc(client_id=self.doc.client_id)
-        doc.apply_update(fixed)
-        if self._splits.early_deletes:
-            # Deletes still waiting for their items are not part of get_update().
-            doc.apply_update(textsplit.delete_set_update(self._splits.early_deletes))
+        log.info(
+            "room %s: an edit cuts %d surrogate pair(s); replaced by U+FFFD as Yjs does", self.workspace_id, len(pairs)
+        )
         old = self.doc
         if self._doc_sub is not None:
             old.unobserve(self._doc_sub)
@@ -565,6 +561,10 @@ class Room:
             self._config_sub = config_map(doc).observe_deep(self._on_config_events)
         self.doc = doc
         self._sv = None
+
+    def state_problems(self) -> list[str]:
+        """Why the state this room hands out would not load in Yjs (empty: it would)."""
+        return ystructs.problems(self.doc.get_update(), _parse_state_vector(self.doc.get_state()))
 
     def _state_vector(self) -> dict[int, int]:
         """The document's state vector as a dict, kept up to date between client updates."""
@@ -1114,13 +1114,35 @@ def _apply(doc: pycrdt.Doc, update: bytes) -> None:
         raise p.ProtocolError("invalid CRDT update (decoder panic)") from None
 
 
-def _parse_state_vector(sv: bytes) -> dict[int, int]:
-    count, pos = p.read_var_uint(sv, 0)
-    out = {}
-    for _ in range(count):
-        client, pos = p.read_var_uint(sv, pos)
-        out[client], pos = p.read_var_uint(sv, pos)
-    return out
+def replay(history: list[bytes]) -> pycrdt.Doc:
+    """A document from stored updates, integrated as a room integrates them (surrogate pairs included)."""
+    doc = pycrdt.Doc()
+    splits = textsplit.TextSplits()
+    for update in history:
+        plan = splits.plan(update, lambda d=doc: _parse_state_vector(d.get_state()))
+        if plan is not None:
+            if plan.in_document:
+                doc = _rebuilt(doc, plan.in_document, splits) or doc
+            update = plan.update
+        doc.apply_update(update)
+    return doc
+
+
+def _rebuilt(doc: pycrdt.Doc, pairs: set[tuple[int, int]], splits: textsplit.TextSplits) -> pycrdt.Doc | None:
+    """A copy of ``doc`` with those surrogate pairs broken (None: none of them is in its text any more)."""
+    state = doc.get_update()
+    fixed = textsplit.break_pairs(state, pairs)
+    if fixed == state:
+        return None
+    new = pycrdt.Doc(client_id=doc.client_id)
+    new.apply_update(fixed)
+    if splits.early_deletes:
+        # Deletes still waiting for their items are not part of get_update().
+        new.apply_update(textsplit.delete_set_update(splits.early_deletes))
+    return new
+
+
+_parse_state_vector = ystructs.state_vector
 
 
 def _new_ranges(before: bytes, after: bytes) -> dict[int, tuple[int, int]]:

@@ -22,6 +22,7 @@ Pure functions and a plain index: no pycrdt, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from collab import protocol as p
@@ -57,14 +58,15 @@ class TextSplits:
         """True while no pair and no early delete is known: every plain update is fast."""
         return not self.pairs and not self._early_cuts
 
-    def plan(self, update: bytes, known: dict[int, int]) -> Plan | None:
-        """Prepare ``update`` for a document whose state vector is ``known``; None: apply it as is."""
+    def plan(self, update: bytes, known: Callable[[], dict[int, int]]) -> Plan | None:
+        """Prepare ``update`` for a document whose state vector ``known()`` gives; None: apply it as is."""
         if self.quiet and ystructs.ASTRAL_UTF8.search(update) is None:
             return None
         shape = ystructs.shape(update, text=True)
         incoming = {(c, clock + off): None for c, clock, _s, _e, offsets in shape.astral for off in offsets}
+        state = known() if shape.deletes else {}
         for client, clock, length in shape.deletes:
-            if clock + length > known.get(client, 0):
+            if clock + length > state.get(client, 0):
                 self.early_deletes.add((client, clock, length))
                 self._early_cuts.update({(client, clock), (client, clock + length)})
         hit: set[tuple[int, int]] = set()

@@ -244,3 +244,41 @@ def _need(buf: bytes, end: int) -> int:
     if end > len(buf):
         raise p.ProtocolError("truncated value")
     return end
+
+
+def problems(state: bytes, state_vector: dict[int, int]) -> list[str]:
+    """What makes an encoded document state one a Yjs client could fail to load.
+
+    The state must walk cleanly, each client's structs must end exactly at
+    the clock the state vector gives (content lengths and clocks agree), no
+    origin or deletion may point between the two halves of a character (Yjs
+    would cut it there and read different text), and no string may hold
+    half a surrogate pair.
+    """
+    try:
+        walked = shape(state, text=True)
+    except p.ProtocolError as exc:
+        return [f"does not decode: {exc}"]
+    out = []
+    ends = {client: end for client, _start, end in walked.ranges}
+    for client in sorted(set(ends) | set(state_vector)):
+        if ends.get(client, 0) != state_vector.get(client, 0):
+            have, said = ends.get(client, 0), state_vector.get(client, 0)
+            out.append(f"client {client}: structs end at clock {have}, the state vector says {said}")
+    pairs = {(c, clock + off) for c, clock, _s, _e, offsets in walked.astral for off in offsets}
+    inside = sorted({(c, k) for c, k in walked.cuts if (c, k - 1) in pairs})
+    if inside:
+        out.append(f"{len(inside)} reference(s) point between the halves of a character, e.g. {inside[0]}")
+    if re.search(rb"\xed[\xa0-\xbf][\x80-\xbf]", state):
+        out.append("a string holds half a surrogate pair")
+    return out
+
+
+def state_vector(sv: bytes) -> dict[int, int]:
+    """An encoded state vector as ``{client: clock}``."""
+    count, pos = p.read_var_uint(sv, 0)
+    out = {}
+    for _ in range(count):
+        client, pos = p.read_var_uint(sv, pos)
+        out[client], pos = p.read_var_uint(sv, pos)
+    return out

@@ -15,6 +15,7 @@ import asyncio
 import json
 import shutil
 
+import httpx
 import pytest
 
 from collab.client import CollabClient
@@ -61,8 +62,11 @@ async def test_stock_clients_and_server_agree_on_random_edits_and_after_kill_9(s
     assert sum(r["replacement"] for r in results.values()) > 0
     assert sum(r["astral"] for r in results.values()) > 0
 
-    for seed in SEEDS:
-        await durable(server, f"diff-{seed}")
+    async with httpx.AsyncClient(timeout=30) as http:
+        for seed in SEEDS:
+            await durable(server, f"diff-{seed}")
+            check = (await http.get(f"{server.http_url}/api/admin/rooms/diff-{seed}/consistency?role=admin")).json()
+            assert check["well_formed"] and check["memory"]["problems"] == [] == check["store"]["problems"], check
     server.kill()
     server.restart()
     for seed in SEEDS:

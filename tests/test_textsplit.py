@@ -156,3 +156,15 @@ async def test_relayed_update_that_cuts_a_pair_is_integrated_like_yjs(store):  #
         room.apply_remote(bytes.fromhex(update))
     await asyncio.wait_for(room.drain(), 10)
     assert same_structure(room.doc, oracle_doc(case["state"]))
+
+
+def test_problems_flags_the_state_pycrdt_makes_of_a_cut_pair_and_passes_a_healthy_one():
+    """Without the preparation, pycrdt's state has clocks that disagree with its content."""
+    (case,) = [c for c in CASES if c["name"] == "insert between the halves by another client"]
+    bare = pycrdt.Doc()
+    for update in case["updates"]:
+        bare.apply_update(bytes.fromhex(update))
+    assert ystructs.problems(bare.get_update(), ystructs.state_vector(bare.get_state()))
+    healthy = oracle_doc(case["state"])
+    assert ystructs.problems(healthy.get_update(), ystructs.state_vector(healthy.get_state())) == []
+    assert ystructs.problems(b"\x01\x05", {}) != []  # truncated
