@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 
 import httpx
 import pytest
@@ -100,3 +101,20 @@ async def test_fresh_document_after_many_cuts_loads_in_yjs(server, tmp_path, mod
     assert result["ok"], json.dumps(result, ensure_ascii=False)[:4000]
     if mode == "bmp":
         assert result["astral"] == 0
+
+
+async def test_snapshots_written_by_compaction_load_in_yjs(server_factory, tmp_path):
+    """Compaction every 10 updates: what a restart loads is mostly snapshots of the rebuilt document."""
+    server = server_factory(env={"COLLAB_COMPACT_EVERY_UPDATES": "10"}, name="compacting")
+    for seed in (101, 102):
+        result = await run_differential(server.ws_url, f"snap-{seed}", seed, "--out", str(tmp_path / f"{seed}.json"))
+        assert result["ok"], json.dumps(result, ensure_ascii=False)[:4000]
+        await durable(server, f"snap-{seed}")
+    server.kill()
+    server.restart()
+    for seed in (101, 102):
+        result = await run_differential(server.ws_url, f"snap-{seed}", seed, "--expect", str(tmp_path / f"{seed}.json"))
+        assert result["ok"], json.dumps(result, ensure_ascii=False)[:4000]
+    with sqlite3.connect(server.data_dir / "collab.sqlite3") as db:
+        snapshots = db.execute("SELECT COUNT(*) FROM documents WHERE snapshot IS NOT NULL").fetchone()[0]
+    assert snapshots == 2  # both rooms were compacted at least once
