@@ -122,6 +122,7 @@ class BackendSync:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self._puller: asyncio.Task | None = None
+        self._merges: dict[str, int] = {}  # backend changes merged per workspace (the forwarder re-reads on news)
         self.stats = {"pulls": 0, "not_modified": 0, "applied": 0, "conflicts": 0, "reverts": 0}
 
     # ------------------------------------------------------------ state
@@ -132,6 +133,9 @@ class BackendSync:
         if lock is None:
             lock = self._locks[workspace] = asyncio.Lock()
         return lock
+
+    def merges(self, workspace: str) -> int:
+        return self._merges.get(workspace, 0)
 
     async def known(self, workspace: str) -> KnownState | None:
         state = self.states.get(workspace)
@@ -220,6 +224,7 @@ class BackendSync:
             if room.failed:
                 raise StoreError(f"could not store the backend's change of {workspace}: {room.failed}")
             self.stats["applied"] += 1
+            self._merges[workspace] = self._merges.get(workspace, 0) + 1
             log.info("backend change of %s (%s, version %s): %s", workspace, reason, version, paths)
         await self.remember(workspace, config, version, absent)
         return paths

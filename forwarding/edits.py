@@ -103,10 +103,11 @@ class ConfigEdits:
         async with sync.lock(workspace):
             room = await sync.open(workspace)
             try:
-                await room.drain()
-                seq = await ext.last_seq(workspace)
-                if if_match is not None and if_match != seq:
-                    raise EditRefused(412, {"error": "the workspace moved on", "seq": seq})
+                if if_match is not None:
+                    await room.drain()  # what was received before is counted in the seq
+                    seq = await ext.last_seq(workspace)
+                    if if_match != seq:
+                        raise EditRefused(412, {"error": "the workspace moved on", "seq": seq})
                 old = jsonable(room.config_view)
                 new = merge_patch(old, patch)
                 changes = diff(old, new)
@@ -128,7 +129,8 @@ class ConfigEdits:
                                 break
                     new = target
                 if not changes:
-                    return {"seq": seq, "config": old, "paths": []}
+                    sync.release(room)
+                    return {"seq": await ext.last_seq(workspace), "config": old, "paths": []}
                 fence = await self._check_locks(workspace, list(changes), lock_token)
                 # The room's update guards, as for a websocket edit (validation, and whatever
                 # else the server runs; the lock guard is the check above: it needs a connection).
@@ -147,14 +149,23 @@ class ConfigEdits:
                             },
                         )
                 paths = sorted(changes)
-                with ext.authoring(room, author, details, fence):
+                with ext.authoring(room, author, details, fence) as made:
                     room.change_config(lambda _map: write_paths(room, new, paths))
-                await room.drain()
-                if room.failed:
-                    raise EditRefused(503, {"error": f"storage failure: {room.failed}"})
-                return {"seq": await ext.last_seq(workspace), "config": jsonable(room.config_view), "paths": paths}
-            finally:
+                config = jsonable(room.config_view)
+            except BaseException:
                 sync.release(room)
+                raise
+        # Durable before the answer, but outside the workspace's lock: the next edit of the
+        # same workspace need not wait for this commit (edits share the store's group commit).
+        try:
+            await room.drain()
+        finally:
+            sync.release(room)
+        if room.failed:
+            raise EditRefused(503, {"error": f"storage failure: {room.failed}"})
+        record = made["record"]
+        seq = record.seq if record is not None and record.seq is not None else await ext.last_seq(workspace)
+        return {"seq": seq, "config": config, "paths": paths}
 
     async def _check_locks(self, workspace: str, paths: list[str], token: str | None) -> int | None:
         """409 for paths under another holder's lease; the fence of the caller's own (token) lease."""

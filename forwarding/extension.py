@@ -200,10 +200,15 @@ class ForwardingExtension(Extension):
 
     @contextlib.contextmanager
     def authoring(self, room: Room, author: dict[str, Any], details: dict[str, Any] | None = None, fence=None):
-        """Within: a server change of ``room`` is recorded with this author (not the server's)."""
-        self._authoring[id(room)] = {"author": author, "details": details, "fence": fence}
+        """Within: a server change of ``room`` is recorded with this author (not the server's).
+
+        Yields a dict whose ``"record"`` is then the ChangeRecord staged (its
+        ``seq`` is set once it is stored).
+        """
+        override = {"author": author, "details": details, "fence": fence, "record": None}
+        self._authoring[id(room)] = override
         try:
-            yield
+            yield override
         finally:
             self._authoring.pop(id(room), None)
 
@@ -470,17 +475,18 @@ class _RoomHooks:
             return
         paths = sorted(changes)
         override = ext._authoring.get(id(room))
-        room.stage_outbox(
-            ChangeRecord(
-                kind=ACCEPTED,
-                author=override["author"] if override else author_of(ps),
-                changes=change_list(changes),
-                config=jsonable(config),
-                fence=override["fence"] if override else ext.fence(room, ps, paths),
-                details=override["details"] if override else None,
-                forward=True,
-            )
+        record = ChangeRecord(
+            kind=ACCEPTED,
+            author=override["author"] if override else author_of(ps),
+            changes=change_list(changes),
+            config=jsonable(config),
+            fence=override["fence"] if override else ext.fence(room, ps, paths),
+            details=override["details"] if override else None,
+            forward=True,
         )
+        if override:
+            override["record"] = record
+        room.stage_outbox(record)
 
     def on_config_rejected(self, room: Room, ps: PeerState | None, rejections: list, attempted: Changes) -> None:
         if not self.ext.recording:

@@ -309,6 +309,7 @@ class Forwarder:
         max_delay = s.forward_max_delay_ms / 1000.0
         while True:
             lane.wake.clear()
+            merges = self.sync.merges(lane.workspace) if self.sync is not None else 0
             rows = await self._pending(lane)
             if not rows:
                 try:
@@ -341,7 +342,7 @@ class Forwarder:
                 await self._deliver_leased(lane)
                 continue
             batch = self._batch(rows)
-            await self._deliver(lane, batch)
+            await self._deliver(lane, batch, (rows, merges))
 
     async def _deliver_leased(self, lane: _Lane) -> None:
         """Several nodes share the outbox: only the holder of the workspace's lease delivers.
@@ -374,7 +375,7 @@ class Forwarder:
         try:
             rows = await self._pending(lane)
             if rows:
-                await self._deliver(lane, self._batch(rows))
+                await self._deliver(lane, self._batch(rows), None)
         finally:
             renewer.cancel()
             with contextlib.suppress(StoreError, asyncio.CancelledError):
@@ -462,9 +463,14 @@ class Forwarder:
         }
 
     async def _compose(
-        self, workspace: str, batch: list[OutboxRow], key: str
+        self, workspace: str, batch: list[OutboxRow], key: str, rows: Any = None
     ) -> tuple[dict[str, Any], dict[str, str], Any]:
-        """The request of a batch, from the known backend state (read again after a 412)."""
+        """The request of a batch, from the known backend state (read again after a 412).
+
+        ``rows``: (pending rows, the sync's merge count when they were read), to
+        spare a read of the outbox (reads split the store's group commits);
+        read again if a backend change was merged since.
+        """
         head, last = batch[0], batch[-1]
         known = later = None
         if self.sync is not None:
@@ -474,8 +480,9 @@ class Forwarder:
                 with contextlib.suppress(Exception):
                     await self.sync.refresh(workspace, "establish", conditional=False)
                     known = await self.sync.known(workspace)
-            rows = await self._pending(self.lanes.get(workspace) or _Lane(workspace))
-            later = [r for r in rows if r.seq > last.seq]
+            if rows is None or rows[1] != self.sync.merges(workspace):
+                rows = (await self._pending(self.lanes.get(workspace) or _Lane(workspace)), None)
+            later = [r for r in rows[0] if r.seq > last.seq]
         payload = self.payload(workspace, batch, known, later)
         headers = {
             "Idempotency-Key": key,
@@ -491,7 +498,7 @@ class Forwarder:
             headers["If-None-Match"] = "*"  # it did not exist: create it, or hear that someone else did
         return payload, headers, known
 
-    async def _deliver(self, lane: _Lane, batch: list[OutboxRow]) -> None:
+    async def _deliver(self, lane: _Lane, batch: list[OutboxRow], rows: Any = None) -> None:
         s = self.settings
         workspace = lane.workspace
         head, last = batch[0], batch[-1]
@@ -500,7 +507,7 @@ class Forwarder:
         if head.batch is None or first_attempt is None:
             first_attempt = time.time()
             await self._store_retry(self.store.outbox_claim, workspace, [r.seq for r in batch], key, first_attempt)
-        payload, headers, known = await self._compose(workspace, batch, key)
+        payload, headers, known = await self._compose(workspace, batch, key, rows)
         conflicts = 0
         if known is not None and not payload["changes"]:
             # Only the backend's own changes (or changes it has already): nothing to send back.
