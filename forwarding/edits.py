@@ -281,6 +281,7 @@ class _Job:
     items: dict[str, dict[str, Any]]
     task: asyncio.Task | None = None
     listeners: set[asyncio.Queue] | None = None
+    in_flight: int = 0
 
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -414,7 +415,12 @@ class BulkJobs:
 
             async def one(ws: str) -> None:
                 async with limit:
-                    await self._apply_item(job, job.items[ws])
+                    job.in_flight += 1
+                    data["max_in_flight"] = max(data.get("max_in_flight", 0), job.in_flight)
+                    try:
+                        await self._apply_item(job, job.items[ws])
+                    finally:
+                        job.in_flight -= 1
 
             await asyncio.gather(*(one(ws) for ws in batch))
             failed = any(i["state"] == REFUSED for i in job.items.values())

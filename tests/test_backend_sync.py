@@ -213,3 +213,30 @@ async def test_pull_mode_with_etags(server_factory, backend_factory):
     await alice.until(lambda: config_of(alice).get("description") == "pulled in", WAIT, "pulled change")
     assert [e["details"]["reason"] for e in history(server, "ds-pull") if e["kind"] == "accepted"] == ["pull"]
     await alice.close()
+
+
+async def test_only_the_backend_may_call_the_change_hook(server_factory, backend_factory):
+    """COLLAB_BACKEND_TOKEN or a service-role JWT; an editor's token or nothing is refused."""
+    import httpx
+
+    from tests.security_support import jwt_env, make_token
+
+    backend = backend_factory()
+    server = server_factory(env={**sync_env(backend), **jwt_env()})
+    url = f"{server.http_url}/api/workspaces/ds-auth/backend-changes"
+    body = {"config": {"name": "From the backend"}, "version": 1}
+
+    def post(token: str | None) -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.post(url, json=body, headers=headers, timeout=10).status_code
+
+    assert post(None) == 401
+    assert post("wrong") == 401
+    assert post(make_token("mallory", {"*": "admin"})) == 401  # a user, even an admin, is not the backend
+    assert post(make_token("platform", {"*": "editor"}, role="service")) == 200
+    body["version"] = 2
+    body["config"]["description"] = "second"
+    assert post(TOKEN) == 200
+    audit = [e for e in history(server, "ds-auth", token=make_token()) if e["kind"] == "accepted"]
+    assert [e["paths"] for e in audit] == [["name"], ["description"]]
+    assert {e["author"]["id"] for e in audit} == {"backend"}
