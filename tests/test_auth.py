@@ -117,7 +117,6 @@ async def test_query_token_is_never_logged(jwt_server):
 
 async def test_missing_bad_expired_and_foreign_tokens_are_refused(jwt_server):
     url = f"{jwt_server.ws_url}/ds-refuse"
-
     def bearer(token: str) -> dict:
         return {"additional_headers": {"Authorization": f"Bearer {token}"}}
 
@@ -198,10 +197,7 @@ async def test_token_refresh_keeps_the_session_and_expiry_closes_it(jwt_server):
         return make_token("dave", {"ds-exp": "editor"}, ttl=60)
 
     keeper = CollabClient(
-        jwt_server.ws_url,
-        "ds-exp",
-        hello=True,
-        token=make_token("dave", {"ds-exp": "editor"}, ttl=3),
+        jwt_server.ws_url, "ds-exp", hello=True, token=make_token("dave", {"ds-exp": "editor"}, ttl=3),
         refresh_token=refresh,
     )
     lapsed = CollabClient(
@@ -316,7 +312,6 @@ async def test_public_key_algorithms(tmp_path, algorithm):
     with pytest.raises(AuthError) as err:
         await auth.authenticate_token(make_token("kim", secret=key, algorithm=algorithm, aud="other"), "ds-1")
     assert err.value.code == 4401
-
     # Algorithm confusion: an HMAC token keyed with the (public) key text.
     def b64(data: bytes) -> bytes:
         return base64.urlsafe_b64encode(data).rstrip(b"=")

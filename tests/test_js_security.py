@@ -24,8 +24,7 @@ def room_with_token(room: str, token: str) -> str:
 
 
 async def test_stock_clients_authenticate_with_a_query_token_and_viewers_converge_back(
-    server_factory,
-    node_clients,  # noqa: F811
+    server_factory, node_clients  # noqa: F811
 ):
     srv = server_factory(env=jwt_env())
     editor = CollabClient(srv.ws_url, "ds-js", hello=True, token=make_token("ed", {"ds-js": "editor"}))

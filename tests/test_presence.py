@@ -81,7 +81,9 @@ async def env(tmp_path):
     made: list[PresenceExtension] = []
 
     async def make(coalesce_ms: float = 0.0, rate: float = 40.0, burst: int = 80, backend=None, node="n1"):
-        settings = Settings(node_id=node, presence_coalesce_ms=coalesce_ms, awareness_rate=rate, awareness_burst=burst)
+        settings = Settings(
+            node_id=node, presence_coalesce_ms=coalesce_ms, awareness_rate=rate, awareness_burst=burst
+        )
         ext = PresenceExtension(settings, MemoryPresenceRegistry(node, ttl=30, backend=backend))
         await ext.start(types.SimpleNamespace(authenticator=None))
         made.append(ext)

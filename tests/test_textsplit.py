@@ -22,7 +22,9 @@ from tests.test_room import FakePeer, open_room, send, settle, store  # noqa: F4
 
 
 def yjs_cases() -> list[dict]:
-    out = subprocess.run(["node", "textsplit_cases.mjs"], cwd=ROOT / "js", capture_output=True, check=True, timeout=60)
+    out = subprocess.run(
+        ["node", "textsplit_cases.mjs"], cwd=ROOT / "js", capture_output=True, check=True, timeout=60
+    )
     return json.loads(out.stdout)
 
 
