@@ -72,11 +72,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("/metrics", "get"): {
         "summary": "Prometheus metrics (text exposition format 0.0.4)",
-        "description": "Open unless `COLLAB_METRICS_TOKEN` is set; then `Authorization: Bearer <that token>`.",
+        "description": "`Authorization: Bearer <COLLAB_METRICS_TOKEN>`, or a token with `\"*\": \"admin\"`. "
+        "In development mode without a metrics token: open.",
         "tags": ["operations"],
         "responses": {
             "200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
-            "401": _error("COLLAB_METRICS_TOKEN is set and the request does not carry it"),
+            "401": _error("neither the metrics token nor a valid token"),
+            "403": _error("a valid token without the server-wide admin role"),
         },
     },
     ("/openapi.json", "get"): {

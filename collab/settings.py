@@ -143,7 +143,8 @@ class Settings(BaseSettings):
         "development mode, none (browsers refused) in jwt mode",
     )
     metrics_token: SecretStr | None = Field(
-        None, description="when set, /metrics needs 'Authorization: Bearer <this>' (otherwise it is open)"
+        None, description="/metrics accepts 'Authorization: Bearer <this>'; without it /metrics needs a server-admin "
+        "token in jwt mode (open in development mode)"
     )
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted (uvicorn); '*' trusts all"

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING, Any
 import pycrdt
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from collab.auth import AuthError
 from collab.extensions import Extension
+from collab.gate import GatedRoute, workspace_role
 from forwarding.forwarder import Forwarder, SeedError
 from forwarding.model import SECRET_KEYS
 from forwarding.settings import ForwardingSettings
@@ -123,12 +122,17 @@ class ForwardingExtension(Extension):
 
     def routes(self) -> list:
         base = "/api/workspaces/{workspace_id}"
+        viewer, editor = workspace_role("viewer"), workspace_role("editor")
         return [
-            Route(f"{base}/history", self._api_history, methods=["GET"]),
-            Route(f"{base}/forwarding", self._api_status, methods=["GET"]),
-            Route(f"{base}/dead-letters", self._api_dead_letters, methods=["GET"]),
-            Route(f"{base}/dead-letters/{{key}}/retry", self._api_dead_letter_retry, methods=["POST"]),
-            Route(f"{base}/dead-letters/{{key}}", self._api_dead_letter_discard, methods=["DELETE"]),
+            GatedRoute(f"{base}/history", self._api_history, methods=["GET"], requires=viewer),
+            GatedRoute(f"{base}/forwarding", self._api_status, methods=["GET"], requires=viewer),
+            GatedRoute(f"{base}/dead-letters", self._api_dead_letters, methods=["GET"], requires=viewer),
+            GatedRoute(
+                f"{base}/dead-letters/{{key}}/retry", self._api_dead_letter_retry, methods=["POST"], requires=editor
+            ),
+            GatedRoute(
+                f"{base}/dead-letters/{{key}}", self._api_dead_letter_discard, methods=["DELETE"], requires=editor
+            ),
         ]
 
     async def start(self, app: App) -> None:
@@ -276,26 +280,14 @@ class ForwardingExtension(Extension):
 
     # ------------------------------------------------------------------ API
 
-    async def _authorize(self, request: Request, write: bool = False) -> str | JSONResponse:
-        from collab.app import WORKSPACE_ID
-
-        workspace = request.path_params["workspace_id"]
-        if not WORKSPACE_ID.fullmatch(workspace):
-            return JSONResponse({"error": "invalid workspace id"}, status_code=400)
-        if self.app is None:
-            return JSONResponse({"error": "not started"}, status_code=503)
-        try:
-            identity = await self.app.authenticator.authenticate(request, workspace)
-        except AuthError as exc:
-            return JSONResponse({"error": exc.reason}, status_code=403 if exc.code == 4403 else 401)
-        if write and getattr(identity, "role", "editor") not in ("editor", "admin"):
-            return JSONResponse({"error": "editors only"}, status_code=403)
+    def _workspace(self, request: Request) -> str | JSONResponse:
+        """The workspace the gate let this request into, if this store records changes."""
         if not self.recording:
             return JSONResponse({"error": "this store keeps no outbox or audit trail"}, status_code=501)
-        return workspace
+        return request.state.workspace_id
 
     async def _api_history(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         try:
@@ -309,19 +301,19 @@ class ForwardingExtension(Extension):
         return JSONResponse({"workspace": workspace, "entries": entries, "next_before": next_before})
 
     async def _api_status(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         return JSONResponse(await self.status(workspace))
 
     async def _api_dead_letters(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         return JSONResponse({"workspace": workspace, "dead_letters": await self.store.dead_letters(workspace)})
 
     async def _api_dead_letter_retry(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request, write=True)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         count = await self.store.dead_letter_retry(workspace, request.path_params["key"])
@@ -332,7 +324,7 @@ class ForwardingExtension(Extension):
         return JSONResponse({"requeued": count})
 
     async def _api_dead_letter_discard(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request, write=True)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         count = await self.store.dead_letter_discard(workspace, request.path_params["key"], time.time())

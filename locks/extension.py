@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from collab import protocol as p
 from collab.extensions import Extension
+from collab.gate import GatedRoute, server_role
 from locks.base import Lease, LeaseManager, LockConflict, LockEvent, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
 from locks.memory import MemoryLeaseManager
@@ -126,12 +126,10 @@ class LockExtension(Extension):
         return [self]
 
     def routes(self) -> list:
-        return [Route("/admin/locks/stats", self._stats_endpoint)]
+        return [GatedRoute("/admin/locks/stats", self._stats_endpoint, requires=server_role("admin"))]
 
     async def _stats_endpoint(self, request: Request) -> JSONResponse:
         """Counters for operators and benchmarks (no lock contents); admins only."""
-        if self._app is not None and hasattr(self._app, "authorize"):
-            await self._app.authorize(request, "admin")
         return JSONResponse(
             {
                 "backend": getattr(self.manager, "name", None),

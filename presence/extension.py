@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
 from collab import protocol as p
-from collab.auth import AuthError
 from collab.extensions import Extension
+from collab.gate import PUBLIC, GatedMount, GatedRoute, workspace_role
 from presence.base import POLLS_PER_TTL, ConnectionEntry, PresenceRegistry, build_roster, roster_diff
 from rooms.room import AwarenessRejected, PeerState, Room
 
@@ -145,11 +145,13 @@ class PresenceExtension(Extension):
         return {"presence.get": self._handle_get}
 
     def routes(self) -> list[BaseRoute]:
+        viewer = workspace_role("viewer")
         return [
-            Route("/api/workspaces/{workspace_id}/participants", self.participants_endpoint),
-            Route("/api/workspaces/{workspace_id}/participants/events", self.events_endpoint),
-            Route("/workspaces/{workspace_id}", self.panel_endpoint),
-            Mount("/presence/static", app=StaticFiles(directory=STATIC_DIR), name="presence-static"),
+            GatedRoute("/api/workspaces/{workspace_id}/participants", self.participants_endpoint, requires=viewer),
+            GatedRoute("/api/workspaces/{workspace_id}/participants/events", self.events_endpoint, requires=viewer),
+            # The panel is static HTML; the data it shows comes from the two routes above.
+            GatedRoute("/workspaces/{workspace_id}", self.panel_endpoint, requires=PUBLIC),
+            GatedMount("/presence/static", StaticFiles(directory=STATIC_DIR), name="presence-static", requires=PUBLIC),
         ]
 
     async def start(self, app: App) -> None:
@@ -480,25 +482,9 @@ class PresenceExtension(Extension):
 
     # ------------------------------------------------------------- HTTP
 
-    async def _authorize(self, request: Request) -> tuple[str, Response | None]:
-        from collab.app import WORKSPACE_ID
-
-        workspace_id = request.path_params["workspace_id"]
-        if not WORKSPACE_ID.fullmatch(workspace_id):
-            return workspace_id, JSONResponse({"error": "invalid workspace id"}, status_code=404)
-        assert self.app is not None
-        try:
-            await self.app.authenticator.authenticate(request, workspace_id)
-        except AuthError as exc:
-            status = 403 if exc.code == 4403 else 401
-            return workspace_id, JSONResponse({"error": exc.reason}, status_code=status)
-        return workspace_id, None
-
     async def participants_endpoint(self, request: Request) -> Response:
         """``GET /api/workspaces/{id}/participants``: the roster, read from the registry."""
-        workspace_id, refusal = await self._authorize(request)
-        if refusal is not None:
-            return refusal
+        workspace_id = request.state.workspace_id  # checked by the gate
         try:
             state = await self.registry.read(workspace_id)
         except Exception as exc:
@@ -511,9 +497,7 @@ class PresenceExtension(Extension):
 
     async def events_endpoint(self, request: Request) -> Response:
         """``GET /api/workspaces/{id}/participants/events``: snapshot, then diffs (SSE)."""
-        workspace_id, refusal = await self._authorize(request)
-        if refusal is not None:
-            return refusal
+        workspace_id = request.state.workspace_id  # checked by the gate
         if self._stopping:
             return JSONResponse({"error": "server shutting down"}, status_code=503)
         view = self._view(workspace_id)
@@ -548,10 +532,6 @@ class PresenceExtension(Extension):
 
     async def panel_endpoint(self, request: Request) -> Response:
         """``GET /workspaces/{id}``: the participant-awareness panel (static HTML + JS)."""
-        from collab.app import WORKSPACE_ID
-
-        if not WORKSPACE_ID.fullmatch(request.path_params["workspace_id"]):
-            return JSONResponse({"error": "invalid workspace id"}, status_code=404)
         return FileResponse(STATIC_DIR / "panel.html", media_type="text/html", headers={"Cache-Control": "no-store"})
 
 
