@@ -11,8 +11,11 @@ next loop turn; later ones within ``presence_coalesce_ms`` are merged, so a
 burst of awareness changes becomes one diff.
 
 The same listener polices awareness: a state must be a JSON object; its
-``user`` field is stamped with the connection's authenticated identity (a
-state claiming another user is dropped with an error); its ``focus`` must be
+``user`` field gets the connection's ``id`` and ``role``, and the ``name`` /
+``color`` the authenticator vouches for (``Identity.vouched``: a token's
+``name`` claim...); a client's own name and colour stay otherwise, so stock
+editor bindings keep their cursor labels (a state claiming another user is
+dropped with an error); its ``focus`` must be
 a short string; and each connection may send ``awareness_rate`` states per
 second (bursts of ``awareness_burst``) -- beyond that they are dropped, with
 one ``awareness_rate_limited`` error per flood.
@@ -50,6 +53,7 @@ log = logging.getLogger("collab.presence")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_FOCUS_CHARS = 256
+MAX_LABEL_CHARS = 80  # a client's own awareness user name / colour longer than this is replaced by ours
 ACTIVITY_RESOLUTION = 5.0  # seconds: last_active alone changes a roster at most this often
 RETRY_SECONDS = 1.0  # after a registry failure
 SSE_KEEPALIVE = 15.0
@@ -303,9 +307,15 @@ class PresenceExtension(Extension):
                     code="awareness_user_mismatch",
                 )
             stamped = {k: v for k, v in user.items() if k not in ("user_id", "userId")}
-            stamped.update(public)
         else:
-            stamped = public
+            stamped = {}
+        # What the server knows for sure is always stamped; name and colour only
+        # when the authenticator vouches for them or the client set none.
+        stamped["id"], stamped["role"] = public["id"], public["role"]
+        for key in ("name", "color"):
+            value = stamped.get(key)
+            if key in identity.vouched or not (isinstance(value, str) and 0 < len(value) <= MAX_LABEL_CHARS):
+                stamped[key] = public[key]
         return {**state, "user": stamped}
 
     def _take_token(self, conn: ConnState) -> None:
