@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("collab.forwarding")
 
 MAX_HISTORY_PAGE = 500
+SEED_CLAIM_MARGIN = 5.0  # seconds a seeding claim outlives the seed timeout
+SEED_CLAIM_POLL = 0.05  # seconds between looks at another node's seeding
 
 
 def jsonable(value: Any) -> Any:
@@ -214,8 +217,53 @@ class ForwardingExtension(Extension):
         if not (room.is_new and self.recording and self.forwarder is not None):
             return
         workspace = room.workspace_id
-        if await self.store.seed_status(workspace) is not None:
-            return  # seeded before (the backend had nothing): never again
+        owner = await self._claim_seed(room)
+        if owner is None:
+            return  # seeded before, or by another node meanwhile (the room has its result)
+        try:
+            await self._seed(room, workspace)
+        finally:
+            await self.store.release_seed(workspace, owner)
+
+    async def _claim_seed(self, room: Room) -> str | None:
+        """Wait for the one seeding claim of a new workspace (across nodes); None if it is seeded already.
+
+        Two nodes opening a never-seen workspace at once both find it unseeded;
+        only the one that claims it reads the backend. The other waits for the
+        seed to land, then loads it, so its peers too start from the seeded
+        document.
+        """
+        assert self.forwarder is not None
+        workspace = room.workspace_id
+        node = self.app.settings.node_id if self.app is not None else "node"
+        owner = f"{node}/{secrets.token_hex(6)}"
+        patience = self.settings.seed_timeout_seconds + SEED_CLAIM_MARGIN
+        ttl_ms = int(patience * 1000)
+        deadline = time.monotonic() + patience
+        while True:
+            claim = await self.store.claim_seed(workspace, owner, ttl_ms)
+            if claim == "claimed":
+                return owner
+            if claim == "seeded":
+                await self._catch_up(room)
+                return None
+            if time.monotonic() > deadline:
+                raise SeedError(f"{workspace} is being seeded by another node; gave up waiting")
+            await asyncio.sleep(SEED_CLAIM_POLL)
+
+    async def _catch_up(self, room: Room) -> None:
+        """Bring a room loaded empty up to what was stored since (another node's seed)."""
+        stored = await self.store.load(room.workspace_id)
+        if stored.last_seq <= room.durable_seq:
+            return
+        if stored.snapshot is not None:
+            room.apply_remote(stored.snapshot)
+        for update in stored.updates:
+            room.apply_remote(update)
+        room.durable_seq = max(room.durable_seq, stored.last_seq)
+
+    async def _seed(self, room: Room, workspace: str) -> None:
+        assert self.forwarder is not None
         try:
             status, config, seq = await self.forwarder.fetch_initial(workspace)
         except SeedError as exc:
