@@ -32,7 +32,7 @@ from forwarding.settings import ForwardingSettings
 from forwarding.validation import ConfigValidator, ValidationGuard, load_model
 from persistence.base import StoreError
 from persistence.outbox import ACCEPTED, REJECTED, SEEDED, ChangeRecord, OutboxStore
-from rooms.config import MISSING, Changes, diff
+from rooms.config import MISSING, Changes, diff, to_prelim
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -88,13 +88,6 @@ def author_of(ps: PeerState | None) -> dict[str, Any] | None:
     if identity is None:
         return None
     return {"id": identity.user_id, "name": identity.name, "role": getattr(identity, "role", None)}
-
-
-def _prelim(value: Any) -> Any:
-    """Nested maps become Y.Maps (so two users can edit two fields of one section); lists stay values."""
-    if isinstance(value, dict):
-        return pycrdt.Map({str(k): _prelim(v) for k, v in value.items()})
-    return value
 
 
 class ForwardingExtension(Extension):
@@ -286,7 +279,7 @@ class ForwardingExtension(Extension):
 
             def write(config_map: pycrdt.Map) -> None:
                 for key, value in config.items():
-                    config_map[str(key)] = _prelim(value)
+                    config_map[str(key)] = to_prelim(value)
 
             self._seeding.add(id(room))
             try:
