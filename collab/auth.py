@@ -71,9 +71,11 @@ class Identity:
 def has_role(identity: Any, role: str) -> bool:
     """``identity`` (or a PeerState's ``identity``) holds at least ``role``.
 
-    Hooks for features: lock handlers check ``has_role(peer.identity,
-    "editor")`` before acquiring and ``"admin"`` before force-releasing. A
-    peer without an identity (rooms built in tests) counts as an editor.
+    The one role comparison of the server: the gate (``collab.gate``), the
+    app's control-message check (``collab.app.CONTROL_ROLES``) and the lock
+    handlers (``"editor"`` before acquiring, ``"admin"`` before
+    force-releasing) all use it. A peer without an identity (rooms built in
+    tests) counts as an editor.
     """
     if identity is None:
         return ROLE_RANK["editor"] >= ROLE_RANK[role]
