@@ -83,7 +83,7 @@ class Requirement:
             return f"{self.service} token, or server admin"
         if self.scope == "server":
             return f'{self.role} (server-wide, `"*"` grant)'
-        return f"{self.role} in the workspace"
+        return f"{self.role} in the workspace" if self.role == "admin" else f"{self.role} or higher in the workspace"
 
 
 PUBLIC = Requirement("public")

@@ -210,3 +210,15 @@ def test_declarations_are_safe(gate_server):
             assert not requires.public and requires.role in ("editor", "admin"), f"{method} {path}: {requires}"
         if path.startswith("/api/admin/") or path.startswith("/admin/"):
             assert requires.role == "admin", f"{method} {path}: {requires}"
+
+
+def test_the_route_table_in_docs_security_is_the_gates(gate_server):
+    from collab.security_doc import DOC, default_routes, render, with_table
+
+    _, table = gate_server
+    routes = default_routes()
+    assert route_table(routes) == table  # the documented server is the one walked above
+    document = DOC.read_text()
+    assert with_table(document, render(routes)) == document, "run: python -m collab.security_doc"
+    for path, _method, requires in table:
+        assert f"| `{path}` |" in document and requires.describe() in document
