@@ -654,9 +654,14 @@ class App:
             if verify is None:
                 raise AuthError(CLOSE_UNAUTHENTICATED, "this server does not accept tokens in messages")
             fresh = await verify(msg.body.get("token"), room.workspace_id)
+            self.gate.authorize(fresh, WEBSOCKET_REQUIRES, peer.ws)  # the same rule as at the handshake
         except AuthError as exc:
             self.stats["auth_failed"] += 1
             peer.close(exc.code, exc.reason)
+            return
+        except GateError as exc:
+            self.stats["auth_failed"] += 1
+            peer.close(exc.close_code, exc.reason)
             return
         if fresh.user_id != state.identity.user_id:
             peer.close(CLOSE_FORBIDDEN, "the new token is for another user")

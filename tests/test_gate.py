@@ -222,3 +222,34 @@ def test_the_route_table_in_docs_security_is_the_gates(gate_server):
     assert with_table(document, render(routes)) == document, "run: python -m collab.security_doc"
     for path, _method, requires in table:
         assert f"| `{path}` |" in document and requires.describe() in document
+
+
+def test_openapi_states_each_routes_requirement(gate_server):
+    from collab.openapi import build
+
+    _, table = gate_server
+    with mock.patch.dict(os.environ, jwt_env()):
+        app = create_app(Settings())
+    spec = build(list(app.routes), "test")
+    for path, method, requires in table:
+        if method == "WEBSOCKET":
+            continue
+        operation = spec["paths"][path][method.lower()]
+        assert operation["x-requires"] == requires.describe()
+        if not requires.public:
+            assert {"401", "403"} <= set(operation["responses"]), f"{method} {path}"
+        if "{workspace_id}" in path:
+            assert "404" in operation["responses"], f"{method} {path}"
+
+
+def test_metrics_in_jwt_mode_without_a_metrics_token_needs_a_server_admin(server_factory):
+    server = server_factory(env=jwt_env())
+    url = f"{server.http_url}/metrics"
+    assert httpx.get(url, timeout=5).status_code == 401
+    editor = make_token("eddie", {"*": "editor"})
+    assert httpx.get(url, headers={"Authorization": f"Bearer {editor}"}, timeout=5).status_code == 403
+    root = make_token("root", {"*": "admin"})
+    reply = httpx.get(url, headers={"Authorization": f"Bearer {root}"}, timeout=5)
+    assert reply.status_code == 200 and "collab_" in reply.text
+    # /openapi.json stays public (it describes the API, nothing about this deployment).
+    assert httpx.get(f"{server.http_url}/openapi.json", timeout=5).status_code == 200
