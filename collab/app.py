@@ -17,7 +17,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from collab import __version__, logs
@@ -489,7 +489,7 @@ class App:
         """Refuse the handshake with an HTTP status (no websocket is opened)."""
         headers = {"Retry-After": "5"} if status == 503 else None
         try:
-            await ws.send_denial_response(PlainTextResponse(reason + "\n", status_code=status, headers=headers))
+            await ws.send_denial_response(JSONResponse({"error": reason}, status_code=status, headers=headers))
         except RuntimeError:  # a server without the denial-response extension answers 403
             await ws.close(p.CLOSE_POLICY, reason)
 

@@ -165,6 +165,7 @@ async def test_the_websocket_answers_as_declared(gate_server):
         async with websockets.connect(f"{server.ws_url}/-not-an-id", open_timeout=5):
             pass
     assert refused.value.response.status_code == 404
+    assert refused.value.response.body == b'{"error":"invalid workspace id"}'
     # The token in the query string (what browsers use) passes the same gate.
     token = CALLERS["other workspace"]["token"]
     async with websockets.connect(f"{url}?token={token}", open_timeout=5) as ws:
