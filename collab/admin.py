@@ -20,7 +20,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import pycrdt
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -28,8 +27,9 @@ from starlette.responses import JSONResponse
 from collab import logs
 from collab import protocol as p
 from collab.gate import GatedRoute, server_role, workspace_role
+from rooms import ystructs
 from rooms.config import config_snapshot
-from rooms.room import PeerState, Room
+from rooms.room import PeerState, Room, replay
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -51,6 +51,7 @@ class AdminAPI:
             GatedRoute(base, self.list_rooms, methods=["GET"], requires=server_role("admin")),
             GatedRoute(base + "/{workspace_id}", self.room, methods=["GET"], requires=admin),
             GatedRoute(base + "/{workspace_id}/config", self.config, methods=["GET"], requires=admin),
+            GatedRoute(base + "/{workspace_id}/consistency", self.consistency, methods=["GET"], requires=admin),
             GatedRoute(
                 base + "/{workspace_id}/locks/{path}/release", self.release_lock, methods=["POST"], requires=admin
             ),
@@ -168,15 +169,36 @@ class AdminAPI:
             stored = await self.app.store.load(workspace_id)
             if stored.is_new:
                 raise HTTPException(404, f"no document stored for workspace {workspace_id!r}")
-            doc = pycrdt.Doc()
-            if stored.snapshot is not None:
-                doc.apply_update(stored.snapshot)
-            for update in stored.updates:
-                doc.apply_update(update)
+            history = stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates]
+            doc = replay(history)
             config, seq, source = config_snapshot(doc), stored.last_seq, "store"
         return JSONResponse(
             {"workspace": workspace_id, "source": source, "seq": seq, "config": redact(jsonable(config))}
         )
+
+    async def consistency(self, request: Request) -> JSONResponse:
+        """``GET /api/admin/rooms/{id}/consistency``: would a Yjs client load what this room hands out?
+
+        Walks the encoded state of the room in memory and of its stored
+        history replayed (``memory`` / ``store``); each lists its problems
+        (empty when well-formed). Without an open room only the store is checked.
+        """
+        workspace_id = self._workspace(request)
+        room = self.app.rooms.rooms.get(workspace_id)
+        body: dict[str, Any] = {"workspace": workspace_id, "node": self.app.settings.node_id}
+        if room is not None and room.loaded:
+            body["memory"] = {"problems": room.state_problems(), "bytes": len(room.doc.get_update())}
+        stored = await self.app.store.load(workspace_id)
+        if not stored.is_new:
+            history = stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates]
+            doc = replay(history)
+            state = doc.get_update()
+            problems = ystructs.problems(state, ystructs.state_vector(doc.get_state()))
+            body["store"] = {"problems": problems, "bytes": len(state), "seq": stored.last_seq}
+        elif room is None:
+            raise HTTPException(404, f"no document stored for workspace {workspace_id!r}")
+        body["well_formed"] = not any(part["problems"] for part in (body.get("memory"), body.get("store")) if part)
+        return JSONResponse(body)
 
     async def release_lock(self, request: Request) -> JSONResponse:
         """``POST /api/admin/rooms/{id}/locks/{path}/release``: force-release a lock."""

@@ -143,6 +143,31 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "404": _error("nothing stored for this workspace, or an invalid id"),
         },
     },
+    ("/api/admin/rooms/{workspace_id}/consistency", "get"): {
+        "summary": "Whether the document this room hands out would load in a Yjs client",
+        "description": _ROOM_ADMIN_NOTE + " Walks the encoded state of the room in memory (`memory`, when open "
+        "here) and of its stored history replayed (`store`): each lists its problems (a struct that does not "
+        "decode, clocks that disagree with the content, half a surrogate pair); `well_formed` is true when "
+        "neither has any.",
+        "tags": ["admin"],
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": _json(
+                "the check",
+                {
+                    "type": "object",
+                    "properties": {
+                        "workspace": {"type": "string"},
+                        "well_formed": {"type": "boolean"},
+                        "memory": {"type": "object"},
+                        "store": {"type": "object"},
+                    },
+                },
+            ),
+            **_ADMIN,
+            "404": _error("nothing stored and no open room for this workspace, or an invalid id"),
+        },
+    },
     ("/api/admin/rooms/{workspace_id}/locks/{path}/release", "post"): {
         "summary": "Force-release the lock on exactly this configuration path",
         "description": _ROOM_ADMIN_NOTE + " The room's peers (the holder too) get `lock.released` with reason "

@@ -74,3 +74,14 @@ async def test_loss_and_duplicate_accounting():
     got, dups, unknown = receiver.count_received({0: 3, 1: 1})
     assert (got, dups, unknown) == (3, 2, 1)
     assert sum(run.hist) == run.delivered == 6
+
+
+def test_textfuzz_soak_command_smoke(tmp_path):
+    """The soak command spawns a server, runs seeds, kills it with -9, restarts it, and verifies every room."""
+    import json
+
+    out = tmp_path / "fuzz.json"
+    code = loadtest_main(["textfuzz", "--spawn-server", "--seeds", "2", "--steps", "60", "--quiet", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0, report
+    assert report["seeds"] == 2 and report["failed"] == [] and report["failed_after_restart"] == []
