@@ -216,7 +216,7 @@ async def test_pull_mode_with_etags(server_factory, backend_factory):
 
 
 async def test_only_the_backend_may_call_the_change_hook(server_factory, backend_factory):
-    """COLLAB_BACKEND_TOKEN or a service-role JWT; an editor's token or nothing is refused."""
+    """COLLAB_BACKEND_TOKEN or a service-role JWT (or, as for every service route, a server admin)."""
     import httpx
 
     from tests.security_support import jwt_env, make_token
@@ -232,8 +232,9 @@ async def test_only_the_backend_may_call_the_change_hook(server_factory, backend
 
     assert post(None) == 401
     assert post("wrong") == 401
-    assert post(make_token("mallory", {"*": "admin"})) == 401  # a user, even an admin, is not the backend
-    assert post(make_token("platform", {"*": "editor"}, role="service")) == 200
+    assert post(make_token("eddie", {"*": "editor"})) == 403  # a user is not the backend
+    assert post(make_token("platform", {"*": "viewer"}, role="service", service="metrics")) == 403  # another one's
+    assert post(make_token("platform", {"*": "viewer"}, role="service")) == 200
     body["version"] = 2
     body["config"]["description"] = "second"
     assert post(TOKEN) == 200
