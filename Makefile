@@ -5,15 +5,25 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install js deps-test lint bench bench-peers bench-compare clean
+.PHONY: run test install lock js deps-test lint bench bench-peers bench-compare clean
 
-$(STAMP): pyproject.toml
+# Installs the versions pinned in requirements.lock (the ones the tests ran with).
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve the dependencies in a fresh venv and pin what it got.
+lock:
+	rm -rf $(VENV).lock && $(PYTHON) -m venv $(VENV).lock
+	$(VENV).lock/bin/python -m pip install --quiet -e '.[dev]'
+	{ echo "# The versions \`make run\` and \`make test\` install (pip constraints); the tests ran with these."; \
+	  echo "# Regenerate with \`make lock\` after changing dependencies in pyproject.toml."; \
+	  $(VENV).lock/bin/python -m pip freeze --exclude-editable; } > requirements.lock
+	rm -rf $(VENV).lock
 
 js/node_modules/.package-lock.json: js/package-lock.json
 	cd js && npm ci --no-audit --no-fund --loglevel=error

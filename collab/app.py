@@ -740,8 +740,11 @@ def create_app(
     return app
 
 
-def default_extensions(settings: Settings) -> list[Extension]:
-    """The features a server built from settings runs with, in hook order."""
+def default_extensions(settings: Settings, forwarding: Any = None) -> list[Extension]:
+    """The features a server built from settings runs with, in hook order.
+
+    ``forwarding``: the ForwardingSettings (read from the environment when None).
+    """
     extensions: list[Extension] = []
     if settings.uses_redis_store:
         from scaleout.relay import RelayExtension
@@ -759,5 +762,5 @@ def default_extensions(settings: Settings) -> list[Extension]:
 
     # Forwarding goes last: its validation guard sees what other guards (locks)
     # let through, and it finds their ``fence_for`` among the extensions.
-    extensions.append(ForwardingExtension())
+    extensions.append(ForwardingExtension(forwarding))
     return extensions
