@@ -36,6 +36,7 @@ from collab.auth import (
     has_role,
 )
 from collab.connection import WebSocketPeer
+from collab.console import Console
 from collab.extensions import Extension
 from collab.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from collab.metrics import Metrics, close_kind
@@ -162,6 +163,7 @@ class App:
         self.metrics = Metrics(self)
         self.counters = self.metrics.counters
         self.admin = AdminAPI(self)
+        self.console = Console(self)  # the landing page (/) and the operator console (/admin)
         self._redis: Any = None  # client for the readiness check, when COLLAB_REDIS_URL is set
 
     def _make_room(self, workspace_id: str) -> Room:
@@ -191,6 +193,7 @@ class App:
             Route("/openapi.json", self.openapi_endpoint),
             Route("/admin/stats", self.admin_stats),
             *self.admin.routes(),
+            *self.console.routes(),
             WebSocketRoute("/ws/{workspace_id}", self.websocket),
         ]
         for ext in self.extensions:
@@ -481,11 +484,26 @@ class App:
                 self.peers.discard(peer)
                 if not self.peers:
                     self._no_peers.set()
+                log.info(
+                    "closed workspace=%s user=%s from %s: %s",
+                    workspace_id,
+                    identity.user_id,
+                    f"{client.host}:{client.port}" if client else "?",
+                    f"{peer.close_code} {peer.close_reason}" if peer.close_code is not None else "the client left",
+                )
 
     async def _close(self, ws: WebSocket, code: int, reason: str) -> None:
         """Close a connection that never joined a room (counted by close code)."""
         kind = "room_limit" if code == p.CLOSE_TRY_AGAIN else close_kind(code)
         self.counters.closed(code, kind)
+        log.info(
+            "refused workspace=%s user=%s from %s: %d %s",
+            logs.workspace_var.get() or "-",
+            logs.user_var.get() or "-",
+            ws.client.host if ws.client else "?",
+            code,
+            reason,
+        )
         await _close(ws, code, reason)
 
     async def _deny(self, ws: WebSocket, status: int, reason: str) -> None:

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument(
         "--markdown", action="store_true", help="print the reference as Markdown (docs/configuration.md), no values"
     )
+    config.add_argument(
+        "--document-model",
+        action="store_true",
+        help="print the configuration document's model as Markdown (docs/config-model.md)",
+    )
     return parser
 
 
@@ -75,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         if args.markdown:
             sys.stdout.write(configref.render_markdown())
+            return 0
+        if args.document_model:
+            from collab import modeldoc
+
+            sys.stdout.write(modeldoc.render(modeldoc.default_model()))
             return 0
         try:
             models = load(args.config)

@@ -100,3 +100,14 @@ def test_serve_reads_the_toml_file(server_factory, tmp_path):
     ready = httpx.get(f"{server.http_url}/readyz", timeout=5).json()
     # The forwarding settings came from the file: a backend that is down, not required.
     assert "not required" in ready["checks"]["forwarding"], ready
+
+
+def test_the_document_model_page_is_generated_from_the_model():
+    from collab import modeldoc
+
+    assert (ROOT / "docs" / "config-model.md").read_text() == modeldoc.render(modeldoc.default_model()), (
+        "docs/config-model.md differs from the model: run "
+        "`.venv/bin/collab config --document-model > docs/config-model.md`"
+    )
+    paths = [path for path, _, _ in modeldoc.rows(modeldoc.default_model())]
+    assert "connection.host" in paths and "credentials.secret_ref" in paths
