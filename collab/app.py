@@ -299,8 +299,7 @@ class App:
             ok = False
         if self.settings.redis_url:
             try:
-                async with asyncio.timeout(2):
-                    await self._redis_client().ping()
+                await self.redis_check()
                 checks["redis"] = "ok"
             except Exception as exc:
                 checks["redis"] = f"error: {type(exc).__name__}: {exc}"
@@ -316,6 +315,11 @@ class App:
         if not self.accepting:
             checks["server"] = "not accepting connections (starting or shutting down)"
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    async def redis_check(self, timeout: float = 2.0) -> None:
+        """PING the shared Redis (COLLAB_REDIS_URL); raises when it does not answer. For /readyz and /metrics."""
+        async with asyncio.timeout(timeout):
+            await self._redis_client().ping()
 
     def _redis_client(self) -> Any:
         if self._redis is None:

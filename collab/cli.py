@@ -47,7 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the configuration document's model as Markdown (docs/config-model.md)",
     )
+    ready = sub.add_parser(
+        "wait-ready", help="wait until /readyz answers 200 (readiness for systemd's ExecStartPost, scripts)"
+    )
+    ready.add_argument("--config", metavar="FILE", help="TOML file of settings, as for serve (gives host and port)")
+    ready.add_argument("--url", help="the /readyz URL (default: from host and port of the settings)")
+    ready.add_argument("--timeout", type=float, default=60.0, help="seconds to wait at most (default 60)")
     return parser
+
+
+def wait_ready(url: str, timeout: float) -> int:
+    """Poll ``url`` until it answers 200; 0 then, 1 (with the last answer) after ``timeout``."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = httpx.get(url, timeout=3)
+            if reply.status_code == 200:
+                return 0
+            last = f"HTTP {reply.status_code} {reply.text[:300]}"
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.2)
+    print(f"collab: {url} not ready after {timeout:g}s: {last}", file=sys.stderr)
+    return 1
 
 
 def load(config_file: str | None, overrides: dict | None = None) -> tuple[Settings, ForwardingSettings]:
@@ -92,6 +119,16 @@ def main(argv: list[str] | None = None) -> int:
             return _invalid(exc)
         sys.stdout.write(configref.render_table(configref.effective_values(list(models))))
         return 0
+    if args.command == "wait-ready":
+        url = args.url
+        if url is None:
+            try:
+                settings, _ = load(args.config)
+            except Exception as exc:
+                return _invalid(exc)
+            host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+            url = f"http://{host}:{settings.port}/readyz"
+        return wait_ready(url, args.timeout)
     if args.command != "serve":
         parser.print_help()
         return 2
