@@ -258,7 +258,10 @@ async def test_text_frame_and_oversize_frame(server):
     big = await CollabClient(server.ws_url, "ds-limits").connect()
     doc = pycrdt.Doc()
     doc.get("config", type=pycrdt.Map)["blob"] = "x" * (1024 * 1024 + 10)
-    await big.send_raw(p.encode_sync_update(doc.get_update()))
+    try:
+        await big.send_raw(p.encode_sync_update(doc.get_update()))
+    except websockets.ConnectionClosed:
+        pass  # the server may close (1009) before our 1 MiB write has drained
     await big.wait_closed(5)
     assert big.close_code == 1009
 
