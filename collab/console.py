@@ -96,8 +96,9 @@ class Console:
     async def overview(self, request: Request) -> JSONResponse:
         """``GET /api/admin/console``: rooms, locks, forwarding, dead letters and audit in one document.
 
-        ``?watch=ds-1,ds-2`` adds workspaces that are not open on this node
-        (their forwarding queue, dead letters and audit come from the store).
+        Forwarding covers the workspaces open here, those with pending changes
+        or dead letters in the store, and ``?watch=ds-1,ds-2`` (their queue,
+        dead letters and audit come from the store).
         """
         await self.app.authorize(request, "admin")
         now = time.time()
@@ -130,6 +131,8 @@ class Console:
         try:
             async with asyncio.timeout(3):
                 pending = await store.outbox_workspaces()
+                if hasattr(store, "dead_letter_workspaces"):
+                    pending += await store.dead_letter_workspaces()
                 totals = await store.outbox_totals() if hasattr(store, "outbox_totals") else None
         except Exception as exc:
             return {"recording": True, "error": f"store: {type(exc).__name__}: {exc}", "workspaces": []}

@@ -387,6 +387,19 @@ class RedisDocumentStore:
 
         return await self._run(run)
 
+    async def dead_letter_workspaces(self) -> list[str]:
+        """Workspaces holding dead letters (the operator console lists them all)."""
+
+        async def run():
+            names = sorted(m.decode() for m in await self._r().smembers(OUTBOX_INDEX))
+            pipe = self._r().pipeline(transaction=False)
+            for name in names:
+                pipe.zcard(tag(name) + ":outbox:dead")
+            counts = await pipe.execute() if names else []
+            return [name for name, count in zip(names, counts) if count]
+
+        return await self._run(run)
+
     async def outbox_totals(self) -> dict[str, Any]:
         """Rows pending and dead across workspaces, and the oldest pending one (for /metrics and alerts).
 

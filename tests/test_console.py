@@ -126,3 +126,33 @@ async def test_console_needs_the_admin_role(server):
         assert data.status_code in (401, 403) and "error" in data.json()
     ok = httpx.get(f"{server.http_url}/api/admin/console?user=ops&role=admin", timeout=5)
     assert ok.status_code == 200 and ok.json()["rooms"] == []
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_console_lists_dead_letters_nobody_has_open(server_factory, redis_factory, tmp_path, store):
+    backend = BackendProcess(tmp_path / "backend.sqlite3", tmp_path / "backend.log", port=free_port()).start()
+    env = {**FAST_FORWARDING, "COLLAB_BACKEND_URL": backend.url, "COLLAB_FORWARD_DEAD_LETTER_SECONDS": "1",
+           "COLLAB_ROOM_IDLE_SECONDS": "0"}  # fmt: skip
+    if store == "redis":
+        env["COLLAB_REDIS_URL"] = redis_factory().url
+    server = server_factory(env=env)
+    try:
+        async with CollabClient(server.ws_url, "ds-gone", hello=True, query="user=carol") as carol:
+            backend.stop()
+            carol.doc.get("config", type=pycrdt.Map)["name"] = "lost?"
+            await carol.wait_saved(WAIT)
+            await carol.until(lambda: any(m["type"] == "forward.dead" for m in carol.control), WAIT, "dead letter")
+        url = f"{server.http_url}/api/admin/console?user=ops&role=admin"
+
+        def listed():
+            body = httpx.get(url, timeout=5).json()
+            if body["rooms"]:
+                return None  # the room is still in memory
+            return {w["workspace"]: w for w in body["forwarding"]["workspaces"]}
+
+        workspaces = await eventually(listed, WAIT, what="the room evicted")
+        assert [d["paths"] for d in workspaces["ds-gone"]["dead"]] == [["name"]]
+        assert workspaces["ds-gone"]["audit"][0]["kind"] == "dead_lettered"
+        assert httpx.get(url, timeout=5).json()["forwarding"]["totals"]["dead"] == 1
+    finally:
+        backend.stop()
