@@ -70,6 +70,7 @@ function render (data) {
   const ws = fw.workspaces || []
   fill('forwarding', ws.map((w) => {
     const lane = w.lane || {}
+    if (w.error) return `<tr data-forwarding="${esc(w.workspace)}"><td>${esc(w.workspace)}</td><td colspan="5" class="bad">${esc(w.error)}</td></tr>`
     const state = lane.retrying ? `<span class="bad">retrying: ${esc(lane.last_error)}</span>` : (w.forwarding ? (lane.active ? 'delivering' : 'idle') : 'no backend')
     return `<tr data-forwarding="${esc(w.workspace)}"><td>${esc(w.workspace)}</td><td class="num">${esc(w.pending)}</td>
       <td class="num ${w.lag_seconds > 60 ? 'bad' : ''}">${esc(w.lag_seconds)} s</td>
@@ -86,7 +87,7 @@ function render (data) {
             <button data-action="discard" data-workspace="${esc(w.workspace)}" data-key="${esc(d.key)}">Discard</button></td></tr>`)
     }
   }
-  fill('dead', dead, 'no dead letters in these workspaces')
+  fill('dead', dead, 'no dead letters')
 
   const audit = []
   for (const w of ws) for (const e of w.audit || []) audit.push({ ...e, workspace: w.workspace })
