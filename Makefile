@@ -7,11 +7,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: run test install lock js deps-test lint bench bench-peers bench-compare clean
 
-# Installs the versions pinned in requirements.lock (the ones the tests ran with).
+# Installs the versions pinned in requirements.lock (the ones the tests ran with);
+# -qq shows errors only (setuptools prints a notice on every editable install).
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install -qq -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
