@@ -1,10 +1,11 @@
 """The admin API (``/api/admin/...``): rooms, participants, locks, configuration.
 
-Every endpoint needs the admin role (``App.authorize``): a token whose
-``workspaces`` claim grants ``admin`` for the workspace in the path, or
-``"*": "admin"`` for the endpoints about the whole server (the room list).
-In development mode the query string gives the identity (``?role=admin``),
-and only from a loopback address. Errors are JSON: ``{"error": "..."}``.
+Every endpoint declares that it needs the admin role (``collab.gate``): a
+token whose ``workspaces`` claim grants ``admin`` for the workspace in the
+path, or ``"*": "admin"`` for the endpoints about the whole server (the room
+list). In development mode the query string gives the identity
+(``?role=admin``), and only from a loopback address. Errors are JSON:
+``{"error": "..."}``.
 
 What a node answers is about itself (its rooms and connections), except
 participants and locks, which come from the presence registry and the lock
@@ -19,16 +20,16 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import pycrdt
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from collab import logs
 from collab import protocol as p
+from collab.gate import GatedRoute, server_role, workspace_role
+from rooms import ystructs
 from rooms.config import config_snapshot
-from rooms.room import PeerState, Room
+from rooms.room import PeerState, Room, replay
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -43,26 +44,27 @@ class AdminAPI:
     def __init__(self, app: App) -> None:
         self.app = app
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[GatedRoute]:
         base = "/api/admin/rooms"
+        admin = workspace_role("admin")
         return [
-            Route(base, self.list_rooms, methods=["GET"]),
-            Route(base + "/{workspace_id}", self.room, methods=["GET"]),
-            Route(base + "/{workspace_id}/config", self.config, methods=["GET"]),
-            Route(base + "/{workspace_id}/locks/{path}/release", self.release_lock, methods=["POST"]),
-            Route(base + "/{workspace_id}/close", self.close_room, methods=["POST"]),
+            GatedRoute(base, self.list_rooms, methods=["GET"], requires=server_role("admin")),
+            GatedRoute(base + "/{workspace_id}", self.room, methods=["GET"], requires=admin),
+            GatedRoute(base + "/{workspace_id}/config", self.config, methods=["GET"], requires=admin),
+            GatedRoute(base + "/{workspace_id}/consistency", self.consistency, methods=["GET"], requires=admin),
+            GatedRoute(
+                base + "/{workspace_id}/locks/{path}/release", self.release_lock, methods=["POST"], requires=admin
+            ),
+            GatedRoute(base + "/{workspace_id}/close", self.close_room, methods=["POST"], requires=admin),
         ]
 
     # ------------------------------------------------------------ helpers
 
-    async def _workspace(self, request: Request) -> str:
-        from collab.app import WORKSPACE_ID
-
-        workspace_id = request.path_params["workspace_id"]
-        if not WORKSPACE_ID.fullmatch(workspace_id):
-            raise HTTPException(404, "invalid workspace id")
-        identity = await self.app.authorize(request, "admin", workspace_id)
-        logs.bind(workspace=workspace_id, user=identity.user_id)  # admin actions are logged with who did them
+    @staticmethod
+    def _workspace(request: Request) -> str:
+        """The workspace the gate checked; admin actions are logged with who did them."""
+        workspace_id = request.state.workspace_id
+        logs.bind(workspace=workspace_id, user=request.state.identity.user_id)
         return workspace_id
 
     def _extension(self, name: str) -> Any:
@@ -112,7 +114,6 @@ class AdminAPI:
 
     async def list_rooms(self, request: Request) -> JSONResponse:
         """``GET /api/admin/rooms``: the rooms in memory on this node, with peer counts."""
-        await self.app.authorize(request, "admin")
         rooms = sorted(self.app.rooms.rooms.values(), key=lambda room: room.workspace_id)
         return JSONResponse(
             {
@@ -125,7 +126,7 @@ class AdminAPI:
 
     async def room(self, request: Request) -> JSONResponse:
         """``GET /api/admin/rooms/{id}``: peers on this node, participants and locks (every node's)."""
-        workspace_id = await self._workspace(request)
+        workspace_id = self._workspace(request)
         return JSONResponse(await self.room_report(workspace_id))
 
     async def room_report(self, workspace_id: str) -> dict[str, Any]:
@@ -164,7 +165,7 @@ class AdminAPI:
         """
         from forwarding.extension import jsonable, redact
 
-        workspace_id = await self._workspace(request)
+        workspace_id = self._workspace(request)
         room = self.app.rooms.rooms.get(workspace_id)
         if room is not None and room.loaded:
             config, seq, source = config_snapshot(room.doc), room.durable_seq, "memory"
@@ -172,21 +173,42 @@ class AdminAPI:
             stored = await self.app.store.load(workspace_id)
             if stored.is_new:
                 raise HTTPException(404, f"no document stored for workspace {workspace_id!r}")
-            doc = pycrdt.Doc()
-            if stored.snapshot is not None:
-                doc.apply_update(stored.snapshot)
-            for update in stored.updates:
-                doc.apply_update(update)
+            history = stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates]
+            doc = replay(history)
             config, seq, source = config_snapshot(doc), stored.last_seq, "store"
         return JSONResponse(
             {"workspace": workspace_id, "source": source, "seq": seq, "config": redact(jsonable(config))}
         )
 
+    async def consistency(self, request: Request) -> JSONResponse:
+        """``GET /api/admin/rooms/{id}/consistency``: would a Yjs client load what this room hands out?
+
+        Walks the encoded state of the room in memory and of its stored
+        history replayed (``memory`` / ``store``); each lists its problems
+        (empty when well-formed). Without an open room only the store is checked.
+        """
+        workspace_id = self._workspace(request)
+        room = self.app.rooms.rooms.get(workspace_id)
+        body: dict[str, Any] = {"workspace": workspace_id, "node": self.app.settings.node_id}
+        if room is not None and room.loaded:
+            body["memory"] = {"problems": room.state_problems(), "bytes": len(room.doc.get_update())}
+        stored = await self.app.store.load(workspace_id)
+        if not stored.is_new:
+            history = stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates]
+            doc = replay(history)
+            state = doc.get_update()
+            problems = ystructs.problems(state, ystructs.state_vector(doc.get_state()))
+            body["store"] = {"problems": problems, "bytes": len(state), "seq": stored.last_seq}
+        elif room is None:
+            raise HTTPException(404, f"no document stored for workspace {workspace_id!r}")
+        body["well_formed"] = not any(part["problems"] for part in (body.get("memory"), body.get("store")) if part)
+        return JSONResponse(body)
+
     async def release_lock(self, request: Request) -> JSONResponse:
         """``POST /api/admin/rooms/{id}/locks/{path}/release``: force-release a lock."""
         from locks.base import LockUnavailable
 
-        workspace_id = await self._workspace(request)
+        workspace_id = self._workspace(request)
         locks = self._extension("locks")
         if locks is None:
             raise HTTPException(404, "locks are disabled on this server")
@@ -209,7 +231,7 @@ class AdminAPI:
         of 1000, 1001, 1012, 1013 or 4000-4999. Clients that reconnect load
         the document afresh from the store.
         """
-        workspace_id = await self._workspace(request)
+        workspace_id = self._workspace(request)
         code, reason = p.CLOSE_RESTART, "room closed by an administrator; reconnect"
         raw = await request.body()
         if raw.strip():

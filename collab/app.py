@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sys
 import time
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from collab import __version__, logs
@@ -38,6 +36,18 @@ from collab.auth import (
 from collab.connection import WebSocketPeer
 from collab.console import Console
 from collab.extensions import Extension
+from collab.gate import (
+    PUBLIC,
+    WORKSPACE_ID,
+    Gate,
+    GatedRoute,
+    GatedWebSocketRoute,
+    GateError,
+    check_workspace_id,
+    server_role,
+    service,
+    workspace_role,
+)
 from collab.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from collab.metrics import Metrics, close_kind
 from collab.security import ConnectionLimiter, OriginPolicy, RateExceeded, RateLimiter
@@ -49,8 +59,10 @@ from rooms.room import PeerState, Room, RoomConfig
 
 log = logging.getLogger("collab.app")
 
-# Workspace ids are path segments: letters, digits and . _ : - (case-sensitive).
-WORKSPACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+__all__ = ["WORKSPACE_ID", "App", "create_app", "default_extensions"]
+
+# Who may open the websocket of a workspace: any role there (viewers read only).
+WEBSOCKET_REQUIRES = workspace_role("viewer")
 
 
 # Control messages that need a role, checked before any handler sees them (a
@@ -162,6 +174,7 @@ class App:
         self.accepting = False
         self.metrics = Metrics(self)
         self.counters = self.metrics.counters
+        self.gate = Gate(self.authenticator, settings)
         self.admin = AdminAPI(self)
         self.console = Console(self)  # the landing page (/) and the operator console (/admin)
         self._redis: Any = None  # client for the readiness check, when COLLAB_REDIS_URL is set
@@ -186,19 +199,25 @@ class App:
         return room
 
     def routes(self) -> list:
+        """Every route with the requirement it declares; all served through ``self.gate``.
+
+        /metrics: the metrics token or a server admin (open in development
+        mode without a token). /openapi.json: public (it describes the API,
+        as docs/ do; nothing about this deployment).
+        """
         routes = [
-            Route("/healthz", self.healthz),
-            Route("/readyz", self.readyz),
-            Route("/metrics", self.metrics_endpoint),
-            Route("/openapi.json", self.openapi_endpoint),
-            Route("/admin/stats", self.admin_stats),
+            GatedRoute("/healthz", self.healthz, requires=PUBLIC),
+            GatedRoute("/readyz", self.readyz, requires=PUBLIC),
+            GatedRoute("/metrics", self.metrics_endpoint, requires=service("metrics")),
+            GatedRoute("/openapi.json", self.openapi_endpoint, requires=PUBLIC),
+            GatedRoute("/admin/stats", self.admin_stats, requires=server_role("admin")),
             *self.admin.routes(),
             *self.console.routes(),
-            WebSocketRoute("/ws/{workspace_id}", self.websocket),
+            GatedWebSocketRoute("/ws/{workspace_id}", self.websocket, requires=WEBSOCKET_REQUIRES),
         ]
         for ext in self.extensions:
             routes.extend(ext.routes())
-        return routes
+        return self.gate.bind(routes)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette):
@@ -331,15 +350,7 @@ class App:
         return self._redis
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        """Prometheus metrics (open unless COLLAB_METRICS_TOKEN is set)."""
-        secret = self.settings.metrics_token
-        if secret is not None and secret.get_secret_value():
-            import hmac
-
-            header = request.headers.get("authorization", "")
-            scheme, _, value = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), secret.get_secret_value()):
-                raise HTTPException(401, "metrics token required", headers={"WWW-Authenticate": "Bearer"})
+        """Prometheus metrics (the gate asks for COLLAB_METRICS_TOKEN or a server admin)."""
         return Response(await self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def openapi_endpoint(self, request: Request) -> JSONResponse:
@@ -348,30 +359,8 @@ class App:
 
         return JSONResponse(build(list(request.app.routes), __version__))
 
-    async def authorize(self, conn: HTTPConnection, role: str = "admin", workspace_id: str | None = None) -> Identity:
-        """Who makes an HTTP request, if they hold ``role`` (401/403 otherwise).
-
-        For admin endpoints of extensions too: ``await app.authorize(request,
-        "admin", workspace_id)``. Without a workspace, only a token's ``"*"``
-        grant counts.
-        """
-        try:
-            identity = await self.authenticator.authenticate(conn, workspace_id)
-        except AuthError as exc:
-            status = 403 if exc.code == CLOSE_FORBIDDEN else 401
-            raise HTTPException(status, exc.reason) from None
-        if identity is None:
-            raise HTTPException(401, "bearer token required", headers={"WWW-Authenticate": "Bearer"})
-        if not has_role(identity, role):
-            raise HTTPException(403, f"the {role} role is required")
-        if getattr(identity, "development", False) and role == "admin" and not _loopback(conn):
-            # Development identities are made up from the query string: never
-            # let one administer the server from another machine.
-            raise HTTPException(403, "development mode: admin endpoints answer loopback clients only")
-        return identity
-
     async def admin_stats(self, request: Request) -> JSONResponse:
-        await self.authorize(request, "admin")
+        """Connection counts and refusals of this node."""
         return JSONResponse(
             {
                 "connections": self.limiter.total,
@@ -387,6 +376,11 @@ class App:
     async def websocket(self, ws: WebSocket) -> None:
         """Checks before the handshake, then authentication, then the room."""
         workspace_id = ws.path_params["workspace_id"]
+        try:
+            check_workspace_id(workspace_id)
+        except GateError as exc:  # the same 404 as every HTTP route, before any handshake
+            await self._deny(ws, exc.status, exc.reason)
+            return
         origin = ws.headers.get("origin")
         if not self.origins.allows(origin):
             self.stats["refused_origin"] += 1
@@ -407,9 +401,6 @@ class App:
 
     async def _serve(self, ws: WebSocket, workspace_id: str) -> None:
         await ws.accept()
-        if not WORKSPACE_ID.fullmatch(workspace_id):
-            await self._close(ws, p.CLOSE_POLICY, "invalid workspace id")
-            return
         logs.bind(workspace=workspace_id)  # every log line of this connection names its workspace
         if not self.accepting:
             await self._close(ws, p.CLOSE_RESTART, "server shutting down")
@@ -425,6 +416,12 @@ class App:
                 pending: list[p.Message] = []
                 if identity is None:
                     identity, pending = await self._authenticate_by_message(ws, workspace_id, rate)
+                if identity is not None:
+                    self.gate.authorize(identity, WEBSOCKET_REQUIRES, ws)
+        except GateError as exc:
+            self.stats["auth_failed"] += 1
+            await self._close(ws, exc.close_code, exc.reason)
+            return
         except TimeoutError:
             self.stats["auth_failed"] += 1
             await self._close(ws, CLOSE_UNAUTHENTICATED, "authentication timeout")
@@ -514,7 +511,7 @@ class App:
         """Refuse the handshake with an HTTP status (no websocket is opened)."""
         headers = {"Retry-After": "5"} if status == 503 else None
         try:
-            await ws.send_denial_response(PlainTextResponse(reason + "\n", status_code=status, headers=headers))
+            await ws.send_denial_response(JSONResponse({"error": reason}, status_code=status, headers=headers))
         except RuntimeError:  # a server without the denial-response extension answers 403
             await ws.close(p.CLOSE_POLICY, reason)
 
@@ -679,9 +676,14 @@ class App:
             if verify is None:
                 raise AuthError(CLOSE_UNAUTHENTICATED, "this server does not accept tokens in messages")
             fresh = await verify(msg.body.get("token"), room.workspace_id)
+            self.gate.authorize(fresh, WEBSOCKET_REQUIRES, peer.ws)  # the same rule as at the handshake
         except AuthError as exc:
             self.stats["auth_failed"] += 1
             peer.close(exc.code, exc.reason)
+            return
+        except GateError as exc:
+            self.stats["auth_failed"] += 1
+            peer.close(exc.close_code, exc.reason)
             return
         if fresh.user_id != state.identity.user_id:
             peer.close(CLOSE_FORBIDDEN, "the new token is for another user")
@@ -708,17 +710,6 @@ class App:
             if state.identity is identity:
                 peer.close(CLOSE_UNAUTHENTICATED, "token expired")
                 return
-
-
-def _loopback(conn: HTTPConnection) -> bool:
-    """The request comes from this machine (after X-Forwarded-For from a trusted proxy)."""
-    import ipaddress
-
-    host = conn.client.host if conn.client else ""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 ROLES = ("viewer", "editor", "admin")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
 _USER_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
+COLOR = re.compile(r"#[0-9A-Fa-f]{6}")  # a token's `color` claim
 
 CLOSE_UNAUTHENTICATED = 4401  # no token, a bad one, or it expired
 CLOSE_FORBIDDEN = 4403  # a valid token without access to this workspace
@@ -53,6 +54,10 @@ class Identity:
     development: bool = False  # made up by the development authenticator
     claims: dict[str, Any] = field(default_factory=dict, compare=False)
     expires_at: float | None = None  # unix time the credentials expire (token `exp`)
+    # Which of name/color the authenticator really knows (a token's `name` claim, a
+    # configured colour). Only these overwrite what a client puts in its awareness
+    # `user`; made-up ones (a default name, a colour derived from the id) don't.
+    vouched: frozenset[str] = frozenset({"name"})
 
     def public(self) -> dict[str, Any]:
         """What other participants may see."""
@@ -66,9 +71,11 @@ class Identity:
 def has_role(identity: Any, role: str) -> bool:
     """``identity`` (or a PeerState's ``identity``) holds at least ``role``.
 
-    Hooks for features: lock handlers check ``has_role(peer.identity,
-    "editor")`` before acquiring and ``"admin"`` before force-releasing. A
-    peer without an identity (rooms built in tests) counts as an editor.
+    The one role comparison of the server: the gate (``collab.gate``), the
+    app's control-message check (``collab.app.CONTROL_ROLES``) and the lock
+    handlers (``"editor"`` before acquiring, ``"admin"`` before
+    force-releasing) all use it. A peer without an identity (rooms built in
+    tests) counts as an editor.
     """
     if identity is None:
         return ROLE_RANK["editor"] >= ROLE_RANK[role]
@@ -211,16 +218,23 @@ def identity_from_claims(claims: dict[str, Any], workspace_id: str | None) -> Id
     if role is None:
         where = f"workspace {workspace_id!r}" if workspace_id is not None else "this endpoint"
         raise AuthError(CLOSE_FORBIDDEN, f"token grants no access to {where}")
-    name = claims.get("name")
-    name = name[:80] if isinstance(name, str) and name else user[:80]
+    name, color = claims.get("name"), claims.get("color")
+    vouched = set()
+    if isinstance(name, str) and name:
+        vouched.add("name")
+    if isinstance(color, str) and COLOR.fullmatch(color):
+        vouched.add("color")
+    name = name[:80] if "name" in vouched else user[:80]
+    color = color if "color" in vouched else color_for(user)
     exp = claims.get("exp")
     return Identity(
         user_id=user,
         name=name,
-        color=color_for(user),
+        color=color,
         role=role,
         claims=claims,
         expires_at=float(exp) if isinstance(exp, int | float) else None,
+        vouched=frozenset(vouched),
     )
 
 
@@ -270,7 +284,9 @@ class DevelopmentAuthenticator:
         role = params.get("role", "editor")
         if role not in ROLES:
             raise AuthError(4401, f"unknown role {role!r}")
-        return Identity(user_id=user, name=name, color=color_for(user), role=role, development=True)
+        # Only an explicit ?name= names the user; the made-up rest never overrides a client's own.
+        vouched = frozenset({"name"}) if params.get("name") else frozenset()
+        return Identity(user_id=user, name=name, color=color_for(user), role=role, development=True, vouched=vouched)
 
 
 def authenticator_from_settings(settings: Settings) -> Authenticator:

@@ -2,7 +2,9 @@
 
 The room hands frames to ``send``, which only appends to a bounded queue;
 one writer task per connection drains it. A peer that stops reading fills its
-queue and is closed with 1013 instead of slowing anyone else down.
+queue and its TCP connection is dropped instead of slowing anyone else down:
+the client sees 1006 (a close frame would wait behind everything it did not
+read); the server logs and counts it as 1013, ``slow_consumer``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ or user. The console is plain HTML and JS (collab/static/console.*, no build
 step) over one JSON document, ``GET /api/admin/console``, which it polls; its
 buttons call the admin API (force-release) and the forwarding API (dead
 letters: retry, discard). Page and data need the admin role for the whole
-server, through the same gate as the admin API (``App.authorize``): a token
+server, declared at the routes and checked by the one gate (collab/gate.py): a token
 with ``"*": "admin"`` (``?token=`` in the page address, passed on by the page
 to every request), or ``?user=...&role=admin`` from loopback in development.
 """
@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
 
 from collab import __version__
+from collab.gate import PUBLIC, WORKSPACE_ID, GatedRoute, server_role
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -40,13 +40,13 @@ class Console:
     def __init__(self, app: App) -> None:
         self.app = app
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[GatedRoute]:
+        admin = server_role("admin")
         return [
-            Route("/", self.landing, methods=["GET"]),
-            Route("/admin", self.page, methods=["GET"]),
-            Route("/admin/console.js", self.script, methods=["GET"]),
-            Route("/api/admin/console", self.overview, methods=["GET"]),
-            Route("/docs/{name}", self.doc, methods=["GET"]),
+            GatedRoute("/", self.landing, methods=["GET"], requires=PUBLIC),
+            GatedRoute("/admin", self.page, methods=["GET"], requires=admin),
+            GatedRoute("/api/admin/console", self.overview, methods=["GET"], requires=admin),
+            GatedRoute("/docs/{name}", self.doc, methods=["GET"], requires=PUBLIC),
         ]
 
     # ------------------------------------------------------------ pages
@@ -76,12 +76,11 @@ class Console:
         return HTMLResponse(text)
 
     async def page(self, request: Request) -> HTMLResponse:
-        """``GET /admin``: the operator console (admin role)."""
-        await self.app.authorize(request, "admin")
-        return HTMLResponse((STATIC / "console.html").read_text(), headers={"Cache-Control": "no-store"})
-
-    async def script(self, request: Request) -> Response:
-        return Response((STATIC / "console.js").read_text(), media_type="text/javascript")
+        """``GET /admin``: the operator console (admin role, server-wide), its script inlined (one gated request)."""
+        page = (STATIC / "console.html").read_text()
+        script = (STATIC / "console.js").read_text().replace("</script", "<\\/script")
+        page = page.replace('<script src="console.js"></script>', f"<script>\n{script}</script>")
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def doc(self, request: Request) -> Response:
         """``GET /docs/{name}.md``: the documentation of a source checkout, as Markdown text."""
@@ -100,7 +99,6 @@ class Console:
         or dead letters in the store, and ``?watch=ds-1,ds-2`` (their queue,
         dead letters and audit come from the store).
         """
-        await self.app.authorize(request, "admin")
         now = time.time()
         rooms = sorted(self.app.rooms.rooms.values(), key=lambda r: (-len(r.peers), r.workspace_id))[:MAX_ROOMS]
         reports = list(await asyncio.gather(*(self.app.admin.room_report(room.workspace_id) for room in rooms)))
@@ -122,8 +120,6 @@ class Console:
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     async def _forwarding(self, open_rooms: list[str], watched: list[str], now: float) -> dict[str, Any]:
-        from collab.app import WORKSPACE_ID
-
         ext = self._extension("forwarding")
         if ext is None or not getattr(ext, "recording", False):
             return {"recording": False, "workspaces": [], "totals": None}

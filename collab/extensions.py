@@ -35,6 +35,11 @@ class Extension:
         return []
 
     def routes(self) -> list[BaseRoute]:
+        """HTTP routes, each built with ``collab.gate.GatedRoute`` / ``GatedMount`` and its ``requires=``.
+
+        The app refuses any other route when it is built: every route declares
+        who may call it, and the gate checks that before the endpoint runs.
+        """
         return []
 
     async def start(self, app: App) -> None:

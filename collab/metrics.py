@@ -105,6 +105,7 @@ class Counters:
         "bytes_out",
         "updates_in",
         "updates_refused",
+        "surrogate_splits",
         "flushes",
         "frames_queued",
         "store_errors",
@@ -122,6 +123,7 @@ class Counters:
         self.bytes_out = 0
         self.updates_in = 0  # sync updates handed to rooms
         self.updates_refused = 0  # refused and reverted (viewer, document too large)
+        self.surrogate_splits = 0  # updates that cut a surrogate pair (rooms/textsplit.py)
         self.flushes = 0
         self.frames_queued = 0  # frames handed to peers' queues by flushes
         self.store_errors = 0
@@ -225,6 +227,9 @@ class AppCollector(Collector):
         yield _counter("collab_updates_received", "CRDT updates received (sync step 2 and updates)", c.updates_in)
         yield _counter("collab_updates_refused", "Updates refused and reverted (viewer, document too large)",
                        c.updates_refused)  # fmt: skip
+        yield _counter("collab_surrogate_splits",
+                       "Updates that cut a UTF-16 surrogate pair in text, integrated as Yjs does (U+FFFD)",
+                       c.surrogate_splits)  # fmt: skip
         yield _counter("collab_flushes", "Room flushes (one merged broadcast each)", c.flushes)
         yield _counter("collab_frames_queued", "Frames handed to peers' outgoing queues by flushes", c.frames_queued)
         yield _histogram(

@@ -72,11 +72,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("/metrics", "get"): {
         "summary": "Prometheus metrics (text exposition format 0.0.4)",
-        "description": "Open unless `COLLAB_METRICS_TOKEN` is set; then `Authorization: Bearer <that token>`.",
+        "description": "`Authorization: Bearer <COLLAB_METRICS_TOKEN>`, or a token with `\"*\": \"admin\"`. "
+        "In development mode without a metrics token: open.",
         "tags": ["operations"],
         "responses": {
             "200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
-            "401": _error("COLLAB_METRICS_TOKEN is set and the request does not carry it"),
+            "401": _error("neither the metrics token nor a valid token"),
+            "403": _error("a valid token without the server-wide admin role"),
         },
     },
     ("/openapi.json", "get"): {
@@ -104,11 +106,6 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "tags": ["admin", "pages"],
         "security": [{"bearer": []}],
         "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}, **_ADMIN},
-    },
-    ("/admin/console.js", "get"): {
-        "summary": "The console's script (static)",
-        "tags": ["pages"],
-        "responses": {"200": {"description": "JavaScript", "content": {"text/javascript": {}}}},
     },
     ("/api/admin/console", "get"): {
         "summary": "Everything the console shows, in one document (polled by /admin)",
@@ -185,6 +182,31 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             ),
             **_ADMIN,
             "404": _error("nothing stored for this workspace, or an invalid id"),
+        },
+    },
+    ("/api/admin/rooms/{workspace_id}/consistency", "get"): {
+        "summary": "Whether the document this room hands out would load in a Yjs client",
+        "description": _ROOM_ADMIN_NOTE + " Walks the encoded state of the room in memory (`memory`, when open "
+        "here) and of its stored history replayed (`store`): each lists its problems (a struct that does not "
+        "decode, clocks that disagree with the content, half a surrogate pair); `well_formed` is true when "
+        "neither has any.",
+        "tags": ["admin"],
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": _json(
+                "the check",
+                {
+                    "type": "object",
+                    "properties": {
+                        "workspace": {"type": "string"},
+                        "well_formed": {"type": "boolean"},
+                        "memory": {"type": "object"},
+                        "store": {"type": "object"},
+                    },
+                },
+            ),
+            **_ADMIN,
+            "404": _error("nothing stored and no open room for this workspace, or an invalid id"),
         },
     },
     ("/api/admin/rooms/{workspace_id}/locks/{path}/release", "post"): {
@@ -357,10 +379,34 @@ def http_operations(routes: list[BaseRoute]) -> list[tuple[str, str, Any]]:
     return out
 
 
+def _requirements(routes: list[BaseRoute]) -> dict[tuple[str, str], Any]:
+    """(path, method) -> the requirement the gate enforces (``collab.gate``)."""
+    from collab.gate import UngatedRoute, route_table
+
+    try:
+        table = route_table(routes)
+    except UngatedRoute:  # not a server's routes (the app refuses those): nothing to add
+        return {}
+    return {(path, method.lower()): requires for path, method, requires in table if method != "WEBSOCKET"}
+
+
 def build(routes: list[BaseRoute], version: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
+    requirements = _requirements(routes)
     for path, method, endpoint in http_operations(routes):
         operation = dict(OPERATIONS.get((path, method)) or _from_docstring(endpoint))
+        requires = requirements.get((path, method))
+        if requires is not None:
+            # The answers of the gate, from the same declaration it enforces.
+            operation["x-requires"] = requires.describe()
+            responses = dict(operation.get("responses", {}))
+            if not requires.public:
+                operation.setdefault("security", [{"bearer": []}])
+                responses.setdefault("401", _error("no credentials, a bad token, or an expired one"))
+                responses.setdefault("403", _error("the credentials do not grant the role this needs"))
+            if "{workspace_id}" in path:
+                responses.setdefault("404", _error("invalid workspace id"))
+            operation["responses"] = responses
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in _path_params(path)
         ]

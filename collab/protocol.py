@@ -42,7 +42,9 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_RESTART = 1012
-CLOSE_TRY_AGAIN = 1013  # outgoing queue overflowed: reconnect and resync
+# Room limit reached: try again. Also the code the server records for a slow
+# consumer, whose TCP connection is dropped (that client sees 1006).
+CLOSE_TRY_AGAIN = 1013
 
 # lib0 varUints are JavaScript-safe integers: at most 2**53 - 1, 8 bytes.
 _MAX_VARUINT_BYTES = 8

@@ -1,5 +1,7 @@
 """All settings in one pydantic model; every field is an environment variable
-``COLLAB_<FIELD>`` (e.g. ``COLLAB_PORT=9000``) and most are CLI flags too."""
+``COLLAB_<FIELD>`` (e.g. ``COLLAB_PORT=9000``). A few are also flags of
+``python -m collab serve`` (host, port, data directory, log format...: see
+``--help``)."""
 
 from __future__ import annotations
 
@@ -94,7 +96,8 @@ class Settings(BaseSettings):
     # Limits
     max_message_bytes: int = Field(1024 * 1024, ge=1024, description="larger frames close with 1009")
     peer_queue_frames: int = Field(
-        2048, ge=16, description="outgoing frames queued per peer before it is cut off (1013)"
+        2048, ge=16, description="outgoing frames queued per peer before its TCP connection is dropped (the client "
+        "sees 1006; logged as 1013)"
     )
     max_awareness_state_bytes: int = Field(64 * 1024, ge=64, description="larger awareness states are refused")
     max_awareness_clients_per_connection: int = Field(
@@ -151,7 +154,8 @@ class Settings(BaseSettings):
         "development mode, none (browsers refused) in jwt mode",
     )
     metrics_token: SecretStr | None = Field(
-        None, description="when set, /metrics needs 'Authorization: Bearer <this>' (otherwise it is open)"
+        None, description="/metrics accepts 'Authorization: Bearer <this>'; without it /metrics needs a server-admin "
+        "token in jwt mode (open in development mode)"
     )
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted (uvicorn); '*' trusts all"

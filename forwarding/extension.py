@@ -16,23 +16,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
 import pycrdt
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from collab.auth import AuthError
 from collab.extensions import Extension
+from collab.gate import GatedRoute, workspace_role
 from forwarding.forwarder import Forwarder, SeedError
 from forwarding.model import SECRET_KEYS
 from forwarding.settings import ForwardingSettings
 from forwarding.validation import ConfigValidator, ValidationGuard, load_model
 from persistence.base import StoreError
 from persistence.outbox import ACCEPTED, REJECTED, SEEDED, ChangeRecord, OutboxStore
-from rooms.config import MISSING, Changes, diff
+from rooms.config import MISSING, Changes, diff, to_prelim
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("collab.forwarding")
 
 MAX_HISTORY_PAGE = 500
+SEED_CLAIM_MARGIN = 5.0  # seconds a seeding claim outlives the seed timeout
+SEED_CLAIM_POLL = 0.05  # seconds between looks at another node's seeding
 
 
 def jsonable(value: Any) -> Any:
@@ -88,13 +90,6 @@ def author_of(ps: PeerState | None) -> dict[str, Any] | None:
     return {"id": identity.user_id, "name": identity.name, "role": getattr(identity, "role", None)}
 
 
-def _prelim(value: Any) -> Any:
-    """Nested maps become Y.Maps (so two users can edit two fields of one section); lists stay values."""
-    if isinstance(value, dict):
-        return pycrdt.Map({str(k): _prelim(v) for k, v in value.items()})
-    return value
-
-
 class ForwardingExtension(Extension):
     name = "forwarding"
 
@@ -123,12 +118,17 @@ class ForwardingExtension(Extension):
 
     def routes(self) -> list:
         base = "/api/workspaces/{workspace_id}"
+        viewer, editor = workspace_role("viewer"), workspace_role("editor")
         return [
-            Route(f"{base}/history", self._api_history, methods=["GET"]),
-            Route(f"{base}/forwarding", self._api_status, methods=["GET"]),
-            Route(f"{base}/dead-letters", self._api_dead_letters, methods=["GET"]),
-            Route(f"{base}/dead-letters/{{key}}/retry", self._api_dead_letter_retry, methods=["POST"]),
-            Route(f"{base}/dead-letters/{{key}}", self._api_dead_letter_discard, methods=["DELETE"]),
+            GatedRoute(f"{base}/history", self._api_history, methods=["GET"], requires=viewer),
+            GatedRoute(f"{base}/forwarding", self._api_status, methods=["GET"], requires=viewer),
+            GatedRoute(f"{base}/dead-letters", self._api_dead_letters, methods=["GET"], requires=viewer),
+            GatedRoute(
+                f"{base}/dead-letters/{{key}}/retry", self._api_dead_letter_retry, methods=["POST"], requires=editor
+            ),
+            GatedRoute(
+                f"{base}/dead-letters/{{key}}", self._api_dead_letter_discard, methods=["DELETE"], requires=editor
+            ),
         ]
 
     async def start(self, app: App) -> None:
@@ -210,8 +210,53 @@ class ForwardingExtension(Extension):
         if not (room.is_new and self.recording and self.forwarder is not None):
             return
         workspace = room.workspace_id
-        if await self.store.seed_status(workspace) is not None:
-            return  # seeded before (the backend had nothing): never again
+        owner = await self._claim_seed(room)
+        if owner is None:
+            return  # seeded before, or by another node meanwhile (the room has its result)
+        try:
+            await self._seed(room, workspace)
+        finally:
+            await self.store.release_seed(workspace, owner)
+
+    async def _claim_seed(self, room: Room) -> str | None:
+        """Wait for the one seeding claim of a new workspace (across nodes); None if it is seeded already.
+
+        Two nodes opening a never-seen workspace at once both find it unseeded;
+        only the one that claims it reads the backend. The other waits for the
+        seed to land, then loads it, so its peers too start from the seeded
+        document.
+        """
+        assert self.forwarder is not None
+        workspace = room.workspace_id
+        node = self.app.settings.node_id if self.app is not None else "node"
+        owner = f"{node}/{secrets.token_hex(6)}"
+        patience = self.settings.seed_timeout_seconds + SEED_CLAIM_MARGIN
+        ttl_ms = int(patience * 1000)
+        deadline = time.monotonic() + patience
+        while True:
+            claim = await self.store.claim_seed(workspace, owner, ttl_ms)
+            if claim == "claimed":
+                return owner
+            if claim == "seeded":
+                await self._catch_up(room)
+                return None
+            if time.monotonic() > deadline:
+                raise SeedError(f"{workspace} is being seeded by another node; gave up waiting")
+            await asyncio.sleep(SEED_CLAIM_POLL)
+
+    async def _catch_up(self, room: Room) -> None:
+        """Bring a room loaded empty up to what was stored since (another node's seed)."""
+        stored = await self.store.load(room.workspace_id)
+        if stored.last_seq <= room.durable_seq:
+            return
+        if stored.snapshot is not None:
+            room.apply_remote(stored.snapshot)
+        for update in stored.updates:
+            room.apply_remote(update)
+        room.durable_seq = max(room.durable_seq, stored.last_seq)
+
+    async def _seed(self, room: Room, workspace: str) -> None:
+        assert self.forwarder is not None
         try:
             status, config, seq = await self.forwarder.fetch_initial(workspace)
         except SeedError as exc:
@@ -234,7 +279,7 @@ class ForwardingExtension(Extension):
 
             def write(config_map: pycrdt.Map) -> None:
                 for key, value in config.items():
-                    config_map[str(key)] = _prelim(value)
+                    config_map[str(key)] = to_prelim(value)
 
             self._seeding.add(id(room))
             try:
@@ -276,26 +321,14 @@ class ForwardingExtension(Extension):
 
     # ------------------------------------------------------------------ API
 
-    async def _authorize(self, request: Request, write: bool = False) -> str | JSONResponse:
-        from collab.app import WORKSPACE_ID
-
-        workspace = request.path_params["workspace_id"]
-        if not WORKSPACE_ID.fullmatch(workspace):
-            return JSONResponse({"error": "invalid workspace id"}, status_code=400)
-        if self.app is None:
-            return JSONResponse({"error": "not started"}, status_code=503)
-        try:
-            identity = await self.app.authenticator.authenticate(request, workspace)
-        except AuthError as exc:
-            return JSONResponse({"error": exc.reason}, status_code=403 if exc.code == 4403 else 401)
-        if write and getattr(identity, "role", "editor") not in ("editor", "admin"):
-            return JSONResponse({"error": "editors only"}, status_code=403)
+    def _workspace(self, request: Request) -> str | JSONResponse:
+        """The workspace the gate let this request into, if this store records changes."""
         if not self.recording:
             return JSONResponse({"error": "this store keeps no outbox or audit trail"}, status_code=501)
-        return workspace
+        return request.state.workspace_id
 
     async def _api_history(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         try:
@@ -309,19 +342,19 @@ class ForwardingExtension(Extension):
         return JSONResponse({"workspace": workspace, "entries": entries, "next_before": next_before})
 
     async def _api_status(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         return JSONResponse(await self.status(workspace))
 
     async def _api_dead_letters(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         return JSONResponse({"workspace": workspace, "dead_letters": await self.store.dead_letters(workspace)})
 
     async def _api_dead_letter_retry(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request, write=True)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         count = await self.store.dead_letter_retry(workspace, request.path_params["key"])
@@ -332,7 +365,7 @@ class ForwardingExtension(Extension):
         return JSONResponse({"requeued": count})
 
     async def _api_dead_letter_discard(self, request: Request) -> JSONResponse:
-        workspace = await self._authorize(request, write=True)
+        workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
             return workspace
         count = await self.store.dead_letter_discard(workspace, request.path_params["key"], time.time())

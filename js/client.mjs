@@ -16,7 +16,7 @@
 //   {"cmd":"transact","ops":[{...set/delete/text_* command...}, ...]}  one transaction
 //   {"cmd":"awareness","state":{...}|null}                 setLocalState
 //   {"cmd":"awareness_field","field":"f","value":v}       setLocalStateField
-//   {"cmd":"dump","maps":["config"],"texts":["text"]}      -> {"event":"dump",...}
+//   {"cmd":"dump","maps":["config"],"texts":["text"]}      -> {"event":"dump",...,"types":{key: "Y.Map"|"Y.Array"|"array"|...}}
 //   {"cmd":"stats"}                                         -> {"event":"stats",...}
 //   {"cmd":"disconnect"} / {"cmd":"connect"}               provider.disconnect()/connect()
 //   {"cmd":"close"}   destroy the provider (clean close: awareness null, then close frame), exit 0
@@ -135,6 +135,15 @@ const contents = (maps = ['config'], texts = ['text']) => {
   return out
 }
 
+// The Yjs type of each value of a map (a plain JSON value vs a shared type matters to apps).
+const typesOf = (ymap) => {
+  const out = {}
+  for (const [key, value] of ymap.entries()) {
+    out[key] = value instanceof Y.Map ? 'Y.Map' : value instanceof Y.Array ? 'Y.Array' : value instanceof Y.Text ? 'Y.Text' : Array.isArray(value) ? 'array' : value === null ? 'null' : typeof value
+  }
+  return out
+}
+
 const awarenessStates = () => {
   const states = {}
   for (const [clientID, state] of awareness.getStates()) states[clientID] = state
@@ -229,7 +238,7 @@ const handle = async (msg) => {
       awareness.setLocalStateField(msg.field, msg.value)
       break
     case 'dump':
-      emit({ event: 'dump', id: msg.id, synced: provider.synced, ...contents(msg.maps, msg.texts), awareness: awarenessStates() })
+      emit({ event: 'dump', id: msg.id, synced: provider.synced, ...contents(msg.maps, msg.texts), awareness: awarenessStates(), types: typesOf(doc.getMap('config')) })
       break
     case 'stats':
       emit({

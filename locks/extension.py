@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from collab import protocol as p
+from collab.auth import has_role
 from collab.extensions import Extension
+from collab.gate import GatedRoute, server_role
 from locks.base import Lease, LeaseManager, LockConflict, LockEvent, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
 from locks.memory import MemoryLeaseManager
@@ -126,12 +127,10 @@ class LockExtension(Extension):
         return [self]
 
     def routes(self) -> list:
-        return [Route("/admin/locks/stats", self._stats_endpoint)]
+        return [GatedRoute("/admin/locks/stats", self._stats_endpoint, requires=server_role("admin"))]
 
     async def _stats_endpoint(self, request: Request) -> JSONResponse:
         """Counters for operators and benchmarks (no lock contents); admins only."""
-        if self._app is not None and hasattr(self._app, "authorize"):
-            await self._app.authorize(request, "admin")
         return JSONResponse(
             {
                 "backend": getattr(self.manager, "name", None),
@@ -196,9 +195,16 @@ class LockExtension(Extension):
         if self.manager is not None:
             await self.manager.close()
 
-    async def check(self) -> None:
-        """Readiness does not depend on the lock backend: without it the node
-        still syncs edits (lock requests fail with ``unavailable``)."""
+    async def check(self) -> str:
+        """The lock backend, reported by /readyz but never failing it: without
+        it the node still syncs edits (lock requests fail with ``unavailable``)."""
+        if self.manager is None:
+            return "not started"
+        try:
+            await self.manager.check()
+        except Exception as exc:
+            return f"unavailable, not required: {type(exc).__name__}: {exc}"[:300]
+        return "ok"
 
     # ------------------------------------------------------- public helpers
 
@@ -316,8 +322,7 @@ class LockExtension(Extension):
         path = body.get("path")
         if not self._valid_request(conn, path, ref):
             return
-        role = getattr(ps.identity, "role", "editor")
-        if role == "viewer":
+        if not has_role(ps.identity, "editor"):
             return self._error(conn, ref, "forbidden", "viewers cannot lock configuration", path)
         ttl = _number(body.get("ttl", self.default_ttl))
         wait = _number(body.get("wait", 0))
@@ -371,7 +376,7 @@ class LockExtension(Extension):
         path = message.body.get("path")
         if not self._valid_request(conn, path, ref, check_lockable=False):
             return
-        if getattr(ps.identity, "role", None) != "admin":
+        if not has_role(ps.identity, "admin"):
             return self._error(conn, ref, "forbidden", "only admins may force-release a lock", path)
         self._spawn(self._force_release(conn, path, ref))
 

@@ -158,6 +158,15 @@ class OutboxStore(Protocol):
 
     async def seed_status(self, workspace: str) -> dict[str, Any] | None: ...
 
+    async def claim_seed(self, workspace: str, owner: str, ttl_ms: int) -> str:
+        """Claim the right to seed a new workspace: ``claimed``, ``seeded`` (done already) or ``busy``.
+
+        Atomic across every node sharing the store; the claim lapses after ``ttl_ms``.
+        """
+        ...
+
+    async def release_seed(self, workspace: str, owner: str) -> None: ...
+
 
 # ------------------------------------------------------------------ SQLite
 
@@ -529,6 +538,13 @@ class SQLiteOutboxMixin:
             ]
 
         return await self._call(run)
+
+    async def claim_seed(self, workspace: str, owner: str, ttl_ms: int) -> str:
+        """One process owns a SQLite file, and its room manager loads a workspace once: a check suffices."""
+        return "seeded" if await self.seed_status(workspace) is not None else "claimed"
+
+    async def release_seed(self, workspace: str, owner: str) -> None:
+        return None
 
     async def seed_status(self, workspace: str) -> dict[str, Any] | None:
         def run(db: sqlite3.Connection) -> dict[str, Any] | None:

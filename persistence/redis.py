@@ -61,6 +61,15 @@ TRIM_MARGIN = 200  # entries kept below a snapshot, so relay readers a little be
 _APPEND = """
 local node = ARGV[1]
 local n = tonumber(ARGV[2])
+-- A workspace is seeded once: a second seeding record (a node whose seed claim
+-- lapsed) fails the whole append, before anything is written.
+local check = 4 + n
+for r = 1, tonumber(ARGV[3 + n]) do
+  if ARGV[check + 1] == '1' and redis.call('HEXISTS', KEYS[3], 'seeded_at') == 1 then
+    return redis.error_reply('ALREADY_SEEDED the workspace was seeded by another node')
+  end
+  check = check + 9
+end
 local last = redis.call('HINCRBY', KEYS[1], 'last_seq', n)
 local first = last - n + 1
 for i = 1, n do
@@ -130,6 +139,19 @@ end
 return 0
 """
 
+# The seeding claim: one node at a time reads the backend for a new workspace;
+# 'seeded' once the seed landed (checked in the same step: no gap between the
+# check and the claim for another node to pass through).
+_CLAIM_SEED = """
+if redis.call('HEXISTS', KEYS[1], 'seeded_at') == 1 then return 'seeded' end
+local cur = redis.call('GET', KEYS[2])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return 'claimed'
+end
+return 'busy'
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -197,6 +219,7 @@ class RedisDocumentStore:
         self._compact = self.client.register_script(_COMPACT)
         self._lease = self.client.register_script(_LEASE)
         self._release = self.client.register_script(_RELEASE)
+        self._claim_seed = self.client.register_script(_CLAIM_SEED)
         # Not fatal: a node may start while Redis is down (readiness says so).
         try:
             await self.client.ping()
@@ -658,6 +681,14 @@ class RedisDocumentStore:
             return out
 
         return await self._run(run)
+
+    async def claim_seed(self, workspace: str, owner: str, ttl_ms: int) -> str:
+        t = tag(workspace)
+        result = await self._run(lambda: self._claim_seed(keys=[t + ":fwd", t + ":seed:claim"], args=[owner, ttl_ms]))
+        return _s(result)
+
+    async def release_seed(self, workspace: str, owner: str) -> None:
+        await self._run(lambda: self._release(keys=[tag(workspace) + ":seed:claim"], args=[owner]))
 
     async def seed_status(self, workspace: str) -> dict[str, Any] | None:
         async def run():

@@ -11,8 +11,11 @@ next loop turn; later ones within ``presence_coalesce_ms`` are merged, so a
 burst of awareness changes becomes one diff.
 
 The same listener polices awareness: a state must be a JSON object; its
-``user`` field is stamped with the connection's authenticated identity (a
-state claiming another user is dropped with an error); its ``focus`` must be
+``user`` field gets the connection's ``id`` and ``role``, and the ``name`` /
+``color`` the authenticator vouches for (``Identity.vouched``: a token's
+``name`` claim...); a client's own name and colour stay otherwise, so stock
+editor bindings keep their cursor labels (a state claiming another user is
+dropped with an error); its ``focus`` must be
 a short string; and each connection may send ``awareness_rate`` states per
 second (bursts of ``awareness_burst``) -- beyond that they are dropped, with
 one ``awareness_rate_limited`` error per flood.
@@ -33,12 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
 from collab import protocol as p
-from collab.auth import AuthError
 from collab.extensions import Extension
+from collab.gate import PUBLIC, GatedMount, GatedRoute, workspace_role
 from presence.base import POLLS_PER_TTL, ConnectionEntry, PresenceRegistry, build_roster, roster_diff
 from rooms.room import AwarenessRejected, PeerState, Room
 
@@ -50,6 +53,7 @@ log = logging.getLogger("collab.presence")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_FOCUS_CHARS = 256
+MAX_LABEL_CHARS = 80  # a client's own awareness user name / colour longer than this is replaced by ours
 ACTIVITY_RESOLUTION = 5.0  # seconds: last_active alone changes a roster at most this often
 RETRY_SECONDS = 1.0  # after a registry failure
 SSE_KEEPALIVE = 15.0
@@ -145,11 +149,13 @@ class PresenceExtension(Extension):
         return {"presence.get": self._handle_get}
 
     def routes(self) -> list[BaseRoute]:
+        viewer = workspace_role("viewer")
         return [
-            Route("/api/workspaces/{workspace_id}/participants", self.participants_endpoint),
-            Route("/api/workspaces/{workspace_id}/participants/events", self.events_endpoint),
-            Route("/workspaces/{workspace_id}", self.panel_endpoint),
-            Mount("/presence/static", app=StaticFiles(directory=STATIC_DIR), name="presence-static"),
+            GatedRoute("/api/workspaces/{workspace_id}/participants", self.participants_endpoint, requires=viewer),
+            GatedRoute("/api/workspaces/{workspace_id}/participants/events", self.events_endpoint, requires=viewer),
+            # The panel is static HTML; the data it shows comes from the two routes above.
+            GatedRoute("/workspaces/{workspace_id}", self.panel_endpoint, requires=PUBLIC),
+            GatedMount("/presence/static", StaticFiles(directory=STATIC_DIR), name="presence-static", requires=PUBLIC),
         ]
 
     async def start(self, app: App) -> None:
@@ -301,9 +307,15 @@ class PresenceExtension(Extension):
                     code="awareness_user_mismatch",
                 )
             stamped = {k: v for k, v in user.items() if k not in ("user_id", "userId")}
-            stamped.update(public)
         else:
-            stamped = public
+            stamped = {}
+        # What the server knows for sure is always stamped; name and colour only
+        # when the authenticator vouches for them or the client set none.
+        stamped["id"], stamped["role"] = public["id"], public["role"]
+        for key in ("name", "color"):
+            value = stamped.get(key)
+            if key in identity.vouched or not (isinstance(value, str) and 0 < len(value) <= MAX_LABEL_CHARS):
+                stamped[key] = public[key]
         return {**state, "user": stamped}
 
     def _take_token(self, conn: ConnState) -> None:
@@ -480,25 +492,9 @@ class PresenceExtension(Extension):
 
     # ------------------------------------------------------------- HTTP
 
-    async def _authorize(self, request: Request) -> tuple[str, Response | None]:
-        from collab.app import WORKSPACE_ID
-
-        workspace_id = request.path_params["workspace_id"]
-        if not WORKSPACE_ID.fullmatch(workspace_id):
-            return workspace_id, JSONResponse({"error": "invalid workspace id"}, status_code=404)
-        assert self.app is not None
-        try:
-            await self.app.authenticator.authenticate(request, workspace_id)
-        except AuthError as exc:
-            status = 403 if exc.code == 4403 else 401
-            return workspace_id, JSONResponse({"error": exc.reason}, status_code=status)
-        return workspace_id, None
-
     async def participants_endpoint(self, request: Request) -> Response:
         """``GET /api/workspaces/{id}/participants``: the roster, read from the registry."""
-        workspace_id, refusal = await self._authorize(request)
-        if refusal is not None:
-            return refusal
+        workspace_id = request.state.workspace_id  # checked by the gate
         try:
             state = await self.registry.read(workspace_id)
         except Exception as exc:
@@ -511,9 +507,7 @@ class PresenceExtension(Extension):
 
     async def events_endpoint(self, request: Request) -> Response:
         """``GET /api/workspaces/{id}/participants/events``: snapshot, then diffs (SSE)."""
-        workspace_id, refusal = await self._authorize(request)
-        if refusal is not None:
-            return refusal
+        workspace_id = request.state.workspace_id  # checked by the gate
         if self._stopping:
             return JSONResponse({"error": "server shutting down"}, status_code=503)
         view = self._view(workspace_id)
@@ -548,10 +542,6 @@ class PresenceExtension(Extension):
 
     async def panel_endpoint(self, request: Request) -> Response:
         """``GET /workspaces/{id}``: the participant-awareness panel (static HTML + JS)."""
-        from collab.app import WORKSPACE_ID
-
-        if not WORKSPACE_ID.fullmatch(request.path_params["workspace_id"]):
-            return JSONResponse({"error": "invalid workspace id"}, status_code=404)
         return FileResponse(STATIC_DIR / "panel.html", media_type="text/html", headers={"Cache-Control": "no-store"})
 
 

@@ -86,11 +86,16 @@ def get_path(config: dict[str, Any], path: str) -> Any:
     return node
 
 
-def _to_prelim(value: Any) -> Any:
+def to_prelim(value: Any) -> Any:
+    """The one rule for values the server writes (seeding, restoring a refused change).
+
+    A map becomes a Y.Map (paths reach into it: two users can edit two of its
+    fields); anything else, lists included, is one plain JSON value: a list
+    is a leaf of the configuration (diffed, locked, validated and restored
+    whole), so every peer sees the type it was seeded with.
+    """
     if isinstance(value, dict):
-        return pycrdt.Map({k: _to_prelim(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return pycrdt.Array([_to_prelim(v) for v in value])
+        return pycrdt.Map({str(k): to_prelim(v) for k, v in value.items()})
     return value
 
 
@@ -111,7 +116,7 @@ def restore(doc: pycrdt.Doc, path: str, old_config: dict[str, Any]) -> None:
         if key in node:
             del node[key]
     else:
-        node[key] = _to_prelim(old)
+        node[key] = to_prelim(old)
 
 
 def covers(lock_path: str, path: str) -> bool:

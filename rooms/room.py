@@ -26,7 +26,7 @@ import pycrdt
 
 from collab import protocol as p
 from persistence.base import DocumentStore, StoreError
-from rooms import ystructs
+from rooms import textsplit, ystructs
 from rooms.config import (
     Changes,
     Rejection,
@@ -178,6 +178,9 @@ class Room:
         self._size_exact = False
         self.doc = pycrdt.Doc()
         self._doc_sub = self.doc.observe(self._on_doc_update)
+        # Where the text holds surrogate pairs, so that a cut between two
+        # halves is integrated as Yjs does it (rooms/textsplit.py).
+        self._splits = textsplit.TextSplits()
         self._sv: dict[int, int] | None = None  # parsed state vector of self.doc (None: recompute)
         self._client_delta: bytes | None = None  # what the client update being applied integrated
         self.peers: dict[Peer, PeerState] = {}
@@ -213,12 +216,17 @@ class Room:
     async def load(self) -> None:
         """Bring the stored document into memory; peers join only after this."""
         stored = await self.store.load(self.workspace_id)
-        with self.doc.transaction(origin="load"):
-            if stored.snapshot is not None:
-                self.doc.apply_update(stored.snapshot)
-            for update in stored.updates:
-                self.doc.apply_update(update)
-        self._outgoing.clear()  # the load is not news to anyone
+        self.doc.unobserve(self._doc_sub)  # the load is not news to anyone
+        self._doc_sub = None
+        history = stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates]
+        for update in history:
+            # Stored updates are replayed as they arrived, through the same
+            # text preparation (a stored history may cut a pair it inserted).
+            update = self._prepare_text(update)  # may replace self.doc: call it first
+            self.doc.apply_update(update)
+        self._sv = None
+        self._doc_sub = self.doc.observe(self._on_doc_update)
+        self._outgoing.clear()
         self._to_store.clear()
         if self._tracks_config:
             self.config_view = config_snapshot(self.doc)
@@ -333,6 +341,7 @@ class Room:
             if self.relay is not None:
                 update = self._cut_relayed(update)
             ranges = self._check_client_update(update)
+            update = self._prepare_text(update)
             self.size_bytes += len(update)
             self._size_exact = False
             self._applying_client_update = True
@@ -426,10 +435,17 @@ class Room:
         self._refusing = True
         try:
             roots = self._undo_scopes()
+            undo_doc = self.doc
             if roots:
                 undo = pycrdt.UndoManager(scopes=roots, capture_timeout_millis=0)
                 undo.include_origin(_REFUSED)
             try:
+                update = self._prepare_text(update)
+                if undo is not None and self.doc is not undo_doc:
+                    # Breaking a surrogate pair rebuilt the document: track the new one.
+                    undo.clear()
+                    undo = pycrdt.UndoManager(scopes=self._undo_scopes(), capture_timeout_millis=0)
+                    undo.include_origin(_REFUSED)
                 with self.doc.transaction(origin=_REFUSED):
                     _apply(self.doc, update)
             except p.ProtocolError as exc:
@@ -511,6 +527,44 @@ class Room:
             if pycrdt.get_update(update, scratch.get_state())[:1] != b"\x00":
                 raise p.ProtocolError(_MISSING)
         return shape.ranges
+
+    def _prepare_text(self, update: bytes) -> bytes:
+        """``update`` ready for pycrdt: any surrogate pair it cuts is broken first, as Yjs does.
+
+        A pair cut in text the document already holds can't be changed in
+        place (pycrdt items are immutable), so the document is rebuilt from
+        its own state with that pair broken; this happens only when an edit
+        actually lands between two halves.
+        """
+        plan = self._splits.plan(update, self._state_vector)
+        if plan is None:
+            return update
+        if plan.in_document:
+            self._break_pairs_in_document(plan.in_document)
+        if self.metrics is not None:
+            self.metrics.surrogate_splits += 1
+        return plan.update
+
+    def _break_pairs_in_document(self, pairs: set[tuple[int, int]]) -> None:
+        doc = _rebuilt(self.doc, pairs, self._splits)
+        if doc is None:
+            return  # those pairs were deleted meanwhile
+        log.info(
+            "room %s: an edit cuts %d surrogate pair(s); replaced by U+FFFD as Yjs does", self.workspace_id, len(pairs)
+        )
+        old = self.doc
+        if self._doc_sub is not None:
+            old.unobserve(self._doc_sub)
+            self._doc_sub = doc.observe(self._on_doc_update)
+        if self._config_sub is not None:
+            self._config_sub.drop()  # (config_map() returns a new wrapper: unobserve() can't find it)
+            self._config_sub = config_map(doc).observe_deep(self._on_config_events)
+        self.doc = doc
+        self._sv = None
+
+    def state_problems(self) -> list[str]:
+        """Why the state this room hands out would not load in Yjs (empty: it would)."""
+        return ystructs.problems(self.doc.get_update(), _parse_state_vector(self.doc.get_state()))
 
     def _state_vector(self) -> dict[int, int]:
         """The document's state vector as a dict, kept up to date between client updates."""
@@ -767,9 +821,10 @@ class Room:
         """
         self._applying_remote = True
         try:
+            update = self._prepare_text(update)
             with self.doc.transaction(origin="remote"):
                 self.doc.apply_update(update)
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, p.ProtocolError) as exc:
             log.error("relayed update for %s does not apply: %s", self.workspace_id, exc)
         finally:
             self._applying_remote = False
@@ -1059,13 +1114,35 @@ def _apply(doc: pycrdt.Doc, update: bytes) -> None:
         raise p.ProtocolError("invalid CRDT update (decoder panic)") from None
 
 
-def _parse_state_vector(sv: bytes) -> dict[int, int]:
-    count, pos = p.read_var_uint(sv, 0)
-    out = {}
-    for _ in range(count):
-        client, pos = p.read_var_uint(sv, pos)
-        out[client], pos = p.read_var_uint(sv, pos)
-    return out
+def replay(history: list[bytes]) -> pycrdt.Doc:
+    """A document from stored updates, integrated as a room integrates them (surrogate pairs included)."""
+    doc = pycrdt.Doc()
+    splits = textsplit.TextSplits()
+    for update in history:
+        plan = splits.plan(update, lambda d=doc: _parse_state_vector(d.get_state()))
+        if plan is not None:
+            if plan.in_document:
+                doc = _rebuilt(doc, plan.in_document, splits) or doc
+            update = plan.update
+        doc.apply_update(update)
+    return doc
+
+
+def _rebuilt(doc: pycrdt.Doc, pairs: set[tuple[int, int]], splits: textsplit.TextSplits) -> pycrdt.Doc | None:
+    """A copy of ``doc`` with those surrogate pairs broken (None: none of them is in its text any more)."""
+    state = doc.get_update()
+    fixed = textsplit.break_pairs(state, pairs)
+    if fixed == state:
+        return None
+    new = pycrdt.Doc(client_id=doc.client_id)
+    new.apply_update(fixed)
+    if splits.early_deletes:
+        # Deletes still waiting for their items are not part of get_update().
+        new.apply_update(textsplit.delete_set_update(splits.early_deletes))
+    return new
+
+
+_parse_state_vector = ystructs.state_vector
 
 
 def _new_ranges(before: bytes, after: bytes) -> dict[int, tuple[int, int]]:

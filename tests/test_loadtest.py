@@ -121,3 +121,14 @@ def test_compare_results_are_drawn_one_panel_per_sweep(tmp_path):
     width, height = _png_size(png)
     assert width > 2 * height  # two panels side by side
     assert (ROOT / "docs" / "bench" / "compare-2026-11-27-run2.png").exists()
+
+
+def test_textfuzz_soak_command_smoke(tmp_path):
+    """The soak command spawns a server, runs seeds, kills it with -9, restarts it, and verifies every room."""
+    import json
+
+    out = tmp_path / "fuzz.json"
+    code = loadtest_main(["textfuzz", "--spawn-server", "--seeds", "2", "--steps", "60", "--quiet", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0, report
+    assert report["seeds"] == 2 and report["failed"] == [] and report["failed_after_restart"] == []

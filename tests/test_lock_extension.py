@@ -141,3 +141,20 @@ async def test_forced_release_stops_renewal_and_is_told_once(tmp_path):
     await ext.stop()
     await room.drain()
     await store.close()
+
+
+async def test_readiness_reports_the_lock_backend_but_never_fails_on_it(redis_factory):
+    """/readyz shows the lock backend's state (a real Redis, then nothing on that port) and stays ready."""
+    from locks.redis import RedisLeaseManager
+
+    redis = redis_factory()
+    manager = RedisLeaseManager(redis.url, timeout=0.5)
+    await manager.start()
+    ext = LockExtension(Settings(), manager=manager)
+    try:
+        assert await ext.check() == "ok"
+        redis.stop()
+        report = await ext.check()
+        assert report.startswith("unavailable, not required: ")
+    finally:
+        await manager.close()

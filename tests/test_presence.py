@@ -228,9 +228,11 @@ async def test_user_field_is_stamped_from_the_identity(env):
     await settle(ext)
     room.flush()
     state = watcher.awareness()[66]
-    assert state["user"] == {
-        "id": "mallory", "name": "Mallory", "color": color_for("mallory"), "role": "editor", "colorLight": "#eee"
-    }  # fmt: skip
+    # id and role are stamped, and the name the authenticator vouches for; the
+    # colour is only derived from the id, so the client's own stays.
+    expected = {"id": "mallory", "name": "Mallory", "color": "#000", "role": "editor", "colorLight": "#eee"}
+    assert state["user"] == expected
+    assert "color" not in join(room, "x")[1].identity.vouched and color_for("mallory") != "#000"
     # Claiming another user is refused with an error, and nothing is relayed.
     aware(room, ps_m, 66, 2, {"user": {"id": "alice", "name": "Alice"}, "focus": "b"})
     room.flush()
