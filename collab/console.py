@@ -34,6 +34,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"  # present in a source ch
 _DOC_NAME = re.compile(r"[a-z0-9-]{1,64}\.md")
 MAX_ROOMS = 200  # rooms described in one console document (the busiest first)
 AUDIT_ENTRIES = 10  # recent audit entries per workspace
+DEV_WARNING = (
+    '<p class="warn">In <code>development</code> mode anyone who reaches this port may connect as anyone '
+    "(<code>?user=alice&amp;role=editor</code>); set <code>COLLAB_AUTH_MODE=jwt</code> for production.</p>"
+)
 
 
 class Console:
@@ -66,12 +70,14 @@ class Console:
             "store": "Redis" if s.uses_redis_store else f"SQLite in {s.database_path}",
             "backend": backend or "off (COLLAB_BACKEND_URL is not set)",
             "dev_query": "?user=ops&amp;role=admin" if s.auth_mode == "development" else "",
+            "dev_warning": DEV_WARNING if s.auth_mode == "development" else "",
+            "console_hint": "" if s.auth_mode == "development" else "; open it as /admin?token=<a server admin token>",
             "docs": "".join(f'<li><a href="/docs/{html.escape(n)}">{html.escape(n)}</a></li>' for n in docs)
             or "<li>docs/ in the source repository</li>",
         }
         text = (STATIC / "index.html").read_text()
         for key, value in values.items():
-            safe = value if key in ("docs", "dev_query") else html.escape(str(value))
+            safe = value if key in ("docs", "dev_query", "dev_warning") else html.escape(str(value))
             text = text.replace("{{" + key + "}}", safe)
         return HTMLResponse(text)
 

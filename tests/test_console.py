@@ -156,3 +156,19 @@ async def test_console_lists_dead_letters_nobody_has_open(server_factory, redis_
         assert httpx.get(url, timeout=5).json()["forwarding"]["totals"]["dead"] == 1
     finally:
         backend.stop()
+
+
+def test_console_in_jwt_mode_takes_the_token_from_its_address(server_factory):
+    """A browser sends no Authorization header when it navigates: /admin?token=... (the page passes it on)."""
+    from tests.security_support import jwt_env, make_token
+
+    server = server_factory(env=jwt_env())
+    admin = make_token("root", {"*": "admin"})
+    editor = make_token("ed", {"*": "editor"})
+    page = httpx.get(f"{server.http_url}/admin", params={"token": admin}, timeout=5)
+    assert page.status_code == 200 and "new URLSearchParams(location.search)" in page.text  # the script, inlined
+    assert httpx.get(f"{server.http_url}/api/admin/console", params={"token": admin}, timeout=5).status_code == 200
+    for params in ({"token": editor}, {}, {"user": "ops", "role": "admin"}):
+        assert httpx.get(f"{server.http_url}/admin", params=params, timeout=5).status_code in (401, 403), params
+    landing = httpx.get(f"{server.http_url}/", timeout=5).text
+    assert 'href="/admin"' in landing and "?user=" not in landing  # no development hints in jwt mode
