@@ -132,8 +132,18 @@ function edit (doc) {
   }
 }
 
+// DIFF_TRACE=FILE: every update each client sends and receives, for post-mortems.
+const trace = []
 function connect (doc, room) {
-  return new WebsocketProvider(args.url, room, doc, { WebSocketPolyfill: WebSocket, disableBc: true })
+  const who = docs.indexOf(doc)
+  class Traced extends WebSocket {
+    constructor (url, protocols) {
+      super(url, protocols)
+      this.on('message', (data) => { if (process.env.DIFF_TRACE) trace.push({ who, dir: 'in', hex: Buffer.from(data).toString('hex') }) })
+    }
+  }
+  if (process.env.DIFF_TRACE) doc.on('update', (u, origin) => { if (typeof origin !== 'object' || origin === null) trace.push({ who, dir: 'local', hex: Buffer.from(u).toString('hex') }) })
+  return new WebsocketProvider(args.url, room, doc, { WebSocketPolyfill: Traced, disableBc: true })
 }
 
 const until = async (cond, ms, what) => {
@@ -185,9 +195,9 @@ const canonical = (v) => Array.isArray(v)
     : v
 const same = (a, b) => JSON.stringify(canonical(a)) === JSON.stringify(canonical(b))
 
+const docs = []
 async function session () {
   const room = args.room
-  const docs = []
   const providers = []
   for (let i = 0; i < nClients; i++) {
     const doc = new Y.Doc()
@@ -213,6 +223,7 @@ async function session () {
     problems.push(String(e.message))
     if (process.env.DIFF_DEBUG) for (const d of docs) for (const k of Object.keys(contents(d))) if (!same(contents(d)[k], contents(docs[0])[k])) origError(k, JSON.stringify(contents(d)[k]), JSON.stringify(contents(docs[0])[k]))
   }
+  if (process.env.DIFF_TRACE) writeFileSync(process.env.DIFF_TRACE, JSON.stringify({ trace, docs: docs.map((d) => Buffer.from(Y.encodeStateAsUpdate(d)).toString('hex')) }))
   const expected = contents(docs[0])
   const stateVector = Array.from(Y.encodeStateVector(docs[0]))
   for (const p of providers) p.destroy()

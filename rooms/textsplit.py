@@ -64,7 +64,9 @@ class TextSplits:
             return None
         shape = ystructs.shape(update, text=True)
         incoming = {(c, clock + off): None for c, clock, _s, _e, offsets in shape.astral for off in offsets}
-        state = known() if shape.deletes else {}
+        state = dict(known()) if shape.deletes else {}
+        for client, _start, end in shape.ranges:  # the update's own structs arrive with it
+            state[client] = max(state.get(client, 0), end)
         for client, clock, length in shape.deletes:
             if clock + length > state.get(client, 0):
                 self.early_deletes.add((client, clock, length))

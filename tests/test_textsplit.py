@@ -168,3 +168,25 @@ def test_problems_flags_the_state_pycrdt_makes_of_a_cut_pair_and_passes_a_health
     healthy = oracle_doc(case["state"])
     assert ystructs.problems(healthy.get_update(), ystructs.state_vector(healthy.get_state())) == []
     assert ystructs.problems(b"\x01\x05", {}) != []  # truncated
+
+
+def test_a_delete_of_structs_in_the_same_update_is_not_taken_for_an_early_one():
+    """A step 2 carries new structs and deletes of them; a rebuild must not apply those deletes ahead of the update.
+
+    (Applied ahead, they were missing from the update's broadcast delta, and a peer kept a deleted character.)
+    """
+    author = pycrdt.Doc(client_id=9)
+    ups: list[bytes] = []
+    author.observe(lambda e: ups.append(e.update))
+    text = author.get("notes", type=pycrdt.Text)
+    text.insert(0, "a🙂")  # clocks 0-2: the document holds a pair from here on
+    first = ups[-1]
+    text.insert(3, "cd")  # clocks 3-4, new in the step 2
+    del text[3:4]  # deletes c: a struct of the same update
+    step2 = author.get_update(pycrdt.Doc().get_state())
+    splits = textsplit.TextSplits()
+    splits.plan(first, lambda: {})
+    splits.plan(step2, lambda: {9: 3})
+    assert splits.early_deletes == set()
+    splits.plan(textsplit.delete_set_update({(9, 7, 1)}), lambda: {9: 5})
+    assert splits.early_deletes == {(9, 7, 1)}  # a delete of what has not arrived yet is early
