@@ -127,6 +127,10 @@ class AdminAPI:
     async def room(self, request: Request) -> JSONResponse:
         """``GET /api/admin/rooms/{id}``: peers on this node, participants and locks (every node's)."""
         workspace_id = self._workspace(request)
+        return JSONResponse(await self.room_report(workspace_id))
+
+    async def room_report(self, workspace_id: str) -> dict[str, Any]:
+        """One room: summary, peers on this node, participants and locks (every node's). Also for the console."""
         room = self.app.rooms.rooms.get(workspace_id)
         body: dict[str, Any] = {"workspace": workspace_id, "node": self.app.settings.node_id, "open": room is not None}
         if room is not None:
@@ -137,7 +141,7 @@ class AdminAPI:
         body["participants"] = await self._participants(workspace_id)
         locks = self._extension("locks")
         body["locks"] = await locks.current_locks(workspace_id) if locks is not None else []
-        return JSONResponse(body)
+        return body
 
     async def _participants(self, workspace_id: str) -> list[dict[str, Any]] | None:
         presence = self._extension("presence")

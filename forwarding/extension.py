@@ -400,9 +400,16 @@ class _RoomHooks:
         )
 
     def on_config_rejected(self, room: Room, ps: PeerState | None, rejections: list, attempted: Changes) -> None:
+        paths = sorted({path for r in rejections for path in r.paths})
+        log.info(
+            "refused change workspace=%s user=%s paths=%s: %s",
+            room.workspace_id,
+            getattr(getattr(ps, "identity", None), "user_id", "-"),
+            ",".join(paths),
+            "; ".join(sorted({r.reason for r in rejections})),
+        )
         if not self.ext.recording:
             return
-        paths = sorted({path for r in rejections for path in r.paths})
         # Paths refused without their values (a viewer's update, a size cap) are listed bare.
         changes = change_list(attempted, paths) + [{"path": path} for path in paths if path not in attempted]
         room.stage_outbox(

@@ -444,7 +444,15 @@ class Forwarder:
                     lane.retrying, lane.last_error, lane.next_try = False, None, None
                     self.stats["delivered"] += 1
                     seqs = await self._store_retry(self.store.outbox_finish, workspace, key, DELIVERED, time.time())
-                    log.debug("forwarded %s seq %d-%d (%s)", workspace, head.seq, last.seq, body)
+                    log.info(
+                        "forwarded workspace=%s user=%s seq %d-%d (%d changes): HTTP %d",
+                        workspace,
+                        ",".join(sorted({str(r.author.get("id")) for r in batch if r.author})) or "-",
+                        head.seq,
+                        last.seq,
+                        len(batch),
+                        status,
+                    )
                     if isinstance(body, dict) and body.get("status") == "stale":
                         log.warning(
                             "backend already holds a newer version of %s (seq %s) than change %d: not applied",

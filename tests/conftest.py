@@ -10,9 +10,11 @@ def server_factory(tmp_path):
     """Start real servers (``python -m collab serve``); all are stopped after the test."""
     started: list[ServerProcess] = []
 
-    def make(env: dict[str, str] | None = None, data_dir=None, name: str = "server") -> ServerProcess:
+    def make(
+        env: dict[str, str] | None = None, data_dir=None, name: str = "server", args: list[str] | None = None
+    ) -> ServerProcess:
         data = data_dir or tmp_path / f"{name}-data"
-        srv = ServerProcess(data, tmp_path / f"{name}.log", env=env)
+        srv = ServerProcess(data, tmp_path / f"{name}.log", env=env, args=args)
         srv.start()
         started.append(srv)
         return srv
