@@ -15,7 +15,6 @@ append per flush; ``saved`` acks follow once the append is durable.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ import pycrdt
 from collab import protocol as p
 from persistence.base import DocumentStore, StoreError
 from rooms import textsplit, ystructs
+from rooms.awareness import AwarenessRecord, AwarenessTable
 from rooms.config import (
     Changes,
     Rejection,
@@ -96,30 +96,7 @@ class PeerState:
             self.peer.send(p.encode_control(body))
 
 
-@dataclass(slots=True)
-class AwarenessRecord:
-    clock: int
-    state: str | None
-    owner: PeerState | None
-    seen_epoch: int = 0  # last room epoch at which this live state was sent out
-    removed_at: float = 0.0
-    relayed_at: float = 0.0  # time.monotonic() of the last relayed refresh (remote owners only)
-
-
 ControlHandler = Callable[["Room", PeerState, p.Control], None]
-
-
-class AwarenessRejected(Exception):
-    """Raised by an awareness filter: the entry is dropped, the sender told why.
-
-    ``code`` is the ``error`` message's code; ``notify=False`` drops the entry
-    silently (e.g. a flood the sender was already told about).
-    """
-
-    def __init__(self, message: str, code: str = "awareness_rejected", notify: bool = True) -> None:
-        super().__init__(message)
-        self.code = code
-        self.notify = notify
 
 
 class RoomListener(Protocol):
@@ -160,7 +137,6 @@ class Room:
         self.control_handlers = dict(control_handlers or {})
         self.guards = list(guards or [])
         self.listeners = list(listeners or [])
-        self._awareness_filters = [x.filter_awareness for x in self.listeners if hasattr(x, "filter_awareness")]
         # Plain view of the `config` map, kept only when someone looks at it.
         self.config_view: dict[str, Any] = {}
         self._config_touched: set[str] = set()
@@ -170,7 +146,6 @@ class Room:
         self.relay: Any = None  # scale-out relay (scaleout/relay.py) when several nodes share Redis
         self.loaded_seq = 0  # the store's last sequence number when this room was loaded
         self._remote_peers: dict[str, PeerState] = {}
-        self._remote_out: set[int] = set()  # awareness entries of this flush that came from other nodes
         self._refusing = False  # inside _refuse_update: doc events are not news
         # Encoded size of the document: exact after a measurement, an upper
         # bound (exact + bytes applied since) otherwise.
@@ -184,11 +159,16 @@ class Room:
         self._sv: dict[int, int] | None = None  # parsed state vector of self.doc (None: recompute)
         self._client_delta: bytes | None = None  # what the client update being applied integrated
         self.peers: dict[Peer, PeerState] = {}
-        self.awareness: dict[int, AwarenessRecord] = {}
+        self.awareness_table = AwarenessTable(
+            self.config.max_awareness_state_bytes,
+            self.config.max_awareness_clients,
+            self.config.tombstone_seconds,
+            [x.filter_awareness for x in self.listeners if hasattr(x, "filter_awareness")],
+        )
+        self.awareness: dict[int, AwarenessRecord] = self.awareness_table.records  # client id -> record
         self._epoch = 0
         # Pending work for the next flush.
         self._outgoing: list[bytes] = []
-        self._awareness_out: dict[int, p.AwarenessEntry] = {}
         self._to_store: list[bytes] = []
         self._to_ack: dict[PeerState, int] = {}
         self._staged: list[Any] = []  # outbox/audit records for the next append
@@ -259,11 +239,10 @@ class Room:
         self.last_active = time.monotonic()
         # Our step 1 makes the client send what we lack (its offline edits).
         peer.send(p.encode_sync_step1(self.doc.get_state()))
-        live = self._live_awareness()
+        live = self.awareness_table.live()
         if live:
             peer.send(p.encode_awareness(live))
-            for entry in live:
-                self.awareness[entry.client_id].seen_epoch = self._epoch
+            self.awareness_table.mark_seen(live, self._epoch)
         self._emit("on_join", ps)
         return ps
 
@@ -274,19 +253,8 @@ class Room:
         ps.alive = False
         self._to_ack.pop(ps, None)
         self.last_active = time.monotonic()
-        now = time.monotonic()
-        for client_id in ps.client_ids:
-            rec = self.awareness.get(client_id)
-            if rec is None or rec.owner is not ps:
-                continue
-            rec.owner = None
-            rec.removed_at = now
-            if rec.state is not None:
-                rec.clock += 1
-                rec.state = None
-                self._awareness_out[client_id] = p.AwarenessEntry(client_id, rec.clock, None)
-        self._prune_tombstones(now)
-        if self._awareness_out:
+        self.awareness_table.release(ps, time.monotonic())
+        if self.awareness_table.pending:
             self._schedule_flush(immediate=True)
         self._emit("on_leave", ps)
 
@@ -310,12 +278,9 @@ class Room:
         elif isinstance(message, p.AwarenessMessage):
             self._receive_awareness(ps, message.entries)
         elif isinstance(message, p.QueryAwareness):
-            live = self._live_awareness()
+            live = self.awareness_table.live()
             ps.peer.send(p.encode_awareness(live))
-            for entry in live:
-                self.awareness[entry.client_id].seen_epoch = max(
-                    self.awareness[entry.client_id].seen_epoch, ps.epoch
-                )
+            self.awareness_table.mark_seen(live, ps.epoch)
         elif isinstance(message, p.Control):
             self._receive_control(ps, message)
 
@@ -678,99 +643,7 @@ class Room:
                     log.exception("%s hook failed in %s", hook, self.workspace_id)
 
     def _receive_awareness(self, ps: PeerState, entries: tuple[p.AwarenessEntry, ...]) -> None:
-        limit = self.config.max_awareness_state_bytes
-        max_clients = self.config.max_awareness_clients
-        accepted: list[p.AwarenessEntry] = []
-        claimed: list[int] = []
-        for entry in entries:
-            cid = entry.client_id
-            if (
-                max_clients
-                and entry.state is not None
-                and cid not in ps.client_ids
-                and len(ps.client_ids) >= max_clients
-                and (cid not in self.awareness or self.awareness[cid].owner is None)
-            ):
-                ps.control(
-                    {
-                        "type": "error",
-                        "code": "awareness_rejected",
-                        "message": f"a connection may own at most {max_clients} awareness client ids",
-                    }
-                )
-                continue
-            if entry.state is not None:
-                if len(entry.state) > limit or len(entry.state.encode()) > limit:
-                    ps.control(
-                        {
-                            "type": "error",
-                            "code": "awareness_too_large",
-                            "message": f"awareness state of client {cid} exceeds {limit} bytes; dropped",
-                        }
-                    )
-                    continue
-                parsed = p.parse_awareness_state(entry.state)  # malformed JSON drops the peer
-                if self._awareness_filters:
-                    try:
-                        for awareness_filter in self._awareness_filters:
-                            parsed = awareness_filter(self, ps, cid, parsed)
-                    except AwarenessRejected as exc:
-                        if exc.notify:
-                            ps.control({"type": "error", "code": exc.code, "message": str(exc)})
-                        continue
-                    entry = p.AwarenessEntry(cid, entry.clock, json.dumps(parsed, separators=(",", ":")))
-            rec = self.awareness.get(cid)
-            if rec is None:
-                if entry.state is None:
-                    continue
-                self.awareness[cid] = AwarenessRecord(entry.clock, entry.state, ps)
-                ps.client_ids.add(cid)
-                self._awareness_out[cid] = entry
-                accepted.append(entry)
-            elif rec.owner is ps:
-                if entry.clock > rec.clock or (
-                    entry.clock == rec.clock and entry.state is None and rec.state is not None
-                ):
-                    rec.clock = entry.clock
-                    rec.state = entry.state
-                    self._awareness_out[cid] = entry
-                    accepted.append(entry)
-            elif rec.owner is None:
-                # A removed client id. Its owner may be back on a new connection
-                # with the clock it had; a peer that already saw the old state
-                # may only be echoing it. Only a newer clock, or a peer that
-                # joined after the state was last sent out, may revive it.
-                if entry.state is None:
-                    continue
-                if entry.clock > rec.clock or ps.epoch > rec.seen_epoch:
-                    clock = max(entry.clock, rec.clock + 1)
-                    rec.clock, rec.state, rec.owner = clock, entry.state, ps
-                    ps.client_ids.add(cid)
-                    self._awareness_out[cid] = p.AwarenessEntry(cid, clock, entry.state)
-                    accepted.append(entry)
-            elif rec.owner.remote is not None:
-                # Relayed from another node: the client now talks to us (it
-                # reconnected here); a newer clock takes the entry over.
-                if entry.clock > rec.clock and entry.state is not None:
-                    rec.clock, rec.state, rec.owner = entry.clock, entry.state, ps
-                    ps.client_ids.add(cid)
-                    self._awareness_out[cid] = entry
-                    accepted.append(entry)
-            elif entry.clock > rec.clock and not _same_user(ps, rec.owner):
-                # Owned by another user's live connection, with a clock its owner
-                # never sent: not an echo but a claim on someone else's client id.
-                # (The same user may be reconnecting before the old socket died.)
-                claimed.append(cid)
-            # else: owned by another live peer. Stock clients re-send others'
-            # states; silently ignoring them is what stops the echo loop.
-        if claimed:
-            ps.control(
-                {
-                    "type": "error",
-                    "code": "awareness_client_id_taken",
-                    "message": f"client id(s) {claimed[:10]} belong to another connection; dropped",
-                }
-            )
+        accepted = self.awareness_table.receive(self, ps, entries)
         if accepted:
             self._schedule_flush()
             if self.listeners:
@@ -874,50 +747,13 @@ class Room:
 
     def apply_remote_awareness(self, node: str, entries: list[p.AwarenessEntry]) -> None:
         """Awareness relayed from another node (states of its clients); newer clocks win."""
-        owner = self._remote_peer(node)
-        now = time.monotonic()
-        changed = False
-        for entry in entries:
-            cid = entry.client_id
-            rec = self.awareness.get(cid)
-            if rec is None:
-                if entry.state is None:
-                    continue
-                rec = self.awareness[cid] = AwarenessRecord(entry.clock, entry.state, owner)
-            elif rec.owner is not None and rec.owner.remote is None:
-                continue  # one of our own connections owns it
-            elif entry.clock == rec.clock and rec.owner is owner and entry.state is not None:
-                rec.relayed_at = now  # heartbeat: still alive on its node
-                continue
-            elif entry.clock > rec.clock or (
-                entry.clock == rec.clock and entry.state is None and rec.state is not None
-            ):
-                rec.clock, rec.state = entry.clock, entry.state
-                rec.owner = owner if entry.state is not None else None
-                if entry.state is None:
-                    rec.removed_at = now
-            else:
-                continue
-            rec.relayed_at = now
-            self._awareness_out[cid] = p.AwarenessEntry(cid, rec.clock, rec.state)
-            self._remote_out.add(cid)
-            changed = True
-        if changed:
+        if self.awareness_table.apply_remote(self._remote_peer(node), entries, time.monotonic()):
             self._schedule_flush()
 
     def expire_remote_awareness(self, ttl: float) -> None:
         """Drop relayed states not refreshed within ``ttl`` seconds (their node died)."""
-        now = time.monotonic()
-        for cid, rec in self.awareness.items():
-            if rec.owner is not None and rec.owner.remote is not None and now - rec.relayed_at > ttl:
-                rec.owner = None
-                rec.removed_at = now
-                if rec.state is not None:
-                    rec.clock += 1
-                    rec.state = None
-                    self._awareness_out[cid] = p.AwarenessEntry(cid, rec.clock, None)
-                    self._remote_out.add(cid)
-        if self._awareness_out:
+        self.awareness_table.expire_remote(ttl, time.monotonic())
+        if self.awareness_table.pending:
             self._schedule_flush(immediate=True)
 
     # -------------------------------------------------------------- flush
@@ -951,19 +787,12 @@ class Room:
             self._outgoing = []
             merged = outgoing[0] if len(outgoing) == 1 else pycrdt.merge_updates(*outgoing)
             frames.append(p.encode_sync_update(merged))
-        if self._awareness_out:
-            entries = list(self._awareness_out.values())
-            self._awareness_out = {}
+        if self.awareness_table.pending:
+            entries, local = self.awareness_table.take_pending()
             frames.append(p.encode_awareness(entries))
-            if self.relay is not None:
-                local = [e for e in entries if e.client_id not in self._remote_out]
-                if local:
-                    self.relay.publish_awareness(self, local)
-            self._remote_out.clear()
-            for entry in entries:
-                rec = self.awareness.get(entry.client_id)
-                if rec is not None and rec.state is not None:
-                    rec.seen_epoch = self._epoch
+            if self.relay is not None and local:
+                self.relay.publish_awareness(self, local)
+            self.awareness_table.mark_seen(entries, self._epoch)
         if frames:
             for peer in list(self.peers):
                 for frame in frames:
@@ -1066,20 +895,6 @@ class Room:
 
     # ------------------------------------------------------------ helpers
 
-    def _live_awareness(self) -> list[p.AwarenessEntry]:
-        return [
-            p.AwarenessEntry(cid, rec.clock, rec.state)
-            for cid, rec in self.awareness.items()
-            if rec.state is not None
-        ]
-
-    def _prune_tombstones(self, now: float) -> None:
-        horizon = now - self.config.tombstone_seconds
-        stale = [cid for cid, rec in self.awareness.items() if rec.owner is None and rec.removed_at < horizon]
-        for cid in stale:
-            del self.awareness[cid]
-
-
 class _RemotePeer:
     """Stands for another node's clients in awareness ownership; sends nothing."""
 
@@ -1157,11 +972,6 @@ def _delete_set_update(ranges: dict[int, tuple[int, int]]) -> bytes:
     for client, (start, end) in ranges.items():
         parts += [p.write_var_uint(client), b"\x01", p.write_var_uint(start), p.write_var_uint(end - start)]
     return b"".join(parts)
-
-
-def _same_user(a: PeerState, b: PeerState) -> bool:
-    ida, idb = getattr(a.identity, "user_id", None), getattr(b.identity, "user_id", None)
-    return ida is not None and ida == idb
 
 
 def _ref(message: p.Control) -> dict[str, Any]:
