@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import pycrdt
 
 from collab import protocol as p
-from persistence.base import DocumentStore, StoreError
+from persistence.base import DocumentStore
 from rooms import textsplit, ystructs
 from rooms.awareness import AwarenessRecord, AwarenessTable
 from rooms.config import (
@@ -39,6 +39,7 @@ from rooms.config import (
     restore,
     touched_paths,
 )
+from rooms.persist import PersistPipeline
 
 log = logging.getLogger("collab.room")
 
@@ -169,26 +170,23 @@ class Room:
         self._epoch = 0
         # Pending work for the next flush.
         self._outgoing: list[bytes] = []
-        self._to_store: list[bytes] = []
-        self._to_ack: dict[PeerState, int] = {}
-        self._staged: list[Any] = []  # outbox/audit records for the next append
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        # Persistence state.
-        self.durable_seq = 0
-        self._snapshot_seq = 0
-        self._tail_updates = 0
-        self._tail_bytes = 0
-        self._persist_tail: asyncio.Task | None = None
-        self._compacting = False
-        self._compact_task: asyncio.Task | None = None
+        self.persist = PersistPipeline(
+            workspace_id,
+            store,
+            snapshot=lambda: self.doc.get_update(),
+            on_persisted=lambda records: self._emit("on_outbox_persisted", records),
+            on_failed=self._fail,
+            compact_every_updates=self.config.compact_every_updates,
+            compact_every_bytes=self.config.compact_every_bytes,
+        )
         self._last_flush = 0.0
         self.loaded = False
         self.is_new = False
-        self.failed: str | None = None
         self.last_active = time.monotonic()
         self.stats = {"updates_in": 0, "frames_out": 0, "flushes": 0}
         # Server-wide counters (collab.metrics.Counters), set by the app; None in bare rooms.
-        self.metrics: Any = None
+        self._metrics: Any = None
         self._first_pending_at: float | None = None  # perf_counter() of the oldest update not yet flushed
 
     # ------------------------------------------------------------- loading
@@ -207,18 +205,14 @@ class Room:
         self._sv = None
         self._doc_sub = self.doc.observe(self._on_doc_update)
         self._outgoing.clear()
-        self._to_store.clear()
         if self._tracks_config:
             self.config_view = config_snapshot(self.doc)
             # From here on the view is kept up to date from the document's
             # own events: only the paths a transaction touched are re-read.
             self._config_touched = set()
             self._config_sub = config_map(self.doc).observe_deep(self._on_config_events)
-        self.durable_seq = stored.last_seq
+        self.persist.loaded(stored.last_seq, stored.snapshot_seq, stored.updates)
         self.loaded_seq = stored.last_seq
-        self._snapshot_seq = stored.snapshot_seq
-        self._tail_updates = len(stored.updates)
-        self._tail_bytes = sum(len(u) for u in stored.updates)
         self.is_new = stored.is_new
         self.size_bytes = len(self.doc.get_update())
         self._size_exact = True
@@ -251,7 +245,7 @@ class Room:
         if ps is None:
             return
         ps.alive = False
-        self._to_ack.pop(ps, None)
+        self.persist.acks.pop(ps, None)
         self.last_active = time.monotonic()
         self.awareness_table.release(ps, time.monotonic())
         if self.awareness_table.pending:
@@ -318,7 +312,7 @@ class Room:
                 if self._client_delta is not None:
                     # pycrdt failed halfway and kept what it had integrated (peers
                     # get it in the broadcast): store it too, or a restart loses it.
-                    self._to_store.append(self._client_delta)
+                    self.persist.updates.append(self._client_delta)
                     self._schedule_flush()
                 raise
             finally:
@@ -329,10 +323,10 @@ class Room:
                     known[client] = end
             # The raw update is stored (not only its integrated delta), so
             # structs still waiting for missing dependencies survive a restart.
-            self._to_store.append(update)
+            self.persist.updates.append(update)
             if self._tracks_config:
                 self._check_config(ps)
-        self._to_ack[ps] = ps.updates_received
+        self.persist.acks[ps] = ps.updates_received
         self.last_active = time.monotonic()
         self._schedule_flush()
 
@@ -352,7 +346,7 @@ class Room:
         if not self._applying_client_update and self.loaded:
             # A change made by the server itself (compensation, seeding):
             # it is stored like a client's update.
-            self._to_store.append(update)
+            self.persist.updates.append(update)
             self._schedule_flush()
 
     # ------------------------------------------------------------ refusal
@@ -429,7 +423,7 @@ class Room:
                 undo.clear()
         net = self.doc.get_update(sv_before)
         self._outgoing.append(net)
-        self._to_store.append(net)
+        self.persist.updates.append(net)
         self.size_bytes += len(net)  # tombstones and re-inserted content
         if self._tracks_config:
             self.config_view = config_snapshot(self.doc)
@@ -630,7 +624,7 @@ class Room:
 
     def stage_outbox(self, record: Any) -> None:
         """Write ``record`` with the updates of the current flush, in the same transaction."""
-        self._staged.append(record)
+        self.persist.staged.append(record)
         self._schedule_flush()
 
     def _emit(self, hook: str, *args: Any) -> None:
@@ -716,7 +710,7 @@ class Room:
 
     def restore_to_store(self) -> None:
         """Store the whole document again (the store lost writes this room holds)."""
-        self._to_store.append(self.doc.get_update())
+        self.persist.updates.append(self.doc.get_update())
         self._schedule_flush()
 
     def _cut_relayed(self, update: bytes) -> bytes:
@@ -808,90 +802,50 @@ class Room:
                 # until it sits in every peer's queue (observed once per flush).
                 metrics.fanout.observe(time.perf_counter() - self._first_pending_at)
                 self._first_pending_at = None
-        if self._to_store or self._to_ack or self._staged:
-            updates, acks, staged = self._to_store, self._to_ack, self._staged
-            self._to_store, self._to_ack, self._staged = [], {}, []
-            self._persist_tail = asyncio.get_running_loop().create_task(
-                self._persist(updates, acks, self._persist_tail, staged)
-            )
-
-    async def _persist(self, updates: list[bytes], acks: dict[PeerState, int], previous, staged=None) -> None:
-        started = time.perf_counter()
-        try:
-            if staged:
-                seq = await self.store.append(self.workspace_id, updates, outbox=staged)
-            else:
-                seq = await self.store.append(self.workspace_id, updates) if updates else None
-        except StoreError as exc:
-            if self.metrics is not None:
-                self.metrics.store_errors += 1
-            self._fail(f"storage failure: {exc}")
-            return
-        if self.metrics is not None and (updates or staged):
-            self.metrics.store_append.observe(time.perf_counter() - started)
-        if previous is not None:
-            await asyncio.wait([previous])  # acks leave in the order updates arrived
-        if self.failed:
-            return
-        if seq is not None:
-            self.durable_seq = max(self.durable_seq, seq)
-            self._tail_updates += len(updates)
-            self._tail_bytes += sum(len(u) for u in updates)
-        if staged:
-            self._emit("on_outbox_persisted", staged)
-        for ps, count in acks.items():
-            if ps.alive and count > ps.updates_acked:
-                ps.updates_acked = count
-                ps.control({"type": "saved", "updates": count, "seq": self.durable_seq})
-        if (
-            self._tail_updates >= self.config.compact_every_updates
-            or self._tail_bytes >= self.config.compact_every_bytes
-        ) and not self._compacting:
-            # In its own task: the next persist (and its acks) need not wait.
-            self._compacting = True
-            self._compact_task = asyncio.get_running_loop().create_task(self._compact())
-
-    async def _compact(self) -> None:
-        self._compacting = True
-        try:
-            upto = self.durable_seq
-            # The in-memory document holds every durable update (and maybe a
-            # few newer ones, which is harmless: updates are idempotent).
-            # pycrdt leaves structs still waiting for a missing dependency out
-            # of get_update(), but the room never holds any: an update that
-            # would leave some is refused before it is applied
-            # (_check_client_update), and relayed updates come in stream
-            # order after everything they depend on.
-            snapshot = self.doc.get_update()
-            await self.store.compact(self.workspace_id, snapshot, upto)
-            self._snapshot_seq = upto
-            self._tail_updates = 0
-            self._tail_bytes = 0
-        except StoreError as exc:
-            log.warning("compaction of %s failed: %s", self.workspace_id, exc)
-        finally:
-            self._compacting = False
+        self.persist.submit()
 
     def _fail(self, reason: str) -> None:
         """The store lost our writes: drop everyone so they resend on reconnect."""
-        if self.failed:
-            return
-        self.failed = reason
-        log.error("room %s failed: %s", self.workspace_id, reason)
         for ps in list(self.peers.values()):
             ps.control({"type": "error", "code": "storage_failure", "message": reason})
             ps.peer.close(p.CLOSE_INTERNAL_ERROR, "storage failure")
 
     async def drain(self) -> None:
         """Flush and wait until everything received is durable."""
-        if self._flush_handle is not None or self._outgoing or self._to_store or self._to_ack or self._staged:
+        if self._flush_handle is not None or self._outgoing or self.persist.pending:
             self.flush()
-        tail = self._persist_tail
-        if tail is not None:
-            await asyncio.wait([tail])
-        compaction = self._compact_task
-        if compaction is not None and not compaction.done():
-            await asyncio.wait([compaction])
+        await self.persist.drain()
+
+    # --------------------------------------------------- persisted state
+
+    @property
+    def metrics(self) -> Any:
+        """Server-wide counters (collab.metrics.Counters), set by the app; None in bare rooms."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, counters: Any) -> None:
+        self._metrics = counters
+        self.persist.metrics = counters
+
+    @property
+    def durable_seq(self) -> int:
+        """The store's sequence number of the last update known durable."""
+        return self.persist.durable_seq
+
+    @durable_seq.setter
+    def durable_seq(self, seq: int) -> None:
+        self.persist.durable_seq = seq
+
+    @property
+    def failed(self) -> str | None:
+        """Why the store lost this room's writes (None while all is well)."""
+        return self.persist.failed
+
+    @property
+    def pending_store_updates(self) -> int:
+        """Updates waiting for the next append."""
+        return len(self.persist.updates)
 
     # ------------------------------------------------------------ helpers
 
