@@ -25,7 +25,6 @@ import pycrdt
 
 from collab import protocol as p
 from persistence.base import DocumentStore
-from rooms import textsplit, ystructs
 from rooms.awareness import AwarenessRecord, AwarenessTable
 from rooms.config import (
     Changes,
@@ -39,7 +38,9 @@ from rooms.config import (
     restore,
     touched_paths,
 )
+from rooms.document import RoomDocument, apply_checked
 from rooms.persist import PersistPipeline
+from rooms.ystructs import state_vector
 
 log = logging.getLogger("collab.room")
 
@@ -141,23 +142,13 @@ class Room:
         # Plain view of the `config` map, kept only when someone looks at it.
         self.config_view: dict[str, Any] = {}
         self._config_touched: set[str] = set()
-        self._config_sub = None
         self._applying_client_update = False
         self._applying_remote = False
         self.relay: Any = None  # scale-out relay (scaleout/relay.py) when several nodes share Redis
         self.loaded_seq = 0  # the store's last sequence number when this room was loaded
         self._remote_peers: dict[str, PeerState] = {}
         self._refusing = False  # inside _refuse_update: doc events are not news
-        # Encoded size of the document: exact after a measurement, an upper
-        # bound (exact + bytes applied since) otherwise.
-        self.size_bytes = 0
-        self._size_exact = False
-        self.doc = pycrdt.Doc()
-        self._doc_sub = self.doc.observe(self._on_doc_update)
-        # Where the text holds surrogate pairs, so that a cut between two
-        # halves is integrated as Yjs does it (rooms/textsplit.py).
-        self._splits = textsplit.TextSplits()
-        self._sv: dict[int, int] | None = None  # parsed state vector of self.doc (None: recompute)
+        self.document = RoomDocument(workspace_id, self._on_doc_update)
         self._client_delta: bytes | None = None  # what the client update being applied integrated
         self.peers: dict[Peer, PeerState] = {}
         self.awareness_table = AwarenessTable(
@@ -194,28 +185,17 @@ class Room:
     async def load(self) -> None:
         """Bring the stored document into memory; peers join only after this."""
         stored = await self.store.load(self.workspace_id)
-        self.doc.unobserve(self._doc_sub)  # the load is not news to anyone
-        self._doc_sub = None
-        history = stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates]
-        for update in history:
-            # Stored updates are replayed as they arrived, through the same
-            # text preparation (a stored history may cut a pair it inserted).
-            update = self._prepare_text(update)  # may replace self.doc: call it first
-            self.doc.apply_update(update)
-        self._sv = None
-        self._doc_sub = self.doc.observe(self._on_doc_update)
+        self.document.load(stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates])
         self._outgoing.clear()
         if self._tracks_config:
             self.config_view = config_snapshot(self.doc)
             # From here on the view is kept up to date from the document's
             # own events: only the paths a transaction touched are re-read.
             self._config_touched = set()
-            self._config_sub = config_map(self.doc).observe_deep(self._on_config_events)
+            self.document.observe_config(self._on_config_events)
         self.persist.loaded(stored.last_seq, stored.snapshot_seq, stored.updates)
         self.loaded_seq = stored.last_seq
         self.is_new = stored.is_new
-        self.size_bytes = len(self.doc.get_update())
-        self._size_exact = True
         self.loaded = True
         for listener in self.listeners:
             hook = getattr(listener, "on_load", None)
@@ -290,7 +270,7 @@ class Room:
         if update != p.EMPTY_UPDATE:
             if ps.read_only:
                 refusal = "read-only"
-            elif self._too_large(update):
+            elif self.document.too_large(update, self.config.max_document_bytes):
                 refusal = "document_too_large"
         if refusal is not None:
             if metrics is not None:
@@ -298,17 +278,16 @@ class Room:
             self._refuse_update(ps, update, refusal)
         elif update != p.EMPTY_UPDATE:
             if self.relay is not None:
-                update = self._cut_relayed(update)
-            ranges = self._check_client_update(update)
-            update = self._prepare_text(update)
-            self.size_bytes += len(update)
-            self._size_exact = False
+                update = self.document.cut_at_state(update)
+            ranges = self.document.check(update)
+            update = self.document.prepare_text(update)
+            self.document.grew(len(update))
             self._applying_client_update = True
             self._client_delta = None
             try:
-                _apply(self.doc, update)
+                apply_checked(self.doc, update)
             except BaseException:
-                self._sv = None
+                self.document.stale()
                 if self._client_delta is not None:
                     # pycrdt failed halfway and kept what it had integrated (peers
                     # get it in the broadcast): store it too, or a restart loses it.
@@ -317,10 +296,7 @@ class Room:
                 raise
             finally:
                 self._applying_client_update = False
-            known = self._state_vector()
-            for client, _, end in ranges:  # it integrated completely (checked above)
-                if end > known.get(client, 0):
-                    known[client] = end
+            self.document.advanced(ranges)  # it integrated completely (checked above)
             # The raw update is stored (not only its integrated delta), so
             # structs still waiting for missing dependencies survive a restart.
             self.persist.updates.append(update)
@@ -341,7 +317,7 @@ class Room:
         if self._applying_client_update:
             self._client_delta = update
         else:
-            self._sv = None  # a server change: the cached state vector is stale
+            self.document.stale()  # a server change: the cached state vector is stale
         self._outgoing.append(update)
         if not self._applying_client_update and self.loaded:
             # A change made by the server itself (compensation, seeding):
@@ -350,18 +326,6 @@ class Room:
             self._schedule_flush()
 
     # ------------------------------------------------------------ refusal
-
-    def _too_large(self, update: bytes) -> bool:
-        """Whether applying ``update`` could take the document past its cap."""
-        cap = self.config.max_document_bytes
-        if not cap or update[:1] == b"\x00":
-            return False  # no cap, or no structs: only deletions, which never grow it
-        if self.size_bytes + len(update) <= cap:
-            return False
-        if not self._size_exact:
-            self.size_bytes = len(self.doc.get_update())
-            self._size_exact = True
-        return self.size_bytes + len(update) > cap
 
     def _refuse_update(self, ps: PeerState, update: bytes, reason: str) -> None:
         """Apply an update and revert it at once, so that its author converges back.
@@ -381,12 +345,12 @@ class Room:
             # anything left pending would be completed later by someone else's
             # update and slip in unchecked.
             try:
-                self._check_client_update(update, deletes=True)
+                self.document.check(update, deletes=True)
             except p.ProtocolError:
                 self._tell_refused(ps, [], reason)
                 return
         else:
-            self._check_client_update(update)
+            self.document.check(update)
         config_before = config_snapshot(self.doc)
         sv_before = self.doc.get_state()
         undo = None
@@ -399,14 +363,14 @@ class Room:
                 undo = pycrdt.UndoManager(scopes=roots, capture_timeout_millis=0)
                 undo.include_origin(_REFUSED)
             try:
-                update = self._prepare_text(update)
+                update = self.document.prepare_text(update)
                 if undo is not None and self.doc is not undo_doc:
                     # Breaking a surrogate pair rebuilt the document: track the new one.
                     undo.clear()
                     undo = pycrdt.UndoManager(scopes=self._undo_scopes(), capture_timeout_millis=0)
                     undo.include_origin(_REFUSED)
                 with self.doc.transaction(origin=_REFUSED):
-                    _apply(self.doc, update)
+                    apply_checked(self.doc, update)
             except p.ProtocolError as exc:
                 error = exc  # pycrdt may have integrated part of it: revert that too, then drop the peer
             paths = sorted(diff(config_before, config_snapshot(self.doc)))
@@ -418,13 +382,13 @@ class Room:
                 undo.undo()
         finally:
             self._refusing = False
-            self._sv = None
+            self.document.stale()
             if undo is not None:
                 undo.clear()
         net = self.doc.get_update(sv_before)
         self._outgoing.append(net)
         self.persist.updates.append(net)
-        self.size_bytes += len(net)  # tombstones and re-inserted content
+        self.document.grew(len(net))  # tombstones and re-inserted content
         if self._tracks_config:
             self.config_view = config_snapshot(self.doc)
             self._take_touched()
@@ -433,103 +397,9 @@ class Room:
         if error is not None:
             raise error
 
-    def _check_client_update(self, update: bytes, deletes: bool = False) -> list[tuple[int, int, int]]:
-        """Refuse (ProtocolError 1007) an update that would not integrate completely.
-
-        pycrdt keeps structs whose dependencies it lacks (a gap in a client's
-        clocks, an origin the server never saw) "pending", and shows them in
-        the document and in get_update() -- so newcomers get them -- but not
-        in the update events that live peers get: the two would diverge for
-        as long as the gap stays open. A run of structs that starts below the
-        server's clock for its client and ends above it restates part of that
-        client's history (a forged or colliding id: a real client's step 2 is
-        cut at our state vector), and pycrdt splices the new part onto what
-        the server has: peers and newcomers end up disagreeing too.
-
-        Decided from the update's layout and the state vector, without
-        applying anything; only an update whose structs refer to other
-        clients' new structs in the same update is tried on a scratch copy
-        (only pycrdt knows whether such references resolve). With
-        ``deletes``, deletions of unknown items count as missing too.
-        Returns the update's runs of structs, ``[(client, start, end)]``.
-        """
-        if update[:1] == b"\x00" and not deletes:
-            return []  # deletions only: pycrdt applies them when the items arrive, for everyone alike
-        shape = ystructs.shape(update)
-        known = self._state_vector()
-        ends: dict[int, int] = {}
-        for client, start, end in shape.ranges:
-            have = known.get(client, 0)
-            if start > have:
-                raise p.ProtocolError(_MISSING)
-            if start < have < end:
-                raise p.ProtocolError("update conflicts with what this server has for its client id; reconnect")
-            ends[client] = max(have, end, ends.get(client, 0))
-        if shape.skips:
-            raise p.ProtocolError(_MISSING)
-        within = False
-        for client, _clock, end, ref_client, ref_clock in shape.refs:
-            if end <= known.get(client, 0) or ref_clock < known.get(ref_client, 0):
-                continue  # a struct the server has (ignored), or a reference to one it has
-            if ref_clock < ends.get(ref_client, 0):
-                within = True  # another client's new struct in this update
-                continue
-            raise p.ProtocolError(_MISSING)
-        if deletes:
-            for client, clock, length in shape.deletes:
-                if clock + length > ends.get(client, known.get(client, 0)):
-                    raise p.ProtocolError(_MISSING)
-        if within:
-            scratch = pycrdt.Doc()
-            scratch.apply_update(self.doc.get_update())
-            _apply(scratch, update)
-            if pycrdt.get_update(update, scratch.get_state())[:1] != b"\x00":
-                raise p.ProtocolError(_MISSING)
-        return shape.ranges
-
-    def _prepare_text(self, update: bytes) -> bytes:
-        """``update`` ready for pycrdt: any surrogate pair it cuts is broken first, as Yjs does.
-
-        A pair cut in text the document already holds can't be changed in
-        place (pycrdt items are immutable), so the document is rebuilt from
-        its own state with that pair broken; this happens only when an edit
-        actually lands between two halves.
-        """
-        plan = self._splits.plan(update, self._state_vector)
-        if plan is None:
-            return update
-        if plan.in_document:
-            self._break_pairs_in_document(plan.in_document)
-        if self.metrics is not None:
-            self.metrics.surrogate_splits += 1
-        return plan.update
-
-    def _break_pairs_in_document(self, pairs: set[tuple[int, int]]) -> None:
-        doc = _rebuilt(self.doc, pairs, self._splits)
-        if doc is None:
-            return  # those pairs were deleted meanwhile
-        log.info(
-            "room %s: an edit cuts %d surrogate pair(s); replaced by U+FFFD as Yjs does", self.workspace_id, len(pairs)
-        )
-        old = self.doc
-        if self._doc_sub is not None:
-            old.unobserve(self._doc_sub)
-            self._doc_sub = doc.observe(self._on_doc_update)
-        if self._config_sub is not None:
-            self._config_sub.drop()  # (config_map() returns a new wrapper: unobserve() can't find it)
-            self._config_sub = config_map(doc).observe_deep(self._on_config_events)
-        self.doc = doc
-        self._sv = None
-
     def state_problems(self) -> list[str]:
         """Why the state this room hands out would not load in Yjs (empty: it would)."""
-        return ystructs.problems(self.doc.get_update(), _parse_state_vector(self.doc.get_state()))
-
-    def _state_vector(self) -> dict[int, int]:
-        """The document's state vector as a dict, kept up to date between client updates."""
-        if self._sv is None:
-            self._sv = _parse_state_vector(self.doc.get_state())
-        return self._sv
+        return self.document.problems()
 
     def _undo_scopes(self) -> list[Any]:
         """Every root type, for an UndoManager's scope.
@@ -688,16 +558,15 @@ class Room:
         """
         self._applying_remote = True
         try:
-            update = self._prepare_text(update)
+            update = self.document.prepare_text(update)
             with self.doc.transaction(origin="remote"):
                 self.doc.apply_update(update)
         except (ValueError, RuntimeError, p.ProtocolError) as exc:
             log.error("relayed update for %s does not apply: %s", self.workspace_id, exc)
         finally:
             self._applying_remote = False
-            self._sv = None
-        self.size_bytes += len(update)
-        self._size_exact = False
+            self.document.stale()
+        self.document.grew(len(update))
         if self._tracks_config and self.loaded:
             # Keep the view current (re-read only what the relayed update touched).
             touched = self._take_touched()
@@ -712,25 +581,6 @@ class Room:
         """Store the whole document again (the store lost writes this room holds)."""
         self.persist.updates.append(self.doc.get_update())
         self._schedule_flush()
-
-    def _cut_relayed(self, update: bytes) -> bytes:
-        """Drop what the relay brought in meanwhile from a client's own update.
-
-        With several nodes, a client that reconnects here answers our step 1
-        with everything past the state vector we sent; its earlier updates
-        (accepted by the node it left) may reach this room through the relay
-        in between, so the answer restates part of what we now have. Cut at
-        our state vector, it is a clean continuation again.
-        """
-        if update[:1] == b"\x00":
-            return update
-        try:
-            known = self._state_vector()
-            if any(start < known.get(client, 0) < end for client, start, end in ystructs.shape(update).ranges):
-                return pycrdt.get_update(update, self.doc.get_state())
-        except (ValueError, RuntimeError, p.ProtocolError):
-            pass
-        return update
 
     def _remote_peer(self, node: str) -> PeerState:
         ps = self._remote_peers.get(node)
@@ -827,6 +677,17 @@ class Room:
     def metrics(self, counters: Any) -> None:
         self._metrics = counters
         self.persist.metrics = counters
+        self.document.metrics = counters
+
+    @property
+    def doc(self) -> pycrdt.Doc:
+        """The room's CRDT document (rebuilt when an edit cuts a surrogate pair: don't keep it)."""
+        return self.document.doc
+
+    @property
+    def size_bytes(self) -> int:
+        """Encoded size of the document (an upper bound between measurements)."""
+        return self.document.size_bytes
 
     @property
     def durable_seq(self) -> int:
@@ -863,61 +724,10 @@ class _RemotePeer:
 
 
 _REFUSED = "refused"  # transaction origin of updates applied only to be reverted
-_MISSING = "update depends on data this server does not have; reconnect to resync"
-
-
-def _apply(doc: pycrdt.Doc, update: bytes) -> None:
-    """Apply a client's update; anything pycrdt refuses becomes a ProtocolError (1007).
-
-    Besides ValueError, pycrdt raises RuntimeError for some structurally
-    invalid updates ("block parent must be deleted or shared ref type"), and
-    a Rust panic surfaces as pyo3's PanicException, a BaseException.
-    """
-    try:
-        doc.apply_update(update)
-    except (ValueError, RuntimeError) as exc:
-        raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
-    except BaseException as exc:
-        if type(exc).__name__ != "PanicException":
-            raise
-        raise p.ProtocolError("invalid CRDT update (decoder panic)") from None
-
-
-def replay(history: list[bytes]) -> pycrdt.Doc:
-    """A document from stored updates, integrated as a room integrates them (surrogate pairs included)."""
-    doc = pycrdt.Doc()
-    splits = textsplit.TextSplits()
-    for update in history:
-        plan = splits.plan(update, lambda d=doc: _parse_state_vector(d.get_state()))
-        if plan is not None:
-            if plan.in_document:
-                doc = _rebuilt(doc, plan.in_document, splits) or doc
-            update = plan.update
-        doc.apply_update(update)
-    return doc
-
-
-def _rebuilt(doc: pycrdt.Doc, pairs: set[tuple[int, int]], splits: textsplit.TextSplits) -> pycrdt.Doc | None:
-    """A copy of ``doc`` with those surrogate pairs broken (None: none of them is in its text any more)."""
-    state = doc.get_update()
-    fixed = textsplit.break_pairs(state, pairs)
-    if fixed == state:
-        return None
-    new = pycrdt.Doc(client_id=doc.client_id)
-    new.apply_update(fixed)
-    if splits.early_deletes:
-        # Deletes still waiting for their items are not part of get_update().
-        new.apply_update(textsplit.delete_set_update(splits.early_deletes))
-    return new
-
-
-_parse_state_vector = ystructs.state_vector
-
-
 def _new_ranges(before: bytes, after: bytes) -> dict[int, tuple[int, int]]:
     """Per client, the clock range [start, end) that ``after`` has beyond ``before``."""
-    old = _parse_state_vector(before)
-    return {c: (old.get(c, 0), clock) for c, clock in _parse_state_vector(after).items() if clock > old.get(c, 0)}
+    old = state_vector(before)
+    return {c: (old.get(c, 0), clock) for c, clock in state_vector(after).items() if clock > old.get(c, 0)}
 
 
 def _delete_set_update(ranges: dict[int, tuple[int, int]]) -> bytes:
