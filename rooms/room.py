@@ -30,15 +30,12 @@ from rooms.config import (
     Changes,
     Rejection,
     UpdateGuard,
-    changes_at,
     config_map,
     config_snapshot,
     diff,
-    reread,
-    restore,
-    touched_paths,
 )
 from rooms.document import RoomDocument, apply_checked
+from rooms.guarding import ConfigGuarding
 from rooms.persist import PersistPipeline
 from rooms.ystructs import state_vector
 
@@ -140,8 +137,9 @@ class Room:
         self.guards = list(guards or [])
         self.listeners = list(listeners or [])
         # Plain view of the `config` map, kept only when someone looks at it.
-        self.config_view: dict[str, Any] = {}
-        self._config_touched: set[str] = set()
+        self.guarding = ConfigGuarding(
+            self.guards, bool(self.guards) or any(hasattr(x, "on_config_change") for x in self.listeners)
+        )
         self._applying_client_update = False
         self._applying_remote = False
         self.relay: Any = None  # scale-out relay (scaleout/relay.py) when several nodes share Redis
@@ -187,12 +185,11 @@ class Room:
         stored = await self.store.load(self.workspace_id)
         self.document.load(stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates])
         self._outgoing.clear()
-        if self._tracks_config:
-            self.config_view = config_snapshot(self.doc)
+        if self.guarding.tracking:
+            self.guarding.start(self.doc)
             # From here on the view is kept up to date from the document's
             # own events: only the paths a transaction touched are re-read.
-            self._config_touched = set()
-            self.document.observe_config(self._on_config_events)
+            self.document.observe_config(self.guarding.on_events)
         self.persist.loaded(stored.last_seq, stored.snapshot_seq, stored.updates)
         self.loaded_seq = stored.last_seq
         self.is_new = stored.is_new
@@ -300,7 +297,7 @@ class Room:
             # The raw update is stored (not only its integrated delta), so
             # structs still waiting for missing dependencies survive a restart.
             self.persist.updates.append(update)
-            if self._tracks_config:
+            if self.guarding.tracking:
                 self._check_config(ps)
         self.persist.acks[ps] = ps.updates_received
         self.last_active = time.monotonic()
@@ -389,9 +386,8 @@ class Room:
         self._outgoing.append(net)
         self.persist.updates.append(net)
         self.document.grew(len(net))  # tombstones and re-inserted content
-        if self._tracks_config:
-            self.config_view = config_snapshot(self.doc)
-            self._take_touched()
+        if self.guarding.tracking:
+            self.guarding.resync(self.doc)
         self._tell_refused(ps, paths, reason)
         self._schedule_flush()
         if error is not None:
@@ -429,68 +425,31 @@ class Room:
     # ------------------------------------------------------- configuration
 
     @property
-    def _tracks_config(self) -> bool:
-        return bool(self.guards) or any(hasattr(x, "on_config_change") for x in self.listeners)
-
-    def _on_config_events(self, events: list[Any]) -> None:
-        touched_paths(events, self._config_touched)
-
-    def _take_touched(self) -> set[str]:
-        touched, self._config_touched = self._config_touched, set()
-        return touched
+    def config_view(self) -> dict[str, Any]:
+        """The configuration as plain values (kept only while a guard or listener tracks it)."""
+        return self.guarding.view
 
     def _check_config(self, ps: PeerState | None) -> None:
-        """Run the guards over what an update changed; compensate rejections."""
-        touched = self._take_touched()
-        if not touched:
-            return
-        old = self.config_view
-        cfg = config_map(self.doc)
-        new = reread(cfg, old, touched)
-        changes = changes_at(old, new, touched)
-        if not changes:
-            self.config_view = new
-            return
-        rejections: list[Rejection] = []
-        attempted = changes
-        for guard in self.guards:
-            found = guard.check(self, ps, changes, new)
-            if not found:
-                continue
-            rejections.extend(found)
-            with self.doc.transaction(origin="server"):
-                for rejection in found:
-                    for path in rejection.paths:
-                        restore(self.doc, path, old)
-            more = self._take_touched()
-            new = reread(cfg, new, more)
-            touched |= more
-            changes = changes_at(old, new, touched)
-            if not changes:
-                break
-        self.config_view = new
-        if rejections:
-            self._emit("on_config_rejected", ps, rejections, attempted)
-        if ps is not None:
-            for rejection in rejections:
-                ps.control(
-                    {"type": "rejected", "paths": rejection.paths, "reason": rejection.reason, **rejection.details}
-                )
-        if changes:
-            self._emit("on_config_change", ps, changes, new)
+        """Run the guards over what an update changed; tell the author what they refused."""
+        verdict = self.guarding.check(self, ps, self.doc)
+        if verdict.rejections:
+            self._emit("on_config_rejected", ps, verdict.rejections, verdict.attempted)
+            if ps is not None:
+                for rejection in verdict.rejections:
+                    ps.control(
+                        {"type": "rejected", "paths": rejection.paths, "reason": rejection.reason, **rejection.details}
+                    )
+        if verdict.changes:
+            self._emit("on_config_change", ps, verdict.changes, self.guarding.view)
 
     def change_config(self, fn: Callable[[pycrdt.Map], None], author: PeerState | None = None) -> None:
         """Make a server-side change to the configuration map (stored and broadcast)."""
         with self.doc.transaction(origin="server"):
             fn(config_map(self.doc))
-        if self._tracks_config:
-            touched = self._take_touched()
-            old = self.config_view
-            new = reread(config_map(self.doc), old, touched)
-            changes = changes_at(old, new, touched)
-            self.config_view = new
+        if self.guarding.tracking:
+            changes = self.guarding.changed(self.doc)
             if changes:
-                self._emit("on_config_change", author, changes, new)
+                self._emit("on_config_change", author, changes, self.guarding.view)
 
     def stage_outbox(self, record: Any) -> None:
         """Write ``record`` with the updates of the current flush, in the same transaction."""
@@ -567,11 +526,8 @@ class Room:
             self._applying_remote = False
             self.document.stale()
         self.document.grew(len(update))
-        if self._tracks_config and self.loaded:
-            # Keep the view current (re-read only what the relayed update touched).
-            touched = self._take_touched()
-            if touched:
-                self.config_view = reread(config_map(self.doc), self.config_view, touched)
+        if self.guarding.tracking and self.loaded:
+            self.guarding.changed(self.doc)  # keep the view current (re-reads only what it touched)
         if seq is not None:
             self.durable_seq = max(self.durable_seq, seq)
         if self._outgoing:
