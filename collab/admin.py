@@ -29,7 +29,8 @@ from collab import protocol as p
 from collab.gate import GatedRoute, server_role, workspace_role
 from rooms import ystructs
 from rooms.config import config_snapshot
-from rooms.room import PeerState, Room, replay
+from rooms.document import replay
+from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
     from collab.app import App

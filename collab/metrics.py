@@ -244,7 +244,7 @@ class AppCollector(Collector):
         yield _gauge("collab_peer_queue_frames_max", "Longest outgoing queue of a peer", max(depths, default=0))
         yield _gauge("collab_peer_queue_limit_frames", "Queue length at which a peer is cut off",
                      app.settings.peer_queue_frames)  # fmt: skip
-        pending_store = sum(len(room._to_store) for room in rooms.values())
+        pending_store = sum(room.pending_store_updates for room in rooms.values())
         yield _gauge("collab_store_pending_updates", "Updates waiting for the next flush to the store", pending_store)
 
         # Store.
