@@ -31,7 +31,6 @@ def server(server_factory) -> ServerProcess:
 
 from tests.redis_support import redis_factory, redis_server  # noqa: E402,F401  (fixtures)
 
-
 # Markers from what a test module starts (read from its source once): `pytest -m unit`
 # runs the tests that start no process; `make test` runs everything.
 _KINDS = {
