@@ -164,7 +164,7 @@ class AdminAPI:
 
         From the room in memory, else from the store (the room is not opened).
         """
-        from forwarding.extension import jsonable, redact
+        from forwarding.extension import jsonable, mask_secrets
 
         workspace_id = self._workspace(request)
         room = self.app.rooms.rooms.get(workspace_id)
@@ -178,7 +178,7 @@ class AdminAPI:
             doc = replay(history)
             config, seq, source = config_snapshot(doc), stored.last_seq, "store"
         return JSONResponse(
-            {"workspace": workspace_id, "source": source, "seq": seq, "config": redact(jsonable(config))}
+            {"workspace": workspace_id, "source": source, "seq": seq, "config": mask_secrets(jsonable(config))}
         )
 
     async def consistency(self, request: Request) -> JSONResponse:

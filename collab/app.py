@@ -55,7 +55,7 @@ from collab.settings import Settings
 from persistence.base import DocumentStore, StoreError
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.manager import RoomLimitReached, RoomManager
-from rooms.room import PeerState, Room, RoomConfig
+from rooms.room import PeerState, Room, RoomTuning
 
 log = logging.getLogger("collab.app")
 
@@ -141,7 +141,7 @@ class App:
         self.store: DocumentStore = store or SQLiteDocumentStore(
             settings.database_path, synchronous=settings.sqlite_synchronous
         )
-        self.room_config = RoomConfig(
+        self.room_tuning = RoomTuning(
             flush_interval=settings.flush_interval_ms / 1000.0,
             flush_min_gap=settings.flush_min_gap_ms / 1000.0,
             compact_every_updates=settings.compact_every_updates,
@@ -163,7 +163,7 @@ class App:
         )
         self.rooms = RoomManager(
             self.store,
-            self.room_config,
+            self.room_tuning,
             idle_grace=settings.room_idle_seconds,
             room_factory=self._make_room,
             max_rooms=settings.max_rooms,
@@ -190,7 +190,7 @@ class App:
         room = Room(
             workspace_id,
             self.store,
-            self.room_config,
+            self.room_tuning,
             control_handlers=handlers,
             guards=guards,
             listeners=listeners,

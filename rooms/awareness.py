@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from collab import protocol as p
 
 if TYPE_CHECKING:
-    from rooms.room import PeerState
+    from rooms.peer import PeerState
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from persistence.base import DocumentStore, StoreError
 
 if TYPE_CHECKING:
-    from rooms.room import PeerState
+    from rooms.peer import PeerState
 
 log = logging.getLogger("collab.room")
 

@@ -36,24 +36,15 @@ from rooms.config import (
 )
 from rooms.document import RoomDocument, apply_checked
 from rooms.guarding import ConfigGuarding
+from rooms.peer import Peer, PeerState
 from rooms.persist import PersistPipeline
 from rooms.ystructs import state_vector
 
 log = logging.getLogger("collab.room")
 
 
-class Peer(Protocol):
-    """What a room needs of a connection."""
-
-    def send(self, frame: bytes) -> None:
-        """Queue a frame; never blocks. Closes the peer itself on overflow."""
-
-    def close(self, code: int, reason: str) -> None:
-        """Close the connection (idempotent)."""
-
-
 @dataclass(slots=True)
-class RoomConfig:
+class RoomTuning:
     flush_interval: float = 0.0  # seconds; 0 = merge what arrives in one loop turn
     # Minimum gap between two flushes (seconds). A quiet room flushes at once;
     # a busy one at most every `flush_min_gap`, so more updates share a frame
@@ -67,32 +58,6 @@ class RoomConfig:
     tombstone_seconds: float = 60.0
     limits: dict[str, Any] = field(default_factory=dict)  # advertised in `welcome`
     server_version: str = "0"
-
-
-@dataclass(eq=False, slots=True)
-class PeerState:
-    """What the room remembers about one connected peer."""
-
-    peer: Peer
-    epoch: int
-    identity: Any = None  # collab.auth.Identity when joined through the server
-    wants_control: bool = False
-    client_ids: set[int] = field(default_factory=set)
-    updates_received: int = 0
-    updates_acked: int = 0
-    alive: bool = True
-    last_seen: float = 0.0  # time.monotonic() of the last message received (liveness of lock holders)
-    remote: str | None = None  # node id: stands for the clients of another node (scale-out relay)
-
-    @property
-    def read_only(self) -> bool:
-        """A viewer: its updates are refused (and compensated), the rest works."""
-        return getattr(self.identity, "role", None) == "viewer"
-
-    def control(self, body: dict[str, Any]) -> None:
-        """Send a control message, only if the peer opted in with hello."""
-        if self.wants_control and self.alive:
-            self.peer.send(p.encode_control(body))
 
 
 ControlHandler = Callable[["Room", PeerState, p.Control], None]
@@ -125,14 +90,14 @@ class Room:
         self,
         workspace_id: str,
         store: DocumentStore,
-        config: RoomConfig | None = None,
+        tuning: RoomTuning | None = None,
         control_handlers: Mapping[str, ControlHandler] | None = None,
         guards: list[UpdateGuard] | None = None,
         listeners: list[Any] | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.store = store
-        self.config = config or RoomConfig()
+        self.tuning = tuning or RoomTuning()
         self.control_handlers = dict(control_handlers or {})
         self.guards = list(guards or [])
         self.listeners = list(listeners or [])
@@ -150,9 +115,9 @@ class Room:
         self._client_delta: bytes | None = None  # what the client update being applied integrated
         self.peers: dict[Peer, PeerState] = {}
         self.awareness_table = AwarenessTable(
-            self.config.max_awareness_state_bytes,
-            self.config.max_awareness_clients,
-            self.config.tombstone_seconds,
+            self.tuning.max_awareness_state_bytes,
+            self.tuning.max_awareness_clients,
+            self.tuning.tombstone_seconds,
             [x.filter_awareness for x in self.listeners if hasattr(x, "filter_awareness")],
         )
         self.awareness: dict[int, AwarenessRecord] = self.awareness_table.records  # client id -> record
@@ -166,8 +131,8 @@ class Room:
             snapshot=lambda: self.doc.get_update(),
             on_persisted=lambda records: self._emit("on_outbox_persisted", records),
             on_failed=self._fail,
-            compact_every_updates=self.config.compact_every_updates,
-            compact_every_bytes=self.config.compact_every_bytes,
+            compact_every_updates=self.tuning.compact_every_updates,
+            compact_every_bytes=self.tuning.compact_every_bytes,
         )
         self._last_flush = 0.0
         self.loaded = False
@@ -267,7 +232,7 @@ class Room:
         if update != p.EMPTY_UPDATE:
             if ps.read_only:
                 refusal = "read-only"
-            elif self.document.too_large(update, self.config.max_document_bytes):
+            elif self.document.too_large(update, self.tuning.max_document_bytes):
                 refusal = "document_too_large"
         if refusal is not None:
             if metrics is not None:
@@ -419,7 +384,7 @@ class Room:
             self._emit("on_config_rejected", ps, [Rejection(paths, reason)], {})
         body: dict[str, Any] = {"type": "rejected", "paths": paths, "reason": reason}
         if reason == "document_too_large":
-            body["limit"] = self.config.max_document_bytes
+            body["limit"] = self.tuning.max_document_bytes
         ps.control(body)
 
     # ------------------------------------------------------- configuration
@@ -480,10 +445,10 @@ class Room:
                 {
                     "type": "welcome",
                     "server": "datasource-collab",
-                    "version": self.config.server_version,
+                    "version": self.tuning.server_version,
                     "protocol": p.PROTOCOL_VERSION,
                     "workspace": self.workspace_id,
-                    "limits": self.config.limits,
+                    "limits": self.tuning.limits,
                     "saved_seq": self.durable_seq,
                     **({"id": message.body["id"]} if "id" in message.body else {}),
                 }
@@ -562,11 +527,11 @@ class Room:
         if self._flush_handle is not None:
             return
         loop = asyncio.get_running_loop()
-        interval = self.config.flush_interval
+        interval = self.tuning.flush_interval
         if interval > 0 and not immediate:
             self._flush_handle = loop.call_later(interval, self.flush)
             return
-        gap = self.config.flush_min_gap
+        gap = self.tuning.flush_min_gap
         if gap > 0 and not immediate:
             wait = self._last_flush + gap - time.monotonic()
             if wait > 0:

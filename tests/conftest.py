@@ -30,3 +30,25 @@ def server(server_factory) -> ServerProcess:
 
 
 from tests.redis_support import redis_factory, redis_server  # noqa: E402,F401  (fixtures)
+
+# Markers from what a test module starts (read from its source once): `pytest -m unit`
+# runs the tests that start no process; `make test` runs everything.
+_KINDS = {
+    "browser": ("playwright", "chromium"),
+    "node": ("node_clients", "NODE", ".mjs"),
+    "redis": ("redis_server", "redis_factory", "redis-server", "RedisProcess"),
+    "server": ("server_factory", "ServerProcess", "(server", "server)", "spawn-server", "spawn_server", "_server("),
+}
+_module_kinds: dict[str, list[str]] = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = str(item.path)
+        kinds = _module_kinds.get(path)
+        if kinds is None:
+            source = item.path.read_text(errors="replace")
+            kinds = [kind for kind, needles in _KINDS.items() if any(n in source for n in needles)] or ["unit"]
+            _module_kinds[path] = kinds
+        for kind in kinds:
+            item.add_marker(kind)

@@ -6,7 +6,7 @@ import json
 
 from collab import protocol as p
 from rooms.awareness import AwarenessTable
-from rooms.room import PeerState
+from rooms.peer import PeerState
 
 
 class Quiet:

@@ -6,8 +6,8 @@ import asyncio
 
 from persistence.base import StoreError
 from persistence.sqlite import SQLiteDocumentStore
+from rooms.peer import PeerState
 from rooms.persist import PersistPipeline
-from rooms.room import PeerState
 
 
 class Peer:
