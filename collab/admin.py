@@ -29,7 +29,8 @@ from collab import protocol as p
 from collab.gate import GatedRoute, server_role, workspace_role
 from rooms import ystructs
 from rooms.config import config_snapshot
-from rooms.room import PeerState, Room, replay
+from rooms.document import replay
+from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -127,6 +128,10 @@ class AdminAPI:
     async def room(self, request: Request) -> JSONResponse:
         """``GET /api/admin/rooms/{id}``: peers on this node, participants and locks (every node's)."""
         workspace_id = self._workspace(request)
+        return JSONResponse(await self.room_report(workspace_id))
+
+    async def room_report(self, workspace_id: str) -> dict[str, Any]:
+        """One room: summary, peers on this node, participants and locks (every node's). Also for the console."""
         room = self.app.rooms.rooms.get(workspace_id)
         body: dict[str, Any] = {"workspace": workspace_id, "node": self.app.settings.node_id, "open": room is not None}
         if room is not None:
@@ -137,7 +142,7 @@ class AdminAPI:
         body["participants"] = await self._participants(workspace_id)
         locks = self._extension("locks")
         body["locks"] = await locks.current_locks(workspace_id) if locks is not None else []
-        return JSONResponse(body)
+        return body
 
     async def _participants(self, workspace_id: str) -> list[dict[str, Any]] | None:
         presence = self._extension("presence")
@@ -159,7 +164,7 @@ class AdminAPI:
 
         From the room in memory, else from the store (the room is not opened).
         """
-        from forwarding.extension import jsonable, redact
+        from forwarding.extension import jsonable, mask_secrets
 
         workspace_id = self._workspace(request)
         room = self.app.rooms.rooms.get(workspace_id)
@@ -173,7 +178,7 @@ class AdminAPI:
             doc = replay(history)
             config, seq, source = config_snapshot(doc), stored.last_seq, "store"
         return JSONResponse(
-            {"workspace": workspace_id, "source": source, "seq": seq, "config": redact(jsonable(config))}
+            {"workspace": workspace_id, "source": source, "seq": seq, "config": mask_secrets(jsonable(config))}
         )
 
     async def consistency(self, request: Request) -> JSONResponse:

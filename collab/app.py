@@ -34,6 +34,7 @@ from collab.auth import (
     has_role,
 )
 from collab.connection import WebSocketPeer
+from collab.console import Console
 from collab.extensions import Extension
 from collab.gate import (
     PUBLIC,
@@ -54,7 +55,7 @@ from collab.settings import Settings
 from persistence.base import DocumentStore, StoreError
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.manager import RoomLimitReached, RoomManager
-from rooms.room import PeerState, Room, RoomConfig
+from rooms.room import PeerState, Room, RoomTuning
 
 log = logging.getLogger("collab.app")
 
@@ -140,7 +141,7 @@ class App:
         self.store: DocumentStore = store or SQLiteDocumentStore(
             settings.database_path, synchronous=settings.sqlite_synchronous
         )
-        self.room_config = RoomConfig(
+        self.room_tuning = RoomTuning(
             flush_interval=settings.flush_interval_ms / 1000.0,
             flush_min_gap=settings.flush_min_gap_ms / 1000.0,
             compact_every_updates=settings.compact_every_updates,
@@ -162,7 +163,7 @@ class App:
         )
         self.rooms = RoomManager(
             self.store,
-            self.room_config,
+            self.room_tuning,
             idle_grace=settings.room_idle_seconds,
             room_factory=self._make_room,
             max_rooms=settings.max_rooms,
@@ -175,6 +176,7 @@ class App:
         self.counters = self.metrics.counters
         self.gate = Gate(self.authenticator, settings)
         self.admin = AdminAPI(self)
+        self.console = Console(self)  # the landing page (/) and the operator console (/admin)
         self._redis: Any = None  # client for the readiness check, when COLLAB_REDIS_URL is set
 
     def _make_room(self, workspace_id: str) -> Room:
@@ -188,7 +190,7 @@ class App:
         room = Room(
             workspace_id,
             self.store,
-            self.room_config,
+            self.room_tuning,
             control_handlers=handlers,
             guards=guards,
             listeners=listeners,
@@ -210,6 +212,7 @@ class App:
             GatedRoute("/openapi.json", self.openapi_endpoint, requires=PUBLIC),
             GatedRoute("/admin/stats", self.admin_stats, requires=server_role("admin")),
             *self.admin.routes(),
+            *self.console.routes(),
             GatedWebSocketRoute("/ws/{workspace_id}", self.websocket, requires=WEBSOCKET_REQUIRES),
         ]
         for ext in self.extensions:
@@ -315,8 +318,7 @@ class App:
             ok = False
         if self.settings.redis_url:
             try:
-                async with asyncio.timeout(2):
-                    await self._redis_client().ping()
+                await self.redis_check()
                 checks["redis"] = "ok"
             except Exception as exc:
                 checks["redis"] = f"error: {type(exc).__name__}: {exc}"
@@ -332,6 +334,11 @@ class App:
         if not self.accepting:
             checks["server"] = "not accepting connections (starting or shutting down)"
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    async def redis_check(self, timeout: float = 2.0) -> None:
+        """PING the shared Redis (COLLAB_REDIS_URL); raises when it does not answer. For /readyz and /metrics."""
+        async with asyncio.timeout(timeout):
+            await self._redis_client().ping()
 
     def _redis_client(self) -> Any:
         if self._redis is None:
@@ -478,11 +485,26 @@ class App:
                 self.peers.discard(peer)
                 if not self.peers:
                     self._no_peers.set()
+                log.info(
+                    "closed workspace=%s user=%s from %s: %s",
+                    workspace_id,
+                    identity.user_id,
+                    f"{client.host}:{client.port}" if client else "?",
+                    f"{peer.close_code} {peer.close_reason}" if peer.close_code is not None else "the client left",
+                )
 
     async def _close(self, ws: WebSocket, code: int, reason: str) -> None:
         """Close a connection that never joined a room (counted by close code)."""
         kind = "room_limit" if code == p.CLOSE_TRY_AGAIN else close_kind(code)
         self.counters.closed(code, kind)
+        log.info(
+            "refused workspace=%s user=%s from %s: %d %s",
+            logs.workspace_var.get() or "-",
+            logs.user_var.get() or "-",
+            ws.client.host if ws.client else "?",
+            code,
+            reason,
+        )
         await _close(ws, code, reason)
 
     async def _deny(self, ws: WebSocket, status: int, reason: str) -> None:
@@ -731,8 +753,11 @@ def create_app(
     return app
 
 
-def default_extensions(settings: Settings) -> list[Extension]:
-    """The features a server built from settings runs with, in hook order."""
+def default_extensions(settings: Settings, forwarding: Any = None) -> list[Extension]:
+    """The features a server built from settings runs with, in hook order.
+
+    ``forwarding``: the ForwardingSettings (read from the environment when None).
+    """
     extensions: list[Extension] = []
     if settings.uses_redis_store:
         from scaleout.relay import RelayExtension
@@ -750,5 +775,5 @@ def default_extensions(settings: Settings) -> list[Extension]:
 
     # Forwarding goes last: its validation guard sees what other guards (locks)
     # let through, and it finds their ``fence_for`` among the extensions.
-    extensions.append(ForwardingExtension())
+    extensions.append(ForwardingExtension(forwarding))
     return extensions

@@ -68,7 +68,7 @@ class WebSocketPeer:
         self.close_code = code
         self.close_reason = reason
         if code not in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY, p.CLOSE_RESTART):
-            log.info("closing %s: %d %s", self.label, code, reason)
+            log.debug("closing %s: %d %s", self.label, code, reason)  # the app logs the close (info)
         self.closed.set_result(None)
 
     def disconnected(self) -> None:

@@ -23,7 +23,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from collab.security import redact
+from collab.security import redact_tokens
 
 # Per connection (or per background task working for one workspace).
 workspace_var: ContextVar[str | None] = ContextVar("collab_log_workspace", default=None)
@@ -64,7 +64,7 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": redact(record.getMessage()),
+            "msg": redact_tokens(record.getMessage()),
         }
         if self.node:
             out["node"] = self.node
@@ -78,11 +78,11 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and key not in out and not key.startswith("_"):
                 out[key] = value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
         if record.exc_info:
-            out["exc"] = redact(self.formatException(record.exc_info))
+            out["exc"] = redact_tokens(self.formatException(record.exc_info))
         elif record.exc_text:
-            out["exc"] = redact(record.exc_text)
+            out["exc"] = redact_tokens(record.exc_text)
         if record.stack_info:
-            out["stack"] = redact(self.formatStack(record.stack_info))
+            out["stack"] = redact_tokens(self.formatStack(record.stack_info))
         return json.dumps(out, ensure_ascii=False, default=str)
 
 

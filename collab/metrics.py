@@ -174,10 +174,18 @@ class AppCollector(Collector):
         self.app = app
         self.c = counters
         self._outbox: dict[str, Any] | None = None
+        self._redis_up: int | None = None
 
     async def prefetch(self) -> None:
-        """Numbers that need the store: the forwarding outbox (bounded wait)."""
+        """Numbers that need the store: the forwarding outbox (bounded wait); whether Redis answers."""
         self._outbox = None
+        self._redis_up = None
+        if self.app.settings.redis_url:
+            try:
+                await self.app.redis_check(timeout=1.0)
+                self._redis_up = 1
+            except Exception:
+                self._redis_up = 0
         totals = getattr(self.app.store, "outbox_totals", None)
         if totals is None:
             return
@@ -196,6 +204,9 @@ class AppCollector(Collector):
         yield _gauge(
             "collab_accepting", "1 while the server accepts connections (0 while shutting down)", int(app.accepting)
         )
+        if self._redis_up is not None:
+            yield _gauge("collab_redis_up", "1 when the shared Redis answered a PING at this scrape (1 s bound)",
+                         self._redis_up)  # fmt: skip
 
         # Rooms and connections.
         rooms = app.rooms.rooms
@@ -233,7 +244,7 @@ class AppCollector(Collector):
         yield _gauge("collab_peer_queue_frames_max", "Longest outgoing queue of a peer", max(depths, default=0))
         yield _gauge("collab_peer_queue_limit_frames", "Queue length at which a peer is cut off",
                      app.settings.peer_queue_frames)  # fmt: skip
-        pending_store = sum(len(room._to_store) for room in rooms.values())
+        pending_store = sum(room.pending_store_updates for room in rooms.values())
         yield _gauge("collab_store_pending_updates", "Updates waiting for the next flush to the store", pending_store)
 
         # Store.

@@ -93,6 +93,47 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "security": [{"bearer": []}],
         "responses": {"200": _json("counts"), **_ADMIN},
     },
+    ("/", "get"): {
+        "summary": "Landing page: what runs here, links to the participants panel, the console, /metrics, the docs",
+        "description": "HTML; names no workspace and no user.",
+        "tags": ["pages"],
+        "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}},
+    },
+    ("/admin", "get"): {
+        "summary": "The operator console (HTML): rooms, participants, locks, forwarding, dead letters, audit",
+        "description": _SERVER_ADMIN_NOTE
+        + " The page passes its own query string (`?token=`, or `?user=&role=admin`) to the requests it makes.",
+        "tags": ["admin", "pages"],
+        "security": [{"bearer": []}],
+        "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}, **_ADMIN},
+    },
+    ("/api/admin/console", "get"): {
+        "summary": "Everything the console shows, in one document (polled by /admin)",
+        "description": _SERVER_ADMIN_NOTE
+        + " `rooms`: the admin API's room reports plus `nodes`; `forwarding.workspaces`: per workspace with an "
+        "open room, pending changes, or named in `?watch=a,b`: the forwarding status with `lag_seconds`, its "
+        "dead letters (`dead`) and its latest audit entries (`audit`); `forwarding.totals`: the whole store.",
+        "tags": ["admin"],
+        "security": [{"bearer": []}],
+        "parameters": [
+            {
+                "name": "watch",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "comma-separated workspaces to include though not open on this node",
+            }
+        ],
+        "responses": {"200": _json("the console document"), **_ADMIN},
+    },
+    ("/docs/{name}", "get"): {
+        "summary": "A document of docs/ (Markdown), when the server runs from a source checkout",
+        "tags": ["pages"],
+        "responses": {
+            "200": {"description": "Markdown", "content": {"text/markdown": {}}},
+            "404": _error("no such document"),
+        },
+    },
     ("/api/admin/rooms", "get"): {
         "summary": "The rooms in memory on this node, with peer counts",
         "description": _SERVER_ADMIN_NOTE,

@@ -168,7 +168,7 @@ _SECRET_PATTERNS = [
 _MARKERS = ("token=", "bearer")
 
 
-def redact(text: str) -> str:
+def redact_tokens(text: str) -> str:
     """``text`` with token values replaced by ``[redacted]``."""
     lowered = text.lower()
     if not any(marker in lowered for marker in _MARKERS):
@@ -200,7 +200,7 @@ def install_log_redaction() -> None:
             message = record.getMessage()
         except Exception:  # a broken format string: leave it to the handler to report
             return record
-        cleaned = redact(message)
+        cleaned = redact_tokens(message)
         if cleaned is not message and cleaned != message:
             record.msg = cleaned
             record.args = None

@@ -34,23 +34,31 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COLLAB_", extra="ignore")
 
     # Network
-    host: str = "127.0.0.1"
-    port: int = Field(8765, ge=0, le=65535)
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 for every interface")
+    port: int = Field(8765, ge=0, le=65535, description="TCP port; 0 picks a free one (printed at start)")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="closes, refusals and forwarding are logged at info"
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="json: one JSON object per line with workspace and user (recommended in production)"
     )
 
     # Storage
-    data_dir: Path = Path("./data")
+    data_dir: Path = Field(Path("./data"), description="where the SQLite store lives (created if missing)")
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
         "FULL", description="FULL survives power loss; NORMAL survives a process crash only"
     )
-    compact_every_updates: int = Field(500, ge=1)
-    compact_every_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    compact_every_updates: int = Field(
+        500, ge=1, description="a document's update log is merged into one state after this many updates"
+    )
+    compact_every_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="...or after its update log grew by this many bytes"
+    )
 
     # Scale-out (later): when set, Redis backs locks, presence and relay.
-    redis_url: str | None = None
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db; when set, documents, relay, outbox, locks and presence live in Redis"
+    )
     node_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         min_length=1,
@@ -91,7 +99,7 @@ class Settings(BaseSettings):
         2048, ge=16, description="outgoing frames queued per peer before its TCP connection is dropped (the client "
         "sees 1006; logged as 1013)"
     )
-    max_awareness_state_bytes: int = Field(64 * 1024, ge=64)
+    max_awareness_state_bytes: int = Field(64 * 1024, ge=64, description="larger awareness states are refused")
     max_awareness_clients_per_connection: int = Field(
         8, ge=1, description="awareness client ids one connection may own (each holds a state)"
     )
@@ -128,8 +136,8 @@ class Settings(BaseSettings):
     jwt_algorithms: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted algorithms; default HS256 with a secret, RS256+ES256 with a key"
     )
-    jwt_audience: str | None = None
-    jwt_issuer: str | None = None
+    jwt_audience: str | None = Field(None, description="required aud claim of tokens (unset: not checked)")
+    jwt_issuer: str | None = Field(None, description="required iss claim of tokens (unset: not checked)")
     jwt_leeway: float = Field(0.0, ge=0, le=300, description="clock skew tolerated on exp/nbf/iat, seconds")
     token_refresh_window: float = Field(
         60.0, ge=0, description="seconds before expiry that opted-in clients get auth.expiring"
@@ -154,7 +162,7 @@ class Settings(BaseSettings):
     )
 
     # Configuration locks (leases). In process by default; in Redis when redis_url is set.
-    locks_enabled: bool = True
+    locks_enabled: bool = Field(True, description="configuration locks (leases on paths); false turns the feature off")
     lock_ttl_seconds: float = Field(30.0, gt=0, le=3600, description="lease TTL when a request gives none")
     lock_min_ttl_seconds: float = Field(1.0, gt=0, description="shorter requested TTLs are raised to this")
     lock_max_ttl_seconds: float = Field(300.0, gt=0, description="longer requested TTLs are capped to this")
@@ -178,7 +186,7 @@ class Settings(BaseSettings):
     lock_max_per_connection: int = Field(32, ge=1, description="leases held or requested by one connection")
     lock_max_pending_per_connection: int = Field(8, ge=1, description="lock requests in flight per connection")
     lock_rate_per_second: float = Field(50.0, gt=0, description="lock requests per connection per second")
-    lock_rate_burst: int = Field(100, ge=1)
+    lock_rate_burst: int = Field(100, ge=1, description="lock requests a connection may send at once")
     lock_redis_timeout_seconds: float = Field(0.5, gt=0, description="Redis socket timeout: lock requests fail fast")
     lock_fence_block: int = Field(1000, ge=1, description="fences reserved per durable high-water-mark write")
 

@@ -360,6 +360,7 @@ class BulkJobs:
                 if job is None:
                     continue
                 log.warning("bulk job %s was unfinished at start (%s): resuming", job_id, job.data["state"])
+                job.data["resumed"] = job.data.get("resumed", 0) + 1  # stored with its next state
                 self.jobs[job_id] = job
                 self._run(job)
         except StoreError as exc:

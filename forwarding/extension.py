@@ -65,12 +65,14 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def redact(value: Any) -> Any:
+def mask_secrets(value: Any) -> Any:
     """Values under secret-looking keys become "***" (a refused secret must not land in the audit trail)."""
     if isinstance(value, dict):
-        return {k: "***" if SECRET_KEYS.match(str(k)) and v not in (None, "") else redact(v) for k, v in value.items()}
+        return {
+            k: "***" if SECRET_KEYS.match(str(k)) and v not in (None, "") else mask_secrets(v) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return [mask_secrets(v) for v in value]
     return value
 
 
@@ -83,9 +85,9 @@ def change_list(changes: Changes, paths: list[str] | None = None) -> list[dict[s
         secret = any(SECRET_KEYS.match(part) for part in path.split("."))
         entry: dict[str, Any] = {"path": path}
         if old is not MISSING:
-            entry["old"] = "***" if secret and old not in (None, "") else redact(jsonable(old))
+            entry["old"] = "***" if secret and old not in (None, "") else mask_secrets(jsonable(old))
         if new is not MISSING:
-            entry["new"] = "***" if secret and new not in (None, "") else redact(jsonable(new))
+            entry["new"] = "***" if secret and new not in (None, "") else mask_secrets(jsonable(new))
         out.append(entry)
     return out
 
@@ -502,9 +504,16 @@ class _RoomHooks:
         room.stage_outbox(record)
 
     def on_config_rejected(self, room: Room, ps: PeerState | None, rejections: list, attempted: Changes) -> None:
+        paths = sorted({path for r in rejections for path in r.paths})
+        log.info(
+            "refused change workspace=%s user=%s paths=%s: %s",
+            room.workspace_id,
+            getattr(getattr(ps, "identity", None), "user_id", "-"),
+            ",".join(paths),
+            "; ".join(sorted({r.reason for r in rejections})),
+        )
         if not self.ext.recording:
             return
-        paths = sorted({path for r in rejections for path in r.paths})
         # Paths refused without their values (a viewer's update, a size cap) are listed bare.
         changes = change_list(attempted, paths) + [{"path": path} for path in paths if path not in attempted]
         room.stage_outbox(

@@ -545,7 +545,15 @@ class Forwarder:
                     if stale and self.sync is not None:
                         with contextlib.suppress(Exception):
                             await self.sync.on_conflict(workspace)
-                    log.debug("forwarded %s seq %d-%d (%s)", workspace, head.seq, last.seq, body)
+                    log.info(
+                        "forwarded workspace=%s user=%s seq %d-%d (%d changes): HTTP %d",
+                        workspace,
+                        ",".join(sorted({str(r.author.get("id")) for r in batch if r.author})) or "-",
+                        head.seq,
+                        last.seq,
+                        len(batch),
+                        status,
+                    )
                     if isinstance(body, dict) and body.get("status") == "stale":
                         log.warning(
                             "backend already holds a newer version of %s (seq %s) than change %d: not applied",

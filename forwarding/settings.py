@@ -46,7 +46,9 @@ class ForwardingSettings(BaseSettings):
     forward_debounce_ms: float = Field(500.0, ge=0, description="send once no change came for this long")
     forward_max_delay_ms: float = Field(5000.0, ge=0, description="...but never hold a change longer than this")
     forward_batch_max: int = Field(200, ge=1, description="changes coalesced into one request at most")
-    forward_backoff_initial_ms: float = Field(500.0, gt=0)
+    forward_backoff_initial_ms: float = Field(
+        500.0, gt=0, description="first wait after a failed delivery (doubles up to the max)"
+    )
     forward_backoff_max_ms: float = Field(
         10000.0, gt=0, description="longest wait between two attempts (one probe at a time while the backend is down)"
     )

@@ -53,6 +53,8 @@ def _add_run_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--query", default="", help="query string for every room URL (e.g. identity: user=lt)")
     p.add_argument("--server-pid", type=int, help="server PID: report its CPU time per delivery (/proc/PID/stat)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    if sweep:
+        p.add_argument("--plot", type=Path, help="also draw p50/p99 latency against deliveries/s (PNG)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
@@ -261,6 +263,10 @@ def _run(coro_fn, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "plot":
+        from loadtest.plot import main as plot_main
+
+        return plot_main(argv[1:])
     if argv and argv[0] == "textfuzz":
         from loadtest.textfuzz import main as textfuzz_main
 
@@ -320,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         out["command"] = " ".join(sys.argv)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
+    if getattr(args, "plot", None) and out["scenario"] == "sweep":
+        from loadtest.plot import draw
+
+        draw(out, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     if out["scenario"] == "fanout":
         res = out["result"]
         return 0 if res["lost"] == 0 and res["converged"] else 1

@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-duration", type=float, default=10.0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--plot", type=Path, help="also draw the sweeps: p50/p99 latency against deliveries/s (PNG)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
@@ -408,4 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(md)
         print(f"wrote {args.markdown}", file=sys.stderr)
+    if args.plot:
+        from loadtest.plot import draw
+
+        try:
+            draw(out, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+        except ValueError as exc:
+            print(f"no plot: {exc}", file=sys.stderr)
     return 0

@@ -337,6 +337,14 @@ class SQLiteOutboxMixin:
             lambda db: [r[0] for r in db.execute("SELECT DISTINCT workspace FROM outbox WHERE state='pending'")]
         )
 
+    async def dead_letter_workspaces(self) -> list[str]:
+        """Workspaces holding dead letters (the operator console lists them all)."""
+        return await self._call(
+            lambda db: [
+                r[0] for r in db.execute("SELECT DISTINCT workspace FROM outbox WHERE state='dead' ORDER BY workspace")
+            ]
+        )
+
     async def outbox_totals(self) -> dict[str, Any]:
         """Rows per state across workspaces, and the oldest pending one (for /metrics)."""
 

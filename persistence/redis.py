@@ -410,6 +410,50 @@ class RedisDocumentStore:
 
         return await self._run(run)
 
+    async def dead_letter_workspaces(self) -> list[str]:
+        """Workspaces holding dead letters (the operator console lists them all)."""
+
+        async def run():
+            names = sorted(m.decode() for m in await self._r().smembers(OUTBOX_INDEX))
+            pipe = self._r().pipeline(transaction=False)
+            for name in names:
+                pipe.zcard(tag(name) + ":outbox:dead")
+            counts = await pipe.execute() if names else []
+            return [name for name, count in zip(names, counts) if count]
+
+        return await self._run(run)
+
+    async def outbox_totals(self) -> dict[str, Any]:
+        """Rows pending and dead across workspaces, and the oldest pending one (for /metrics and alerts).
+
+        One pass over the workspaces that have outbox rows (the index drops the
+        others), pipelined.
+        """
+
+        async def run():
+            names = [m.decode() for m in await self._r().smembers(OUTBOX_INDEX)]
+            totals: dict[str, Any] = {"pending": 0, "dead": 0, "oldest_pending_at": None}
+            if not names:
+                return totals
+            pipe = self._r().pipeline(transaction=False)
+            for name in names:
+                pipe.zcard(tag(name) + ":outbox:pending")
+                pipe.zcard(tag(name) + ":outbox:dead")
+                pipe.zrange(tag(name) + ":outbox:pending", 0, 0)
+            replies = await pipe.execute()
+            for i, name in enumerate(names):
+                pending, dead, first = replies[3 * i : 3 * i + 3]
+                totals["pending"] += pending
+                totals["dead"] += dead
+                if first:
+                    rows = await self._rows(name, [int(first[0])])
+                    oldest = totals["oldest_pending_at"]
+                    if rows and (oldest is None or rows[0].created_at < oldest):
+                        totals["oldest_pending_at"] = rows[0].created_at
+            return totals
+
+        return await self._run(run)
+
     async def outbox_pending(self, workspace: str, limit: int) -> list[OutboxRow]:
         async def run():
             key = tag(workspace) + ":outbox:pending"

@@ -43,7 +43,8 @@ from collab import protocol as p
 from collab.extensions import Extension
 from collab.gate import PUBLIC, GatedMount, GatedRoute, workspace_role
 from presence.base import POLLS_PER_TTL, ConnectionEntry, PresenceRegistry, build_roster, roster_diff
-from rooms.room import AwarenessRejected, PeerState, Room
+from rooms.awareness import AwarenessRejected
+from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
     from collab.app import App

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 
 from persistence.base import DocumentStore
-from rooms.room import Room, RoomConfig
+from rooms.room import Room, RoomTuning
 
 log = logging.getLogger("collab.rooms")
 
@@ -20,16 +20,16 @@ class RoomManager:
     def __init__(
         self,
         store: DocumentStore,
-        config: RoomConfig | None = None,
+        tuning: RoomTuning | None = None,
         idle_grace: float = 10.0,
         room_factory: Callable[[str], Room] | None = None,
         max_rooms: int = 0,
     ) -> None:
         self.store = store
-        self.config = config or RoomConfig()
+        self.tuning = tuning or RoomTuning()
         self.idle_grace = idle_grace
         self.max_rooms = max_rooms  # rooms in memory, loading ones included (0 = no limit)
-        self._factory = room_factory or (lambda wid: Room(wid, self.store, self.config))
+        self._factory = room_factory or (lambda wid: Room(wid, self.store, self.tuning))
         self.rooms: dict[str, Room] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self._evictors: dict[str, asyncio.TimerHandle] = {}

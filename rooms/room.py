@@ -15,7 +15,6 @@ append per flush; ``saved`` acks follow once the append is durable.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -25,36 +24,27 @@ from typing import Any, Protocol
 import pycrdt
 
 from collab import protocol as p
-from persistence.base import DocumentStore, StoreError
-from rooms import textsplit, ystructs
+from persistence.base import DocumentStore
+from rooms.awareness import AwarenessRecord, AwarenessTable
 from rooms.config import (
     Changes,
     Rejection,
     UpdateGuard,
-    changes_at,
     config_map,
     config_snapshot,
     diff,
-    reread,
-    restore,
-    touched_paths,
 )
+from rooms.document import RoomDocument, apply_checked
+from rooms.guarding import ConfigGuarding
+from rooms.peer import Peer, PeerState
+from rooms.persist import PersistPipeline
+from rooms.ystructs import state_vector
 
 log = logging.getLogger("collab.room")
 
 
-class Peer(Protocol):
-    """What a room needs of a connection."""
-
-    def send(self, frame: bytes) -> None:
-        """Queue a frame; never blocks. Closes the peer itself on overflow."""
-
-    def close(self, code: int, reason: str) -> None:
-        """Close the connection (idempotent)."""
-
-
 @dataclass(slots=True)
-class RoomConfig:
+class RoomTuning:
     flush_interval: float = 0.0  # seconds; 0 = merge what arrives in one loop turn
     # Minimum gap between two flushes (seconds). A quiet room flushes at once;
     # a busy one at most every `flush_min_gap`, so more updates share a frame
@@ -70,56 +60,7 @@ class RoomConfig:
     server_version: str = "0"
 
 
-@dataclass(eq=False, slots=True)
-class PeerState:
-    """What the room remembers about one connected peer."""
-
-    peer: Peer
-    epoch: int
-    identity: Any = None  # collab.auth.Identity when joined through the server
-    wants_control: bool = False
-    client_ids: set[int] = field(default_factory=set)
-    updates_received: int = 0
-    updates_acked: int = 0
-    alive: bool = True
-    last_seen: float = 0.0  # time.monotonic() of the last message received (liveness of lock holders)
-    remote: str | None = None  # node id: stands for the clients of another node (scale-out relay)
-
-    @property
-    def read_only(self) -> bool:
-        """A viewer: its updates are refused (and compensated), the rest works."""
-        return getattr(self.identity, "role", None) == "viewer"
-
-    def control(self, body: dict[str, Any]) -> None:
-        """Send a control message, only if the peer opted in with hello."""
-        if self.wants_control and self.alive:
-            self.peer.send(p.encode_control(body))
-
-
-@dataclass(slots=True)
-class AwarenessRecord:
-    clock: int
-    state: str | None
-    owner: PeerState | None
-    seen_epoch: int = 0  # last room epoch at which this live state was sent out
-    removed_at: float = 0.0
-    relayed_at: float = 0.0  # time.monotonic() of the last relayed refresh (remote owners only)
-
-
 ControlHandler = Callable[["Room", PeerState, p.Control], None]
-
-
-class AwarenessRejected(Exception):
-    """Raised by an awareness filter: the entry is dropped, the sender told why.
-
-    ``code`` is the ``error`` message's code; ``notify=False`` drops the entry
-    silently (e.g. a flood the sender was already told about).
-    """
-
-    def __init__(self, message: str, code: str = "awareness_rejected", notify: bool = True) -> None:
-        super().__init__(message)
-        self.code = code
-        self.notify = notify
 
 
 class RoomListener(Protocol):
@@ -149,66 +90,57 @@ class Room:
         self,
         workspace_id: str,
         store: DocumentStore,
-        config: RoomConfig | None = None,
+        tuning: RoomTuning | None = None,
         control_handlers: Mapping[str, ControlHandler] | None = None,
         guards: list[UpdateGuard] | None = None,
         listeners: list[Any] | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.store = store
-        self.config = config or RoomConfig()
+        self.tuning = tuning or RoomTuning()
         self.control_handlers = dict(control_handlers or {})
         self.guards = list(guards or [])
         self.listeners = list(listeners or [])
-        self._awareness_filters = [x.filter_awareness for x in self.listeners if hasattr(x, "filter_awareness")]
         # Plain view of the `config` map, kept only when someone looks at it.
-        self.config_view: dict[str, Any] = {}
-        self._config_touched: set[str] = set()
-        self._config_sub = None
+        self.guarding = ConfigGuarding(
+            self.guards, bool(self.guards) or any(hasattr(x, "on_config_change") for x in self.listeners)
+        )
         self._applying_client_update = False
         self._applying_remote = False
         self.relay: Any = None  # scale-out relay (scaleout/relay.py) when several nodes share Redis
         self.loaded_seq = 0  # the store's last sequence number when this room was loaded
         self._remote_peers: dict[str, PeerState] = {}
-        self._remote_out: set[int] = set()  # awareness entries of this flush that came from other nodes
         self._refusing = False  # inside _refuse_update: doc events are not news
-        # Encoded size of the document: exact after a measurement, an upper
-        # bound (exact + bytes applied since) otherwise.
-        self.size_bytes = 0
-        self._size_exact = False
-        self.doc = pycrdt.Doc()
-        self._doc_sub = self.doc.observe(self._on_doc_update)
-        # Where the text holds surrogate pairs, so that a cut between two
-        # halves is integrated as Yjs does it (rooms/textsplit.py).
-        self._splits = textsplit.TextSplits()
-        self._sv: dict[int, int] | None = None  # parsed state vector of self.doc (None: recompute)
+        self.document = RoomDocument(workspace_id, self._on_doc_update)
         self._client_delta: bytes | None = None  # what the client update being applied integrated
         self.peers: dict[Peer, PeerState] = {}
-        self.awareness: dict[int, AwarenessRecord] = {}
+        self.awareness_table = AwarenessTable(
+            self.tuning.max_awareness_state_bytes,
+            self.tuning.max_awareness_clients,
+            self.tuning.tombstone_seconds,
+            [x.filter_awareness for x in self.listeners if hasattr(x, "filter_awareness")],
+        )
+        self.awareness: dict[int, AwarenessRecord] = self.awareness_table.records  # client id -> record
         self._epoch = 0
         # Pending work for the next flush.
         self._outgoing: list[bytes] = []
-        self._awareness_out: dict[int, p.AwarenessEntry] = {}
-        self._to_store: list[bytes] = []
-        self._to_ack: dict[PeerState, int] = {}
-        self._staged: list[Any] = []  # outbox/audit records for the next append
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        # Persistence state.
-        self.durable_seq = 0
-        self._snapshot_seq = 0
-        self._tail_updates = 0
-        self._tail_bytes = 0
-        self._persist_tail: asyncio.Task | None = None
-        self._compacting = False
-        self._compact_task: asyncio.Task | None = None
+        self.persist = PersistPipeline(
+            workspace_id,
+            store,
+            snapshot=lambda: self.doc.get_update(),
+            on_persisted=lambda records: self._emit("on_outbox_persisted", records),
+            on_failed=self._fail,
+            compact_every_updates=self.tuning.compact_every_updates,
+            compact_every_bytes=self.tuning.compact_every_bytes,
+        )
         self._last_flush = 0.0
         self.loaded = False
         self.is_new = False
-        self.failed: str | None = None
         self.last_active = time.monotonic()
         self.stats = {"updates_in": 0, "frames_out": 0, "flushes": 0}
         # Server-wide counters (collab.metrics.Counters), set by the app; None in bare rooms.
-        self.metrics: Any = None
+        self._metrics: Any = None
         self._first_pending_at: float | None = None  # perf_counter() of the oldest update not yet flushed
 
     # ------------------------------------------------------------- loading
@@ -216,32 +148,16 @@ class Room:
     async def load(self) -> None:
         """Bring the stored document into memory; peers join only after this."""
         stored = await self.store.load(self.workspace_id)
-        self.doc.unobserve(self._doc_sub)  # the load is not news to anyone
-        self._doc_sub = None
-        history = stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates]
-        for update in history:
-            # Stored updates are replayed as they arrived, through the same
-            # text preparation (a stored history may cut a pair it inserted).
-            update = self._prepare_text(update)  # may replace self.doc: call it first
-            self.doc.apply_update(update)
-        self._sv = None
-        self._doc_sub = self.doc.observe(self._on_doc_update)
+        self.document.load(stored.updates if stored.snapshot is None else [stored.snapshot, *stored.updates])
         self._outgoing.clear()
-        self._to_store.clear()
-        if self._tracks_config:
-            self.config_view = config_snapshot(self.doc)
+        if self.guarding.tracking:
+            self.guarding.start(self.doc)
             # From here on the view is kept up to date from the document's
             # own events: only the paths a transaction touched are re-read.
-            self._config_touched = set()
-            self._config_sub = config_map(self.doc).observe_deep(self._on_config_events)
-        self.durable_seq = stored.last_seq
+            self.document.observe_config(self.guarding.on_events)
+        self.persist.loaded(stored.last_seq, stored.snapshot_seq, stored.updates)
         self.loaded_seq = stored.last_seq
-        self._snapshot_seq = stored.snapshot_seq
-        self._tail_updates = len(stored.updates)
-        self._tail_bytes = sum(len(u) for u in stored.updates)
         self.is_new = stored.is_new
-        self.size_bytes = len(self.doc.get_update())
-        self._size_exact = True
         self.loaded = True
         for listener in self.listeners:
             hook = getattr(listener, "on_load", None)
@@ -259,11 +175,10 @@ class Room:
         self.last_active = time.monotonic()
         # Our step 1 makes the client send what we lack (its offline edits).
         peer.send(p.encode_sync_step1(self.doc.get_state()))
-        live = self._live_awareness()
+        live = self.awareness_table.live()
         if live:
             peer.send(p.encode_awareness(live))
-            for entry in live:
-                self.awareness[entry.client_id].seen_epoch = self._epoch
+            self.awareness_table.mark_seen(live, self._epoch)
         self._emit("on_join", ps)
         return ps
 
@@ -272,21 +187,10 @@ class Room:
         if ps is None:
             return
         ps.alive = False
-        self._to_ack.pop(ps, None)
+        self.persist.acks.pop(ps, None)
         self.last_active = time.monotonic()
-        now = time.monotonic()
-        for client_id in ps.client_ids:
-            rec = self.awareness.get(client_id)
-            if rec is None or rec.owner is not ps:
-                continue
-            rec.owner = None
-            rec.removed_at = now
-            if rec.state is not None:
-                rec.clock += 1
-                rec.state = None
-                self._awareness_out[client_id] = p.AwarenessEntry(client_id, rec.clock, None)
-        self._prune_tombstones(now)
-        if self._awareness_out:
+        self.awareness_table.release(ps, time.monotonic())
+        if self.awareness_table.pending:
             self._schedule_flush(immediate=True)
         self._emit("on_leave", ps)
 
@@ -310,12 +214,9 @@ class Room:
         elif isinstance(message, p.AwarenessMessage):
             self._receive_awareness(ps, message.entries)
         elif isinstance(message, p.QueryAwareness):
-            live = self._live_awareness()
+            live = self.awareness_table.live()
             ps.peer.send(p.encode_awareness(live))
-            for entry in live:
-                self.awareness[entry.client_id].seen_epoch = max(
-                    self.awareness[entry.client_id].seen_epoch, ps.epoch
-                )
+            self.awareness_table.mark_seen(live, ps.epoch)
         elif isinstance(message, p.Control):
             self._receive_control(ps, message)
 
@@ -331,7 +232,7 @@ class Room:
         if update != p.EMPTY_UPDATE:
             if ps.read_only:
                 refusal = "read-only"
-            elif self._too_large(update):
+            elif self.document.too_large(update, self.tuning.max_document_bytes):
                 refusal = "document_too_large"
         if refusal is not None:
             if metrics is not None:
@@ -339,35 +240,31 @@ class Room:
             self._refuse_update(ps, update, refusal)
         elif update != p.EMPTY_UPDATE:
             if self.relay is not None:
-                update = self._cut_relayed(update)
-            ranges = self._check_client_update(update)
-            update = self._prepare_text(update)
-            self.size_bytes += len(update)
-            self._size_exact = False
+                update = self.document.cut_at_state(update)
+            ranges = self.document.check(update)
+            update = self.document.prepare_text(update)
+            self.document.grew(len(update))
             self._applying_client_update = True
             self._client_delta = None
             try:
-                _apply(self.doc, update)
+                apply_checked(self.doc, update)
             except BaseException:
-                self._sv = None
+                self.document.stale()
                 if self._client_delta is not None:
                     # pycrdt failed halfway and kept what it had integrated (peers
                     # get it in the broadcast): store it too, or a restart loses it.
-                    self._to_store.append(self._client_delta)
+                    self.persist.updates.append(self._client_delta)
                     self._schedule_flush()
                 raise
             finally:
                 self._applying_client_update = False
-            known = self._state_vector()
-            for client, _, end in ranges:  # it integrated completely (checked above)
-                if end > known.get(client, 0):
-                    known[client] = end
+            self.document.advanced(ranges)  # it integrated completely (checked above)
             # The raw update is stored (not only its integrated delta), so
             # structs still waiting for missing dependencies survive a restart.
-            self._to_store.append(update)
-            if self._tracks_config:
+            self.persist.updates.append(update)
+            if self.guarding.tracking:
                 self._check_config(ps)
-        self._to_ack[ps] = ps.updates_received
+        self.persist.acks[ps] = ps.updates_received
         self.last_active = time.monotonic()
         self._schedule_flush()
 
@@ -382,27 +279,15 @@ class Room:
         if self._applying_client_update:
             self._client_delta = update
         else:
-            self._sv = None  # a server change: the cached state vector is stale
+            self.document.stale()  # a server change: the cached state vector is stale
         self._outgoing.append(update)
         if not self._applying_client_update and self.loaded:
             # A change made by the server itself (compensation, seeding):
             # it is stored like a client's update.
-            self._to_store.append(update)
+            self.persist.updates.append(update)
             self._schedule_flush()
 
     # ------------------------------------------------------------ refusal
-
-    def _too_large(self, update: bytes) -> bool:
-        """Whether applying ``update`` could take the document past its cap."""
-        cap = self.config.max_document_bytes
-        if not cap or update[:1] == b"\x00":
-            return False  # no cap, or no structs: only deletions, which never grow it
-        if self.size_bytes + len(update) <= cap:
-            return False
-        if not self._size_exact:
-            self.size_bytes = len(self.doc.get_update())
-            self._size_exact = True
-        return self.size_bytes + len(update) > cap
 
     def _refuse_update(self, ps: PeerState, update: bytes, reason: str) -> None:
         """Apply an update and revert it at once, so that its author converges back.
@@ -422,12 +307,12 @@ class Room:
             # anything left pending would be completed later by someone else's
             # update and slip in unchecked.
             try:
-                self._check_client_update(update, deletes=True)
+                self.document.check(update, deletes=True)
             except p.ProtocolError:
                 self._tell_refused(ps, [], reason)
                 return
         else:
-            self._check_client_update(update)
+            self.document.check(update)
         config_before = config_snapshot(self.doc)
         sv_before = self.doc.get_state()
         undo = None
@@ -440,14 +325,14 @@ class Room:
                 undo = pycrdt.UndoManager(scopes=roots, capture_timeout_millis=0)
                 undo.include_origin(_REFUSED)
             try:
-                update = self._prepare_text(update)
+                update = self.document.prepare_text(update)
                 if undo is not None and self.doc is not undo_doc:
                     # Breaking a surrogate pair rebuilt the document: track the new one.
                     undo.clear()
                     undo = pycrdt.UndoManager(scopes=self._undo_scopes(), capture_timeout_millis=0)
                     undo.include_origin(_REFUSED)
                 with self.doc.transaction(origin=_REFUSED):
-                    _apply(self.doc, update)
+                    apply_checked(self.doc, update)
             except p.ProtocolError as exc:
                 error = exc  # pycrdt may have integrated part of it: revert that too, then drop the peer
             paths = sorted(diff(config_before, config_snapshot(self.doc)))
@@ -459,118 +344,23 @@ class Room:
                 undo.undo()
         finally:
             self._refusing = False
-            self._sv = None
+            self.document.stale()
             if undo is not None:
                 undo.clear()
         net = self.doc.get_update(sv_before)
         self._outgoing.append(net)
-        self._to_store.append(net)
-        self.size_bytes += len(net)  # tombstones and re-inserted content
-        if self._tracks_config:
-            self.config_view = config_snapshot(self.doc)
-            self._take_touched()
+        self.persist.updates.append(net)
+        self.document.grew(len(net))  # tombstones and re-inserted content
+        if self.guarding.tracking:
+            self.guarding.resync(self.doc)
         self._tell_refused(ps, paths, reason)
         self._schedule_flush()
         if error is not None:
             raise error
 
-    def _check_client_update(self, update: bytes, deletes: bool = False) -> list[tuple[int, int, int]]:
-        """Refuse (ProtocolError 1007) an update that would not integrate completely.
-
-        pycrdt keeps structs whose dependencies it lacks (a gap in a client's
-        clocks, an origin the server never saw) "pending", and shows them in
-        the document and in get_update() -- so newcomers get them -- but not
-        in the update events that live peers get: the two would diverge for
-        as long as the gap stays open. A run of structs that starts below the
-        server's clock for its client and ends above it restates part of that
-        client's history (a forged or colliding id: a real client's step 2 is
-        cut at our state vector), and pycrdt splices the new part onto what
-        the server has: peers and newcomers end up disagreeing too.
-
-        Decided from the update's layout and the state vector, without
-        applying anything; only an update whose structs refer to other
-        clients' new structs in the same update is tried on a scratch copy
-        (only pycrdt knows whether such references resolve). With
-        ``deletes``, deletions of unknown items count as missing too.
-        Returns the update's runs of structs, ``[(client, start, end)]``.
-        """
-        if update[:1] == b"\x00" and not deletes:
-            return []  # deletions only: pycrdt applies them when the items arrive, for everyone alike
-        shape = ystructs.shape(update)
-        known = self._state_vector()
-        ends: dict[int, int] = {}
-        for client, start, end in shape.ranges:
-            have = known.get(client, 0)
-            if start > have:
-                raise p.ProtocolError(_MISSING)
-            if start < have < end:
-                raise p.ProtocolError("update conflicts with what this server has for its client id; reconnect")
-            ends[client] = max(have, end, ends.get(client, 0))
-        if shape.skips:
-            raise p.ProtocolError(_MISSING)
-        within = False
-        for client, _clock, end, ref_client, ref_clock in shape.refs:
-            if end <= known.get(client, 0) or ref_clock < known.get(ref_client, 0):
-                continue  # a struct the server has (ignored), or a reference to one it has
-            if ref_clock < ends.get(ref_client, 0):
-                within = True  # another client's new struct in this update
-                continue
-            raise p.ProtocolError(_MISSING)
-        if deletes:
-            for client, clock, length in shape.deletes:
-                if clock + length > ends.get(client, known.get(client, 0)):
-                    raise p.ProtocolError(_MISSING)
-        if within:
-            scratch = pycrdt.Doc()
-            scratch.apply_update(self.doc.get_update())
-            _apply(scratch, update)
-            if pycrdt.get_update(update, scratch.get_state())[:1] != b"\x00":
-                raise p.ProtocolError(_MISSING)
-        return shape.ranges
-
-    def _prepare_text(self, update: bytes) -> bytes:
-        """``update`` ready for pycrdt: any surrogate pair it cuts is broken first, as Yjs does.
-
-        A pair cut in text the document already holds can't be changed in
-        place (pycrdt items are immutable), so the document is rebuilt from
-        its own state with that pair broken; this happens only when an edit
-        actually lands between two halves.
-        """
-        plan = self._splits.plan(update, self._state_vector)
-        if plan is None:
-            return update
-        if plan.in_document:
-            self._break_pairs_in_document(plan.in_document)
-        if self.metrics is not None:
-            self.metrics.surrogate_splits += 1
-        return plan.update
-
-    def _break_pairs_in_document(self, pairs: set[tuple[int, int]]) -> None:
-        doc = _rebuilt(self.doc, pairs, self._splits)
-        if doc is None:
-            return  # those pairs were deleted meanwhile
-        log.info(
-            "room %s: an edit cuts %d surrogate pair(s); replaced by U+FFFD as Yjs does", self.workspace_id, len(pairs)
-        )
-        old = self.doc
-        if self._doc_sub is not None:
-            old.unobserve(self._doc_sub)
-            self._doc_sub = doc.observe(self._on_doc_update)
-        if self._config_sub is not None:
-            self._config_sub.drop()  # (config_map() returns a new wrapper: unobserve() can't find it)
-            self._config_sub = config_map(doc).observe_deep(self._on_config_events)
-        self.doc = doc
-        self._sv = None
-
     def state_problems(self) -> list[str]:
         """Why the state this room hands out would not load in Yjs (empty: it would)."""
-        return ystructs.problems(self.doc.get_update(), _parse_state_vector(self.doc.get_state()))
-
-    def _state_vector(self) -> dict[int, int]:
-        """The document's state vector as a dict, kept up to date between client updates."""
-        if self._sv is None:
-            self._sv = _parse_state_vector(self.doc.get_state())
-        return self._sv
+        return self.document.problems()
 
     def _undo_scopes(self) -> list[Any]:
         """Every root type, for an UndoManager's scope.
@@ -594,78 +384,41 @@ class Room:
             self._emit("on_config_rejected", ps, [Rejection(paths, reason)], {})
         body: dict[str, Any] = {"type": "rejected", "paths": paths, "reason": reason}
         if reason == "document_too_large":
-            body["limit"] = self.config.max_document_bytes
+            body["limit"] = self.tuning.max_document_bytes
         ps.control(body)
 
     # ------------------------------------------------------- configuration
 
     @property
-    def _tracks_config(self) -> bool:
-        return bool(self.guards) or any(hasattr(x, "on_config_change") for x in self.listeners)
-
-    def _on_config_events(self, events: list[Any]) -> None:
-        touched_paths(events, self._config_touched)
-
-    def _take_touched(self) -> set[str]:
-        touched, self._config_touched = self._config_touched, set()
-        return touched
+    def config_view(self) -> dict[str, Any]:
+        """The configuration as plain values (kept only while a guard or listener tracks it)."""
+        return self.guarding.view
 
     def _check_config(self, ps: PeerState | None) -> None:
-        """Run the guards over what an update changed; compensate rejections."""
-        touched = self._take_touched()
-        if not touched:
-            return
-        old = self.config_view
-        cfg = config_map(self.doc)
-        new = reread(cfg, old, touched)
-        changes = changes_at(old, new, touched)
-        if not changes:
-            self.config_view = new
-            return
-        rejections: list[Rejection] = []
-        attempted = changes
-        for guard in self.guards:
-            found = guard.check(self, ps, changes, new)
-            if not found:
-                continue
-            rejections.extend(found)
-            with self.doc.transaction(origin="server"):
-                for rejection in found:
-                    for path in rejection.paths:
-                        restore(self.doc, path, old)
-            more = self._take_touched()
-            new = reread(cfg, new, more)
-            touched |= more
-            changes = changes_at(old, new, touched)
-            if not changes:
-                break
-        self.config_view = new
-        if rejections:
-            self._emit("on_config_rejected", ps, rejections, attempted)
-        if ps is not None:
-            for rejection in rejections:
-                ps.control(
-                    {"type": "rejected", "paths": rejection.paths, "reason": rejection.reason, **rejection.details}
-                )
-        if changes:
-            self._emit("on_config_change", ps, changes, new)
+        """Run the guards over what an update changed; tell the author what they refused."""
+        verdict = self.guarding.check(self, ps, self.doc)
+        if verdict.rejections:
+            self._emit("on_config_rejected", ps, verdict.rejections, verdict.attempted)
+            if ps is not None:
+                for rejection in verdict.rejections:
+                    ps.control(
+                        {"type": "rejected", "paths": rejection.paths, "reason": rejection.reason, **rejection.details}
+                    )
+        if verdict.changes:
+            self._emit("on_config_change", ps, verdict.changes, self.guarding.view)
 
     def change_config(self, fn: Callable[[pycrdt.Map], None], author: PeerState | None = None) -> None:
         """Make a server-side change to the configuration map (stored and broadcast)."""
         with self.doc.transaction(origin="server"):
             fn(config_map(self.doc))
-        if self._tracks_config:
-            touched = self._take_touched()
-            old = self.config_view
-            new = reread(config_map(self.doc), old, touched)
-            changes = changes_at(old, new, touched)
-            self.config_view = new
+        if self.guarding.tracking:
+            changes = self.guarding.changed(self.doc)
             if changes:
-                self._emit("on_config_change", author, changes, new)
+                self._emit("on_config_change", author, changes, self.guarding.view)
 
     def stage_outbox(self, record: Any) -> None:
         """Write ``record`` with the updates of the current flush, in the same transaction."""
-        self._staged.append(record)
+        self.persist.staged.append(record)
         self._schedule_flush()
 
     def _emit(self, hook: str, *args: Any) -> None:
@@ -678,99 +431,7 @@ class Room:
                     log.exception("%s hook failed in %s", hook, self.workspace_id)
 
     def _receive_awareness(self, ps: PeerState, entries: tuple[p.AwarenessEntry, ...]) -> None:
-        limit = self.config.max_awareness_state_bytes
-        max_clients = self.config.max_awareness_clients
-        accepted: list[p.AwarenessEntry] = []
-        claimed: list[int] = []
-        for entry in entries:
-            cid = entry.client_id
-            if (
-                max_clients
-                and entry.state is not None
-                and cid not in ps.client_ids
-                and len(ps.client_ids) >= max_clients
-                and (cid not in self.awareness or self.awareness[cid].owner is None)
-            ):
-                ps.control(
-                    {
-                        "type": "error",
-                        "code": "awareness_rejected",
-                        "message": f"a connection may own at most {max_clients} awareness client ids",
-                    }
-                )
-                continue
-            if entry.state is not None:
-                if len(entry.state) > limit or len(entry.state.encode()) > limit:
-                    ps.control(
-                        {
-                            "type": "error",
-                            "code": "awareness_too_large",
-                            "message": f"awareness state of client {cid} exceeds {limit} bytes; dropped",
-                        }
-                    )
-                    continue
-                parsed = p.parse_awareness_state(entry.state)  # malformed JSON drops the peer
-                if self._awareness_filters:
-                    try:
-                        for awareness_filter in self._awareness_filters:
-                            parsed = awareness_filter(self, ps, cid, parsed)
-                    except AwarenessRejected as exc:
-                        if exc.notify:
-                            ps.control({"type": "error", "code": exc.code, "message": str(exc)})
-                        continue
-                    entry = p.AwarenessEntry(cid, entry.clock, json.dumps(parsed, separators=(",", ":")))
-            rec = self.awareness.get(cid)
-            if rec is None:
-                if entry.state is None:
-                    continue
-                self.awareness[cid] = AwarenessRecord(entry.clock, entry.state, ps)
-                ps.client_ids.add(cid)
-                self._awareness_out[cid] = entry
-                accepted.append(entry)
-            elif rec.owner is ps:
-                if entry.clock > rec.clock or (
-                    entry.clock == rec.clock and entry.state is None and rec.state is not None
-                ):
-                    rec.clock = entry.clock
-                    rec.state = entry.state
-                    self._awareness_out[cid] = entry
-                    accepted.append(entry)
-            elif rec.owner is None:
-                # A removed client id. Its owner may be back on a new connection
-                # with the clock it had; a peer that already saw the old state
-                # may only be echoing it. Only a newer clock, or a peer that
-                # joined after the state was last sent out, may revive it.
-                if entry.state is None:
-                    continue
-                if entry.clock > rec.clock or ps.epoch > rec.seen_epoch:
-                    clock = max(entry.clock, rec.clock + 1)
-                    rec.clock, rec.state, rec.owner = clock, entry.state, ps
-                    ps.client_ids.add(cid)
-                    self._awareness_out[cid] = p.AwarenessEntry(cid, clock, entry.state)
-                    accepted.append(entry)
-            elif rec.owner.remote is not None:
-                # Relayed from another node: the client now talks to us (it
-                # reconnected here); a newer clock takes the entry over.
-                if entry.clock > rec.clock and entry.state is not None:
-                    rec.clock, rec.state, rec.owner = entry.clock, entry.state, ps
-                    ps.client_ids.add(cid)
-                    self._awareness_out[cid] = entry
-                    accepted.append(entry)
-            elif entry.clock > rec.clock and not _same_user(ps, rec.owner):
-                # Owned by another user's live connection, with a clock its owner
-                # never sent: not an echo but a claim on someone else's client id.
-                # (The same user may be reconnecting before the old socket died.)
-                claimed.append(cid)
-            # else: owned by another live peer. Stock clients re-send others'
-            # states; silently ignoring them is what stops the echo loop.
-        if claimed:
-            ps.control(
-                {
-                    "type": "error",
-                    "code": "awareness_client_id_taken",
-                    "message": f"client id(s) {claimed[:10]} belong to another connection; dropped",
-                }
-            )
+        accepted = self.awareness_table.receive(self, ps, entries)
         if accepted:
             self._schedule_flush()
             if self.listeners:
@@ -784,10 +445,10 @@ class Room:
                 {
                     "type": "welcome",
                     "server": "datasource-collab",
-                    "version": self.config.server_version,
+                    "version": self.tuning.server_version,
                     "protocol": p.PROTOCOL_VERSION,
                     "workspace": self.workspace_id,
-                    "limits": self.config.limits,
+                    "limits": self.tuning.limits,
                     "saved_seq": self.durable_seq,
                     **({"id": message.body["id"]} if "id" in message.body else {}),
                 }
@@ -821,21 +482,17 @@ class Room:
         """
         self._applying_remote = True
         try:
-            update = self._prepare_text(update)
+            update = self.document.prepare_text(update)
             with self.doc.transaction(origin="remote"):
                 self.doc.apply_update(update)
         except (ValueError, RuntimeError, p.ProtocolError) as exc:
             log.error("relayed update for %s does not apply: %s", self.workspace_id, exc)
         finally:
             self._applying_remote = False
-            self._sv = None
-        self.size_bytes += len(update)
-        self._size_exact = False
-        if self._tracks_config and self.loaded:
-            # Keep the view current (re-read only what the relayed update touched).
-            touched = self._take_touched()
-            if touched:
-                self.config_view = reread(config_map(self.doc), self.config_view, touched)
+            self.document.stale()
+        self.document.grew(len(update))
+        if self.guarding.tracking and self.loaded:
+            self.guarding.changed(self.doc)  # keep the view current (re-reads only what it touched)
         if seq is not None:
             self.durable_seq = max(self.durable_seq, seq)
         if self._outgoing:
@@ -843,27 +500,8 @@ class Room:
 
     def restore_to_store(self) -> None:
         """Store the whole document again (the store lost writes this room holds)."""
-        self._to_store.append(self.doc.get_update())
+        self.persist.updates.append(self.doc.get_update())
         self._schedule_flush()
-
-    def _cut_relayed(self, update: bytes) -> bytes:
-        """Drop what the relay brought in meanwhile from a client's own update.
-
-        With several nodes, a client that reconnects here answers our step 1
-        with everything past the state vector we sent; its earlier updates
-        (accepted by the node it left) may reach this room through the relay
-        in between, so the answer restates part of what we now have. Cut at
-        our state vector, it is a clean continuation again.
-        """
-        if update[:1] == b"\x00":
-            return update
-        try:
-            known = self._state_vector()
-            if any(start < known.get(client, 0) < end for client, start, end in ystructs.shape(update).ranges):
-                return pycrdt.get_update(update, self.doc.get_state())
-        except (ValueError, RuntimeError, p.ProtocolError):
-            pass
-        return update
 
     def _remote_peer(self, node: str) -> PeerState:
         ps = self._remote_peers.get(node)
@@ -874,50 +512,13 @@ class Room:
 
     def apply_remote_awareness(self, node: str, entries: list[p.AwarenessEntry]) -> None:
         """Awareness relayed from another node (states of its clients); newer clocks win."""
-        owner = self._remote_peer(node)
-        now = time.monotonic()
-        changed = False
-        for entry in entries:
-            cid = entry.client_id
-            rec = self.awareness.get(cid)
-            if rec is None:
-                if entry.state is None:
-                    continue
-                rec = self.awareness[cid] = AwarenessRecord(entry.clock, entry.state, owner)
-            elif rec.owner is not None and rec.owner.remote is None:
-                continue  # one of our own connections owns it
-            elif entry.clock == rec.clock and rec.owner is owner and entry.state is not None:
-                rec.relayed_at = now  # heartbeat: still alive on its node
-                continue
-            elif entry.clock > rec.clock or (
-                entry.clock == rec.clock and entry.state is None and rec.state is not None
-            ):
-                rec.clock, rec.state = entry.clock, entry.state
-                rec.owner = owner if entry.state is not None else None
-                if entry.state is None:
-                    rec.removed_at = now
-            else:
-                continue
-            rec.relayed_at = now
-            self._awareness_out[cid] = p.AwarenessEntry(cid, rec.clock, rec.state)
-            self._remote_out.add(cid)
-            changed = True
-        if changed:
+        if self.awareness_table.apply_remote(self._remote_peer(node), entries, time.monotonic()):
             self._schedule_flush()
 
     def expire_remote_awareness(self, ttl: float) -> None:
         """Drop relayed states not refreshed within ``ttl`` seconds (their node died)."""
-        now = time.monotonic()
-        for cid, rec in self.awareness.items():
-            if rec.owner is not None and rec.owner.remote is not None and now - rec.relayed_at > ttl:
-                rec.owner = None
-                rec.removed_at = now
-                if rec.state is not None:
-                    rec.clock += 1
-                    rec.state = None
-                    self._awareness_out[cid] = p.AwarenessEntry(cid, rec.clock, None)
-                    self._remote_out.add(cid)
-        if self._awareness_out:
+        self.awareness_table.expire_remote(ttl, time.monotonic())
+        if self.awareness_table.pending:
             self._schedule_flush(immediate=True)
 
     # -------------------------------------------------------------- flush
@@ -926,11 +527,11 @@ class Room:
         if self._flush_handle is not None:
             return
         loop = asyncio.get_running_loop()
-        interval = self.config.flush_interval
+        interval = self.tuning.flush_interval
         if interval > 0 and not immediate:
             self._flush_handle = loop.call_later(interval, self.flush)
             return
-        gap = self.config.flush_min_gap
+        gap = self.tuning.flush_min_gap
         if gap > 0 and not immediate:
             wait = self._last_flush + gap - time.monotonic()
             if wait > 0:
@@ -951,19 +552,12 @@ class Room:
             self._outgoing = []
             merged = outgoing[0] if len(outgoing) == 1 else pycrdt.merge_updates(*outgoing)
             frames.append(p.encode_sync_update(merged))
-        if self._awareness_out:
-            entries = list(self._awareness_out.values())
-            self._awareness_out = {}
+        if self.awareness_table.pending:
+            entries, local = self.awareness_table.take_pending()
             frames.append(p.encode_awareness(entries))
-            if self.relay is not None:
-                local = [e for e in entries if e.client_id not in self._remote_out]
-                if local:
-                    self.relay.publish_awareness(self, local)
-            self._remote_out.clear()
-            for entry in entries:
-                rec = self.awareness.get(entry.client_id)
-                if rec is not None and rec.state is not None:
-                    rec.seen_epoch = self._epoch
+            if self.relay is not None and local:
+                self.relay.publish_awareness(self, local)
+            self.awareness_table.mark_seen(entries, self._epoch)
         if frames:
             for peer in list(self.peers):
                 for frame in frames:
@@ -979,106 +573,63 @@ class Room:
                 # until it sits in every peer's queue (observed once per flush).
                 metrics.fanout.observe(time.perf_counter() - self._first_pending_at)
                 self._first_pending_at = None
-        if self._to_store or self._to_ack or self._staged:
-            updates, acks, staged = self._to_store, self._to_ack, self._staged
-            self._to_store, self._to_ack, self._staged = [], {}, []
-            self._persist_tail = asyncio.get_running_loop().create_task(
-                self._persist(updates, acks, self._persist_tail, staged)
-            )
-
-    async def _persist(self, updates: list[bytes], acks: dict[PeerState, int], previous, staged=None) -> None:
-        started = time.perf_counter()
-        try:
-            if staged:
-                seq = await self.store.append(self.workspace_id, updates, outbox=staged)
-            else:
-                seq = await self.store.append(self.workspace_id, updates) if updates else None
-        except StoreError as exc:
-            if self.metrics is not None:
-                self.metrics.store_errors += 1
-            self._fail(f"storage failure: {exc}")
-            return
-        if self.metrics is not None and (updates or staged):
-            self.metrics.store_append.observe(time.perf_counter() - started)
-        if previous is not None:
-            await asyncio.wait([previous])  # acks leave in the order updates arrived
-        if self.failed:
-            return
-        if seq is not None:
-            self.durable_seq = max(self.durable_seq, seq)
-            self._tail_updates += len(updates)
-            self._tail_bytes += sum(len(u) for u in updates)
-        if staged:
-            self._emit("on_outbox_persisted", staged)
-        for ps, count in acks.items():
-            if ps.alive and count > ps.updates_acked:
-                ps.updates_acked = count
-                ps.control({"type": "saved", "updates": count, "seq": self.durable_seq})
-        if (
-            self._tail_updates >= self.config.compact_every_updates
-            or self._tail_bytes >= self.config.compact_every_bytes
-        ) and not self._compacting:
-            # In its own task: the next persist (and its acks) need not wait.
-            self._compacting = True
-            self._compact_task = asyncio.get_running_loop().create_task(self._compact())
-
-    async def _compact(self) -> None:
-        self._compacting = True
-        try:
-            upto = self.durable_seq
-            # The in-memory document holds every durable update (and maybe a
-            # few newer ones, which is harmless: updates are idempotent).
-            # pycrdt leaves structs still waiting for a missing dependency out
-            # of get_update(), but the room never holds any: an update that
-            # would leave some is refused before it is applied
-            # (_check_client_update), and relayed updates come in stream
-            # order after everything they depend on.
-            snapshot = self.doc.get_update()
-            await self.store.compact(self.workspace_id, snapshot, upto)
-            self._snapshot_seq = upto
-            self._tail_updates = 0
-            self._tail_bytes = 0
-        except StoreError as exc:
-            log.warning("compaction of %s failed: %s", self.workspace_id, exc)
-        finally:
-            self._compacting = False
+        self.persist.submit()
 
     def _fail(self, reason: str) -> None:
         """The store lost our writes: drop everyone so they resend on reconnect."""
-        if self.failed:
-            return
-        self.failed = reason
-        log.error("room %s failed: %s", self.workspace_id, reason)
         for ps in list(self.peers.values()):
             ps.control({"type": "error", "code": "storage_failure", "message": reason})
             ps.peer.close(p.CLOSE_INTERNAL_ERROR, "storage failure")
 
     async def drain(self) -> None:
         """Flush and wait until everything received is durable."""
-        if self._flush_handle is not None or self._outgoing or self._to_store or self._to_ack or self._staged:
+        if self._flush_handle is not None or self._outgoing or self.persist.pending:
             self.flush()
-        tail = self._persist_tail
-        if tail is not None:
-            await asyncio.wait([tail])
-        compaction = self._compact_task
-        if compaction is not None and not compaction.done():
-            await asyncio.wait([compaction])
+        await self.persist.drain()
+
+    # --------------------------------------------------- persisted state
+
+    @property
+    def metrics(self) -> Any:
+        """Server-wide counters (collab.metrics.Counters), set by the app; None in bare rooms."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, counters: Any) -> None:
+        self._metrics = counters
+        self.persist.metrics = counters
+        self.document.metrics = counters
+
+    @property
+    def doc(self) -> pycrdt.Doc:
+        """The room's CRDT document (rebuilt when an edit cuts a surrogate pair: don't keep it)."""
+        return self.document.doc
+
+    @property
+    def size_bytes(self) -> int:
+        """Encoded size of the document (an upper bound between measurements)."""
+        return self.document.size_bytes
+
+    @property
+    def durable_seq(self) -> int:
+        """The store's sequence number of the last update known durable."""
+        return self.persist.durable_seq
+
+    @durable_seq.setter
+    def durable_seq(self, seq: int) -> None:
+        self.persist.durable_seq = seq
+
+    @property
+    def failed(self) -> str | None:
+        """Why the store lost this room's writes (None while all is well)."""
+        return self.persist.failed
+
+    @property
+    def pending_store_updates(self) -> int:
+        """Updates waiting for the next append."""
+        return len(self.persist.updates)
 
     # ------------------------------------------------------------ helpers
-
-    def _live_awareness(self) -> list[p.AwarenessEntry]:
-        return [
-            p.AwarenessEntry(cid, rec.clock, rec.state)
-            for cid, rec in self.awareness.items()
-            if rec.state is not None
-        ]
-
-    def _prune_tombstones(self, now: float) -> None:
-        horizon = now - self.config.tombstone_seconds
-        stale = [cid for cid, rec in self.awareness.items() if rec.owner is None and rec.removed_at < horizon]
-        for cid in stale:
-            del self.awareness[cid]
-
 
 class _RemotePeer:
     """Stands for another node's clients in awareness ownership; sends nothing."""
@@ -1094,61 +645,10 @@ class _RemotePeer:
 
 
 _REFUSED = "refused"  # transaction origin of updates applied only to be reverted
-_MISSING = "update depends on data this server does not have; reconnect to resync"
-
-
-def _apply(doc: pycrdt.Doc, update: bytes) -> None:
-    """Apply a client's update; anything pycrdt refuses becomes a ProtocolError (1007).
-
-    Besides ValueError, pycrdt raises RuntimeError for some structurally
-    invalid updates ("block parent must be deleted or shared ref type"), and
-    a Rust panic surfaces as pyo3's PanicException, a BaseException.
-    """
-    try:
-        doc.apply_update(update)
-    except (ValueError, RuntimeError) as exc:
-        raise p.ProtocolError(f"invalid CRDT update: {exc}") from None
-    except BaseException as exc:
-        if type(exc).__name__ != "PanicException":
-            raise
-        raise p.ProtocolError("invalid CRDT update (decoder panic)") from None
-
-
-def replay(history: list[bytes]) -> pycrdt.Doc:
-    """A document from stored updates, integrated as a room integrates them (surrogate pairs included)."""
-    doc = pycrdt.Doc()
-    splits = textsplit.TextSplits()
-    for update in history:
-        plan = splits.plan(update, lambda d=doc: _parse_state_vector(d.get_state()))
-        if plan is not None:
-            if plan.in_document:
-                doc = _rebuilt(doc, plan.in_document, splits) or doc
-            update = plan.update
-        doc.apply_update(update)
-    return doc
-
-
-def _rebuilt(doc: pycrdt.Doc, pairs: set[tuple[int, int]], splits: textsplit.TextSplits) -> pycrdt.Doc | None:
-    """A copy of ``doc`` with those surrogate pairs broken (None: none of them is in its text any more)."""
-    state = doc.get_update()
-    fixed = textsplit.break_pairs(state, pairs)
-    if fixed == state:
-        return None
-    new = pycrdt.Doc(client_id=doc.client_id)
-    new.apply_update(fixed)
-    if splits.early_deletes:
-        # Deletes still waiting for their items are not part of get_update().
-        new.apply_update(textsplit.delete_set_update(splits.early_deletes))
-    return new
-
-
-_parse_state_vector = ystructs.state_vector
-
-
 def _new_ranges(before: bytes, after: bytes) -> dict[int, tuple[int, int]]:
     """Per client, the clock range [start, end) that ``after`` has beyond ``before``."""
-    old = _parse_state_vector(before)
-    return {c: (old.get(c, 0), clock) for c, clock in _parse_state_vector(after).items() if clock > old.get(c, 0)}
+    old = state_vector(before)
+    return {c: (old.get(c, 0), clock) for c, clock in state_vector(after).items() if clock > old.get(c, 0)}
 
 
 def _delete_set_update(ranges: dict[int, tuple[int, int]]) -> bytes:
@@ -1157,11 +657,6 @@ def _delete_set_update(ranges: dict[int, tuple[int, int]]) -> bytes:
     for client, (start, end) in ranges.items():
         parts += [p.write_var_uint(client), b"\x01", p.write_var_uint(start), p.write_var_uint(end - start)]
     return b"".join(parts)
-
-
-def _same_user(a: PeerState, b: PeerState) -> bool:
-    ida, idb = getattr(a.identity, "user_id", None), getattr(b.identity, "user_id", None)
-    return ida is not None and ida == idb
 
 
 def _ref(message: p.Control) -> dict[str, Any]:

@@ -53,11 +53,19 @@ def spawn_listening(
 class ServerProcess:
     """``python -m collab serve`` in a child process we own (and only that)."""
 
-    def __init__(self, data_dir: Path, log_path: Path, env: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        port: int = 0,
+        args: list[str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.env = env or {}
         self.port = port
+        self.args = list(args or [])  # more `collab serve` arguments, e.g. ["--config", "x.toml"]
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -73,7 +81,8 @@ class ServerProcess:
         env.setdefault("COLLAB_LOG_LEVEL", "info")
         deadline = time.monotonic() + timeout
         self.proc, self._log, self.port = spawn_listening(
-            [sys.executable, "-m", "collab", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", "collab", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+            + self.args,
             self.log_path,
             env,
             timeout,

@@ -27,7 +27,13 @@ from tests.support import ServerProcess
 
 WORKSPACE = "ws-gate"
 METRICS_TOKEN = "scrape-me-please"
-PATH_VALUES = {"workspace_id": WORKSPACE, "key": "no-such-key", "path": "connection.host", "job": "0123456789abcdef"}
+PATH_VALUES = {
+    "workspace_id": WORKSPACE,
+    "key": "no-such-key",
+    "path": "connection.host",
+    "name": "operations.md",
+    "job": "0123456789abcdef",
+}
 
 # Who calls: the token it presents and what that token grants.
 CALLERS: dict[str, dict] = {
@@ -199,7 +205,8 @@ def test_requirements_are_typed():
 
 
 # What may be public, and what changes state: a wrong declaration fails here.
-PUBLIC_ROUTES = {"/healthz", "/readyz", "/openapi.json", "/workspaces/{workspace_id}", "/presence/static/{path}"}
+PUBLIC_ROUTES = {"/healthz", "/readyz", "/openapi.json", "/workspaces/{workspace_id}", "/presence/static/{path}",
+                 "/", "/docs/{name}"}  # the landing page (names no workspace or user) and the repository's docs
 
 
 def test_declarations_are_safe(gate_server):

@@ -195,7 +195,7 @@ async def test_a_client_that_stops_reading_is_cut_off_without_slowing_the_others
                 lags.append(time.monotonic() - sent)
         await writer.wait_saved(10)
         await eventually(lambda: admin_stats(srv)["peers"] == 2, 10, what="the stuck client cut off")
-        assert "closing ds-slow" in srv.log() and "1013 outgoing queue overflow" in srv.log()
+        assert "closed workspace=ds-slow" in srv.log() and "1013 outgoing queue overflow" in srv.log()
         assert max(lags) < 1.0, lags
         # The server dropped the TCP connection (it could not even send a close frame).
         stuck.settimeout(5)

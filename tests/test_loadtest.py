@@ -76,6 +76,53 @@ async def test_loss_and_duplicate_accounting():
     assert sum(run.hist) == run.delivered == 6
 
 
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_sweep_draws_its_plot(server, tmp_path):
+    """A two-step sweep against a real server, drawn: p50/p99 against deliveries per second."""
+    import json
+    import subprocess
+    import sys
+
+    from loadtest.plot import panels_of
+    from tests.support import ROOT
+
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", "sweep", "--url", server.ws_url, "--clients", "4", "--writers", "2",
+         "--intervals", "50,25", "--duration", "1", "--drain", "2", "--warmup", "0.2", "--quiet",
+         "--min-gain", "0", "--json", str(out), "--plot", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    points = panels_of(json.loads(out.read_text()))["sweep"]["ours"]
+    assert len(points) == 2 and all(p50 <= p99 for _, p50, p99 in points)
+    width, height = _png_size(png)
+    assert width >= 600 and height >= 400
+
+
+def test_compare_results_are_drawn_one_panel_per_sweep(tmp_path):
+    """The stored comparison (docs/bench) drawn as docs/benchmarks.md shows it."""
+    import json
+
+    from loadtest.cli import main
+    from loadtest.plot import panels_of
+    from tests.support import ROOT
+
+    source = ROOT / "docs" / "bench" / "compare-2026-11-27-run2.json"
+    panels = panels_of(json.loads(source.read_text()))
+    assert set(panels) == {"sweep1", "sweep50"} and set(panels["sweep1"]) == {"ours", "hocuspocus", "reference"}
+    png = tmp_path / "compare.png"
+    assert main(["plot", str(source), "--out", str(png)]) == 0
+    width, height = _png_size(png)
+    assert width > 2 * height  # two panels side by side
+    assert (ROOT / "docs" / "bench" / "compare-2026-11-27-run2.png").exists()
+
+
 def test_textfuzz_soak_command_smoke(tmp_path):
     """The soak command spawns a server, runs seeds, kills it with -9, restarts it, and verifies every room."""
     import json

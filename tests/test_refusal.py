@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from collab import protocol as p
 from persistence.sqlite import SQLiteDocumentStore
-from rooms.room import Room, RoomConfig
+from rooms.room import Room, RoomTuning
 from tests.test_hostile import crdt_updates, mutated_updates
 from tests.test_room import FakePeer
 
@@ -69,7 +69,7 @@ class Mirror:
 async def make_room(tmp_path, **config) -> tuple[Room, SQLiteDocumentStore]:
     store = SQLiteDocumentStore(tmp_path / "db.sqlite3")
     await store.open()
-    room = Room("ds-1", store, RoomConfig(**config))
+    room = Room("ds-1", store, RoomTuning(**config))
     await room.load()
     return room, store
 

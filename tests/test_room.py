@@ -15,7 +15,7 @@ import pytest
 
 from collab import protocol as p
 from persistence.sqlite import SQLiteDocumentStore
-from rooms.room import Room, RoomConfig
+from rooms.room import Room, RoomTuning
 
 WS = "ds-1"
 
@@ -108,7 +108,7 @@ async def settle(room: Room) -> None:
 
 
 async def open_room(store, **config) -> Room:
-    room = Room(WS, store, RoomConfig(**config))
+    room = Room(WS, store, RoomTuning(**config))
     await asyncio.wait_for(room.load(), 10)
     return room
 
@@ -244,7 +244,7 @@ async def test_updates_of_one_loop_turn_are_merged_into_one_frame_per_peer(store
 
 async def test_saved_ack_only_for_hello_peers_and_only_after_the_store_has_it(store):
     gated = GatedStore(store)
-    room = Room(WS, gated, RoomConfig())
+    room = Room(WS, gated, RoomTuning())
     await room.load()
     seen_at_ack: list[int] = []
 

@@ -13,7 +13,7 @@ from collab.security import (
     RateLimiter,
     install_log_redaction,
     normalize_origin,
-    redact,
+    redact_tokens,
 )
 
 
@@ -80,12 +80,12 @@ def test_connection_limiter():
 
 
 def test_redaction(caplog):
-    assert redact('127.0.0.1:5 - "WebSocket /ws/ds-1?token=eyJ.a.b&x=1" [accepted]') == (
+    assert redact_tokens('127.0.0.1:5 - "WebSocket /ws/ds-1?token=eyJ.a.b&x=1" [accepted]') == (
         '127.0.0.1:5 - "WebSocket /ws/ds-1?token=[redacted]&x=1" [accepted]'
     )
-    assert redact("GET /ws/x?a=1&access_token=abc") == "GET /ws/x?a=1&access_token=[redacted]"
-    assert redact("Authorization: Bearer eyJhbGciOi.x.y") == "Authorization: Bearer [redacted]"
-    assert redact("no secrets here; tokenizer=ok") == "no secrets here; tokenizer=ok"
+    assert redact_tokens("GET /ws/x?a=1&access_token=abc") == "GET /ws/x?a=1&access_token=[redacted]"
+    assert redact_tokens("Authorization: Bearer eyJhbGciOi.x.y") == "Authorization: Bearer [redacted]"
+    assert redact_tokens("no secrets here; tokenizer=ok") == "no secrets here; tokenizer=ok"
     install_log_redaction()
     with caplog.at_level(logging.INFO, logger="uvicorn.error"):
         logging.getLogger("uvicorn.error").info('%s - "WebSocket %s" [accepted]', "1.2.3.4:5", "/ws/a?token=SECRET1")

@@ -1,0 +1,148 @@
+"""A room's persist pipeline: appends in arrival order, `saved` acks once durable, compaction.
+
+Each flush hands over what it collected (updates to store, per-peer ack
+counts, outbox records staged in the same transaction); one append per
+flush, and each append's acks wait for the previous append, so acks leave
+in the order the updates arrived. Past a threshold the document's state
+replaces the stored tail (compaction), in a task of its own so acks never
+wait for it. A store error fails the room (its owner closes the peers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from persistence.base import DocumentStore, StoreError
+
+if TYPE_CHECKING:
+    from rooms.peer import PeerState
+
+log = logging.getLogger("collab.room")
+
+
+class PersistPipeline:
+    def __init__(
+        self,
+        workspace_id: str,
+        store: DocumentStore,
+        snapshot: Callable[[], bytes],
+        on_persisted: Callable[[list[Any]], None],
+        on_failed: Callable[[str], None],
+        compact_every_updates: int,
+        compact_every_bytes: int,
+    ) -> None:
+        self.workspace_id = workspace_id
+        self.store = store
+        self._snapshot = snapshot  # the document's full state, for compaction
+        self._on_persisted = on_persisted  # outbox records committed
+        self._on_failed = on_failed
+        self.compact_every_updates = compact_every_updates
+        self.compact_every_bytes = compact_every_bytes
+        self.metrics: Any = None  # collab.metrics.Counters, set by the room's owner
+        # What the next flush appends.
+        self.updates: list[bytes] = []
+        self.acks: dict[PeerState, int] = {}
+        self.staged: list[Any] = []  # outbox/audit records for the next append
+        # What is durable.
+        self.durable_seq = 0
+        self.snapshot_seq = 0
+        self.tail_updates = 0
+        self.tail_bytes = 0
+        self.failed: str | None = None
+        self._tail: asyncio.Task | None = None  # the last append (acks chain on it)
+        self._compacting = False
+        self._compact_task: asyncio.Task | None = None
+
+    def loaded(self, last_seq: int, snapshot_seq: int, tail: list[bytes]) -> None:
+        self.durable_seq = last_seq
+        self.snapshot_seq = snapshot_seq
+        self.tail_updates = len(tail)
+        self.tail_bytes = sum(len(u) for u in tail)
+        self.updates.clear()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.updates or self.acks or self.staged)
+
+    def submit(self) -> None:
+        """Start appending what was collected (one append; its acks after the previous one's)."""
+        if not self.pending:
+            return
+        updates, acks, staged = self.updates, self.acks, self.staged
+        self.updates, self.acks, self.staged = [], {}, []
+        self._tail = asyncio.get_running_loop().create_task(self._append(updates, acks, staged, self._tail))
+
+    async def drain(self) -> None:
+        """Wait until every submitted append (and a running compaction) is done."""
+        tail = self._tail
+        if tail is not None:
+            await asyncio.wait([tail])
+        compaction = self._compact_task
+        if compaction is not None and not compaction.done():
+            await asyncio.wait([compaction])
+
+    async def _append(self, updates: list[bytes], acks: dict[PeerState, int], staged: list, previous) -> None:
+        started = time.perf_counter()
+        metrics = self.metrics
+        try:
+            if staged:
+                seq = await self.store.append(self.workspace_id, updates, outbox=staged)
+            else:
+                seq = await self.store.append(self.workspace_id, updates) if updates else None
+        except StoreError as exc:
+            if metrics is not None:
+                metrics.store_errors += 1
+            self._fail(f"storage failure: {exc}")
+            return
+        if metrics is not None and (updates or staged):
+            metrics.store_append.observe(time.perf_counter() - started)
+        if previous is not None:
+            await asyncio.wait([previous])  # acks leave in the order updates arrived
+        if self.failed:
+            return
+        if seq is not None:
+            self.durable_seq = max(self.durable_seq, seq)
+            self.tail_updates += len(updates)
+            self.tail_bytes += sum(len(u) for u in updates)
+        if staged:
+            self._on_persisted(staged)
+        for ps, count in acks.items():
+            if ps.alive and count > ps.updates_acked:
+                ps.updates_acked = count
+                ps.control({"type": "saved", "updates": count, "seq": self.durable_seq})
+        if (
+            self.tail_updates >= self.compact_every_updates or self.tail_bytes >= self.compact_every_bytes
+        ) and not self._compacting:
+            # In its own task: the next append (and its acks) need not wait.
+            self._compacting = True
+            self._compact_task = asyncio.get_running_loop().create_task(self._compact())
+
+    async def _compact(self) -> None:
+        self._compacting = True
+        try:
+            upto = self.durable_seq
+            # The in-memory document holds every durable update (and maybe a
+            # few newer ones, which is harmless: updates are idempotent).
+            # pycrdt leaves structs still waiting for a missing dependency out
+            # of get_update(), but the room never holds any: an update that
+            # would leave some is refused before it is applied, and relayed
+            # updates come in stream order after everything they depend on.
+            await self.store.compact(self.workspace_id, self._snapshot(), upto)
+            self.snapshot_seq = upto
+            self.tail_updates = 0
+            self.tail_bytes = 0
+        except StoreError as exc:
+            log.warning("compaction of %s failed: %s", self.workspace_id, exc)
+        finally:
+            self._compacting = False
+
+    def _fail(self, reason: str) -> None:
+        if self.failed:
+            return
+        self.failed = reason
+        log.error("room %s failed: %s", self.workspace_id, reason)
+        self._on_failed(reason)
