@@ -29,7 +29,11 @@ class ForwardingSettings(BaseSettings):
 
     # The data-source backend
     backend_url: str | None = Field(None, description="e.g. http://127.0.0.1:8766; unset = forwarding off")
-    backend_token: str | None = Field(None, description="sent as 'Authorization: Bearer <token>'")
+    backend_token: str | None = Field(
+        None,
+        description="sent as 'Authorization: Bearer <token>'; also what the backend's change hook presents "
+        "(POST /api/workspaces/{id}/backend-changes)",
+    )
     backend_timeout_seconds: float = Field(10.0, gt=0, description="per HTTP request")
     seed_timeout_seconds: float = Field(
         10.0, gt=0, description="a new workspace waits this long for its initial state from the backend"
