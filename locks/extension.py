@@ -663,7 +663,7 @@ class LockExtension(Extension):
 
     def _changed(self, space: _Space) -> None:
         self._arm(space.room.workspace_id, space)
-        space.room._emit("on_locks_changed", [_record(lease) for lease in space.view.values()])
+        space.room.notify("on_locks_changed", [_record(lease) for lease in space.view.values()])
 
     def _arm(self, ws: str, space: _Space) -> None:
         """A timer at the earliest expiry in the view: lapsed leases are re-read."""

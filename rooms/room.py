@@ -421,6 +421,10 @@ class Room:
         self.persist.staged.append(record)
         self._schedule_flush()
 
+    def notify(self, hook: str, *args: Any) -> None:
+        """Call ``hook(room, *args)`` on every listener that has it (an extension telling the others)."""
+        self._emit(hook, *args)
+
     def _emit(self, hook: str, *args: Any) -> None:
         for listener in self.listeners:
             method = getattr(listener, hook, None)

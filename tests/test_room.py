@@ -16,43 +16,13 @@ import pytest
 from collab import protocol as p
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.room import Room, RoomTuning
+from tests import fakes
+from tests.fakes import FakePeer, settle
 
 WS = "ds-1"
 
 
 # ------------------------------------------------------------------ helpers
-
-
-class FakePeer:
-    """Records what the room sends; decoding every frame also checks the room only sends valid frames."""
-
-    def __init__(self, name: str, on_send=None) -> None:
-        self.name = name
-        self.frames: list[bytes] = []
-        self.closed: tuple[int, str] | None = None
-        self.on_send = on_send
-
-    def send(self, frame: bytes) -> None:
-        assert isinstance(frame, bytes)
-        self.frames.append(frame)
-        if self.on_send is not None:
-            self.on_send(self, p.decode_message(frame))
-
-    def close(self, code: int, reason: str) -> None:
-        if self.closed is None:
-            self.closed = (code, reason)
-
-    def messages(self) -> list[p.Message]:
-        return [p.decode_message(f) for f in self.frames]
-
-    def take(self) -> list[p.Message]:
-        """The messages received so far; forget them."""
-        out = self.messages()
-        self.frames.clear()
-        return out
-
-    def __repr__(self) -> str:
-        return f"FakePeer({self.name})"
 
 
 class Client:
@@ -102,15 +72,8 @@ def awareness(*entries: p.AwarenessEntry) -> p.AwarenessMessage:
     return p.AwarenessMessage(tuple(entries))
 
 
-async def settle(room: Room) -> None:
-    """Flush and wait (bounded) until everything received is durable."""
-    await asyncio.wait_for(room.drain(), 10)
-
-
-async def open_room(store, **config) -> Room:
-    room = Room(WS, store, RoomTuning(**config))
-    await asyncio.wait_for(room.load(), 10)
-    return room
+async def open_room(store, **tuning) -> Room:
+    return await fakes.open_room(store, WS, **tuning)
 
 
 def hello(room: Room, ps, peer: FakePeer) -> dict:
