@@ -521,7 +521,8 @@ async def test_every_hook_the_room_calls_is_declared_once(store):
     """A hook name that is not on RoomListener is a programming error, not a silent no-op."""
     from rooms.room import LISTENER_HOOKS
 
-    assert {"on_load", "filter_awareness", "on_config_change", "on_locks_changed", "on_outbox_persisted"} <= LISTENER_HOOKS
+    declared = {"on_load", "filter_awareness", "on_config_change", "on_locks_changed", "on_outbox_persisted"}
+    assert declared <= LISTENER_HOOKS
     room = await open_room(store)
     with pytest.raises(ValueError, match="not a room listener hook"):
         room.notify("on_lock_changed", [])  # a typo
