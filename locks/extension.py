@@ -224,6 +224,9 @@ class LockExtension(Extension):
         conn = self._conns.get(peer)
         return conn.id if conn else None
 
+    def room_summary(self, workspace_id: str) -> dict[str, Any]:
+        return {"locks": len(self.locks(workspace_id))}
+
     def locks(self, workspace: str) -> list[dict[str, Any]]:
         space = self._spaces.get(workspace)
         return [_record(lease) for lease in space.view.values()] if space else []

@@ -515,3 +515,14 @@ async def test_updates_waiting_for_a_missing_dependency_are_refused(store):
     fresh = await open_room(store)
     assert content(fresh.doc)[1] == content(offline.doc)[1] == "world"
     assert content(fresh.doc)[0] == {"k": "v", **{f"o{i}": i for i in range(6)}}
+
+
+async def test_every_hook_the_room_calls_is_declared_once(store):
+    """A hook name that is not on RoomListener is a programming error, not a silent no-op."""
+    from rooms.room import LISTENER_HOOKS
+
+    declared = {"on_load", "filter_awareness", "on_config_change", "on_locks_changed", "on_outbox_persisted"}
+    assert declared <= LISTENER_HOOKS
+    room = await open_room(store)
+    with pytest.raises(ValueError, match="not a room listener hook"):
+        room.notify("on_lock_changed", [])  # a typo
