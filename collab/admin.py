@@ -76,15 +76,14 @@ class AdminAPI:
 
     def _room_summary(self, room: Room) -> dict[str, Any]:
         users = {getattr(ps.identity, "user_id", None) for ps in room.peers.values()} - {None}
-        locks = self._extension("locks")
-        presence = self._extension("presence")
-        view = getattr(presence, "views", {}).get(room.workspace_id) if presence is not None else None
+        features: dict[str, Any] = {"participants": None, "locks": None}
+        for ext in self.app.extensions:
+            features.update(ext.room_summary(room.workspace_id))
         return {
             "workspace": room.workspace_id,
             "peers": len(room.peers),
             "users": len(users),
-            "participants": len(view.roster) if view is not None else None,
-            "locks": len(locks.locks(room.workspace_id)) if locks is not None else None,
+            **features,
             "awareness_states": sum(1 for rec in room.awareness.values() if rec.state is not None),
             "loaded": room.loaded,
             "failed": room.failed,
@@ -120,7 +119,7 @@ class AdminAPI:
             {
                 "node": self.app.settings.node_id,
                 "rooms": [self._room_summary(room) for room in rooms],
-                "loading": sorted(self.app.rooms._loading),
+                "loading": self.app.rooms.loading,
                 "peers": len(self.app.peers),
             }
         )

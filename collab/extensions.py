@@ -51,6 +51,10 @@ class Extension:
     async def stop(self) -> None:
         """Called once at shutdown, after rooms are flushed, before the store closes."""
 
+    def room_summary(self, workspace_id: str) -> dict[str, Any]:
+        """What this feature adds to the admin API's summary of a room (public answers, no private fields)."""
+        return {}
+
     async def check(self) -> str | None:
         """Raise if the extension cannot serve (reported by /readyz, which then answers 503).
 

@@ -211,7 +211,7 @@ class AppCollector(Collector):
         # Rooms and connections.
         rooms = app.rooms.rooms
         yield _gauge("collab_rooms", "Rooms (workspaces) in memory on this node", len(rooms))
-        yield _gauge("collab_rooms_loading", "Rooms being loaded from the store", len(app.rooms._loading))
+        yield _gauge("collab_rooms_loading", "Rooms being loaded from the store", len(app.rooms.loading))
         yield _gauge("collab_peers", "Connections joined to a room", len(app.peers))
         yield _gauge(
             "collab_connections", "Open websocket connections, including unauthenticated ones", app.limiter.total

@@ -235,6 +235,9 @@ class LockExtension(Extension):
                     return _record(held.lease)
         return None
 
+    def room_summary(self, workspace_id: str) -> dict[str, Any]:
+        return {"locks": len(self.locks(workspace_id))}
+
     def locks(self, workspace: str) -> list[dict[str, Any]]:
         space = self._spaces.get(workspace)
         return [_record(lease) for lease in space.view.values()] if space else []
@@ -676,7 +679,7 @@ class LockExtension(Extension):
 
     def _changed(self, space: _Space) -> None:
         self._arm(space.room.workspace_id, space)
-        space.room._emit("on_locks_changed", [_record(lease) for lease in space.view.values()])
+        space.room.notify("on_locks_changed", [_record(lease) for lease in space.view.values()])
 
     def _arm(self, ws: str, space: _Space) -> None:
         """A timer at the earliest expiry in the view: lapsed leases are re-read."""

@@ -122,6 +122,10 @@ class WorkspaceView:
 class PresenceExtension(Extension):
     name = "presence"
 
+    def room_summary(self, workspace_id: str) -> dict[str, Any]:
+        view = self.views.get(workspace_id)
+        return {"participants": len(view.roster) if view is not None else None}
+
     def __init__(self, settings: Settings, registry: PresenceRegistry | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id

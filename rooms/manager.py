@@ -35,6 +35,12 @@ class RoomManager:
         self._evictors: dict[str, asyncio.TimerHandle] = {}
         self._evicting: dict[str, asyncio.Task] = {}
 
+
+    @property
+    def loading(self) -> list[str]:
+        """Workspaces whose room is being loaded from the store right now."""
+        return sorted(self._loading)
+
     async def open_room(self, workspace_id: str) -> Room:
         """The loaded room for a workspace, loading it if needed."""
         while True:

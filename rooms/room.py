@@ -64,25 +64,40 @@ ControlHandler = Callable[["Room", PeerState, p.Control], None]
 
 
 class RoomListener(Protocol):
-    """Optional lifecycle hooks (any subset of these methods may be defined).
+    """Every hook a room calls on its listeners, declared once; a listener defines any subset.
 
-    ``filter_awareness(room, peer, client_id, state) -> state`` may rewrite a
-    parsed awareness state (e.g. stamp the authenticated user) or raise
-    AwarenessRejected; it runs before the state is accepted.
-
-    ``async on_load(room)`` runs once the stored document is in memory and
-    before any peer joins (``room.is_new`` tells whether nothing was stored);
-    a change it makes is stored like any other. ``on_config_rejected(room,
-    peer, rejections, attempted)`` reports what guards refused.
-    ``on_outbox_persisted(room, records)`` follows the commit of records
-    staged with ``stage_outbox``.
+    Extensions hand listeners to the room (``Extension.listeners()``); the room
+    calls each hook on every listener that has it, in order, and logs (never
+    propagates) a hook's exception. ``Room.notify`` lets an extension call a
+    declared hook on the others (the locks extension tells presence).
     """
+
+    async def on_load(self, room: Room) -> None:
+        """The stored document is in memory, no peer has joined yet (``room.is_new``: nothing was stored).
+
+        A change made here is stored like any other (seeding from the backend)."""
+
+    def filter_awareness(self, room: Room, peer: PeerState, client_id: int, state: Any) -> Any:
+        """Rewrite a parsed awareness state before it is accepted, or raise AwarenessRejected."""
 
     def on_join(self, room: Room, peer: PeerState) -> None: ...
     def on_hello(self, room: Room, peer: PeerState) -> None: ...  # opted in to control messages
     def on_leave(self, room: Room, peer: PeerState) -> None: ...
     def on_awareness(self, room: Room, peer: PeerState, client_id: int, state: str | None) -> None: ...
-    def on_config_change(self, room: Room, peer: PeerState | None, changes: Changes, config: dict) -> None: ...
+    def on_config_change(self, room: Room, peer: PeerState | None, changes: Changes, config: dict) -> None:
+        """Accepted configuration changes (``peer`` None: a server change), after the guards."""
+
+    def on_config_rejected(self, room: Room, peer: PeerState | None, rejections: list, attempted: Changes) -> None:
+        """What the guards refused of an update (``attempted``: everything it tried)."""
+
+    def on_outbox_persisted(self, room: Room, records: list) -> None:
+        """Records staged with ``stage_outbox`` are committed with their updates."""
+
+    def on_locks_changed(self, room: Room, locks: list[dict[str, Any]]) -> None:
+        """The workspace's locks changed (sent by the locks extension through ``Room.notify``)."""
+
+
+LISTENER_HOOKS = frozenset(name for name in vars(RoomListener) if name.startswith(("on_", "filter_")))
 
 
 class Room:
@@ -421,7 +436,13 @@ class Room:
         self.persist.staged.append(record)
         self._schedule_flush()
 
+    def notify(self, hook: str, *args: Any) -> None:
+        """Call ``hook(room, *args)`` on every listener that has it (an extension telling the others)."""
+        self._emit(hook, *args)
+
     def _emit(self, hook: str, *args: Any) -> None:
+        if hook not in LISTENER_HOOKS:
+            raise ValueError(f"{hook!r} is not a room listener hook (declare it on RoomListener)")
         for listener in self.listeners:
             method = getattr(listener, hook, None)
             if method is not None:

@@ -121,7 +121,7 @@ class Relay:
         manager = self.app.rooms
         for ws, follow in list(self.follows.items()):
             current = manager.rooms.get(ws)
-            if follow.room.failed or (current is not follow.room and ws not in manager._loading):
+            if follow.room.failed or (current is not follow.room and ws not in manager.loading):
                 del self.follows[ws]
                 self._by_key.pop(updates_key(ws).encode(), None)
                 self._by_key.pop(awareness_key(ws).encode(), None)

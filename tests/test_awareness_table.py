@@ -7,23 +7,11 @@ import json
 from collab import protocol as p
 from rooms.awareness import AwarenessTable
 from rooms.peer import PeerState
-
-
-class Quiet:
-    def send(self, frame: bytes) -> None:
-        pass
-
-    def close(self, code: int, reason: str) -> None:
-        pass
-
-
-class Who:
-    def __init__(self, user_id: str) -> None:
-        self.user_id = user_id
+from tests.fakes import FakePeer, peer_state
 
 
 def peer(epoch: int, user: str) -> PeerState:
-    return PeerState(peer=Quiet(), epoch=epoch, identity=Who(user), wants_control=True)
+    return peer_state(user, epoch)
 
 
 def entry(cid: int, clock: int, state) -> p.AwarenessEntry:
@@ -81,7 +69,7 @@ def test_a_removed_id_revives_only_for_a_newer_clock_or_a_later_joiner():
 
 def test_relayed_states_are_published_by_their_node_not_by_us():
     table = AwarenessTable(max_state_bytes=1024)
-    other_node = PeerState(peer=Quiet(), epoch=0, remote="node-b")
+    other_node = PeerState(peer=FakePeer("node-b"), epoch=0, remote="node-b")
     assert table.apply_remote(other_node, [entry(9, 1, {"n": "R"})], now=10.0)
     entries, local = table.take_pending()
     assert [e.client_id for e in entries] == [9] and local == []

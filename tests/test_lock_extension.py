@@ -4,7 +4,6 @@ rely on (``on_locks_changed`` for presence, ``fence_for`` for forwarding)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from types import SimpleNamespace
 
 import pycrdt
@@ -16,6 +15,7 @@ from locks.extension import LockExtension
 from locks.memory import MemoryLeaseManager
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.room import Room
+from tests.fakes import eventually, identity
 
 
 class Sink:
@@ -41,15 +41,8 @@ class Recorder:
         self.calls.append(locks)
 
 
-def identity(user: str) -> Identity:
-    return Identity(user_id=user, name=user.title(), color="#000000")
-
-
 async def until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
+    await eventually(predicate, timeout, interval=0.005)
 
 
 async def test_hooks_for_presence_and_forwarding(tmp_path):

@@ -6,19 +6,8 @@ import asyncio
 
 from persistence.base import StoreError
 from persistence.sqlite import SQLiteDocumentStore
-from rooms.peer import PeerState
 from rooms.persist import PersistPipeline
-
-
-class Peer:
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-
-    def send(self, frame: bytes) -> None:
-        self.frames.append(frame)
-
-    def close(self, code: int, reason: str) -> None:
-        pass
+from tests.fakes import peer_state
 
 
 class SlowFirstStore:
@@ -53,8 +42,8 @@ async def test_acks_wait_for_the_earlier_append(tmp_path):
     await inner.open()
     store = SlowFirstStore(inner)
     pipe, _ = pipeline(store)
-    a = PeerState(peer=Peer(), epoch=1, wants_control=True)
-    b = PeerState(peer=Peer(), epoch=2, wants_control=True)
+    a = peer_state("a", 1)
+    b = peer_state("b", 2)
     pipe.updates.append(b"\x00\x00")
     pipe.acks[a] = 1
     pipe.submit()
@@ -93,7 +82,7 @@ async def test_a_store_error_fails_the_pipeline_once_and_sends_no_ack():
             raise StoreError("disk gone")
 
     pipe, failures = pipeline(Broken())
-    ps = PeerState(peer=Peer(), epoch=1, wants_control=True)
+    ps = peer_state("a", 1)
     pipe.updates.append(b"\x00\x00")
     pipe.acks[ps] = 1
     pipe.submit()

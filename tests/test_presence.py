@@ -203,7 +203,7 @@ async def test_locks_changed_hook_fills_participants_locks(env):
     a, _ = join(room, "alice")
     join(room, "bob")
     await settle(ext)
-    room._emit(
+    room.notify(
         "on_locks_changed",
         [
             {"path": "connection.host", "user_id": "bob", "holder": "n1/2", "fence": 1, "expires_at": None},
@@ -215,7 +215,7 @@ async def test_locks_changed_hook_fills_participants_locks(env):
     roster = Roster(a).current()
     assert roster["bob"]["locks"] == ["connection.host", "connection.port"]
     assert roster["alice"]["locks"] == []
-    room._emit("on_locks_changed", [])
+    room.notify("on_locks_changed", [])
     await settle(ext)
     assert Roster(a).current()["bob"]["locks"] == []
 

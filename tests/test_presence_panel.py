@@ -168,7 +168,7 @@ async def test_panel_shows_participants_focus_locks_and_live_joins_and_leaves(tm
             # The locks feature reports a lock: a lock icon on the holder's card.
             room = core.rooms.rooms[ws]
             lock = {"path": "connection.host", "user_id": "alice", "holder": "x", "fence": 1, "expires_at": None}
-            room._emit("on_locks_changed", [lock])
+            room.notify("on_locks_changed", [lock])
             await panel.command("wait_text", selector='li[data-user-id="alice"] .locks', text="connection.host")
 
             # Live join and leave.

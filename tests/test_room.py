@@ -16,43 +16,13 @@ import pytest
 from collab import protocol as p
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.room import Room, RoomTuning
+from tests import fakes
+from tests.fakes import FakePeer, settle
 
 WS = "ds-1"
 
 
 # ------------------------------------------------------------------ helpers
-
-
-class FakePeer:
-    """Records what the room sends; decoding every frame also checks the room only sends valid frames."""
-
-    def __init__(self, name: str, on_send=None) -> None:
-        self.name = name
-        self.frames: list[bytes] = []
-        self.closed: tuple[int, str] | None = None
-        self.on_send = on_send
-
-    def send(self, frame: bytes) -> None:
-        assert isinstance(frame, bytes)
-        self.frames.append(frame)
-        if self.on_send is not None:
-            self.on_send(self, p.decode_message(frame))
-
-    def close(self, code: int, reason: str) -> None:
-        if self.closed is None:
-            self.closed = (code, reason)
-
-    def messages(self) -> list[p.Message]:
-        return [p.decode_message(f) for f in self.frames]
-
-    def take(self) -> list[p.Message]:
-        """The messages received so far; forget them."""
-        out = self.messages()
-        self.frames.clear()
-        return out
-
-    def __repr__(self) -> str:
-        return f"FakePeer({self.name})"
 
 
 class Client:
@@ -102,15 +72,8 @@ def awareness(*entries: p.AwarenessEntry) -> p.AwarenessMessage:
     return p.AwarenessMessage(tuple(entries))
 
 
-async def settle(room: Room) -> None:
-    """Flush and wait (bounded) until everything received is durable."""
-    await asyncio.wait_for(room.drain(), 10)
-
-
-async def open_room(store, **config) -> Room:
-    room = Room(WS, store, RoomTuning(**config))
-    await asyncio.wait_for(room.load(), 10)
-    return room
+async def open_room(store, **tuning) -> Room:
+    return await fakes.open_room(store, WS, **tuning)
 
 
 def hello(room: Room, ps, peer: FakePeer) -> dict:
@@ -552,3 +515,14 @@ async def test_updates_waiting_for_a_missing_dependency_are_refused(store):
     fresh = await open_room(store)
     assert content(fresh.doc)[1] == content(offline.doc)[1] == "world"
     assert content(fresh.doc)[0] == {"k": "v", **{f"o{i}": i for i in range(6)}}
+
+
+async def test_every_hook_the_room_calls_is_declared_once(store):
+    """A hook name that is not on RoomListener is a programming error, not a silent no-op."""
+    from rooms.room import LISTENER_HOOKS
+
+    declared = {"on_load", "filter_awareness", "on_config_change", "on_locks_changed", "on_outbox_persisted"}
+    assert declared <= LISTENER_HOOKS
+    room = await open_room(store)
+    with pytest.raises(ValueError, match="not a room listener hook"):
+        room.notify("on_lock_changed", [])  # a typo
