@@ -69,11 +69,16 @@ $(PROMTOOL):
 BACKEND_PORT ?= 8766
 
 # The reference data-source backend runs in the background (SQLite in ./data) and
-# stops when the collaboration server exits; changes are forwarded to it.
+# stops when the collaboration server exits; changes are forwarded to it, and its
+# change hook tells the server about changes made through its own API
+# (curl -X PATCH localhost:8766/data-sources/ds-demo -d '{"description": "from the backend"}').
+SERVER_PORT ?= 8765
 run: $(STAMP)
 	@mkdir -p data
-	@$(BIN)/collab-refbackend --port $(BACKEND_PORT) --db data/refbackend.sqlite3 & backend=$$!; \
+	@$(BIN)/collab-refbackend --port $(BACKEND_PORT) --db data/refbackend.sqlite3 \
+	  --notify-url http://127.0.0.1:$${COLLAB_PORT:-$(SERVER_PORT)} & backend=$$!; \
 	trap 'kill $$backend 2>/dev/null; wait $$backend 2>/dev/null' EXIT INT TERM; \
+	COLLAB_PORT=$${COLLAB_PORT:-$(SERVER_PORT)} \
 	COLLAB_BACKEND_URL=$${COLLAB_BACKEND_URL:-http://127.0.0.1:$(BACKEND_PORT)} $(BIN)/collab serve
 
 test: $(STAMP) deps-test js $(PROMTOOL)

@@ -5,7 +5,7 @@ they need (a :class:`Requirement`): nothing (``PUBLIC``), a role in the
 workspace of the path (``workspace_role("viewer")``), a server-wide role
 (``server_role("admin")``: only a token's ``"*"`` grant counts) or a service
 credential (``service("metrics")``: that service's shared token, or a
-server-wide admin). Routes are built with :class:`GatedRoute`,
+server-wide admin, or a JWT with the claim role "service"). Routes are built with :class:`GatedRoute`,
 :class:`GatedMount` and :class:`GatedWebSocketRoute`, whose ``requires`` is a
 required keyword; the app refuses, when it is built, any route that is not
 one of them (:func:`requirement_of`). One :class:`Gate` then checks every
@@ -80,7 +80,7 @@ class Requirement:
         if self.public:
             return "public"
         if self.role == "service":
-            return f"{self.service} token, or server admin"
+            return f"{self.service} token, a service JWT, or server admin"
         if self.scope == "server":
             return f'{self.role} (server-wide, `"*"` grant)'
         return f"{self.role} in the workspace" if self.role == "admin" else f"{self.role} or higher in the workspace"
@@ -215,6 +215,17 @@ def loopback(conn: HTTPConnection) -> bool:
         return False
 
 
+def acts_as_service(identity: Identity, name: str) -> bool:
+    """A verified JWT issued to a service: claim role "service" (and claim service = name, if it names one).
+
+    Such a token still needs a "*" grant (of any role) to be verified for
+    server-wide routes; the claim is what makes it that service's credential.
+    """
+    claims = getattr(identity, "claims", None) or {}
+    named = claims.get("service")
+    return claims.get("role") == "service" and (named is None or named == name)
+
+
 class Gate:
     """Authenticates and authorizes every request against its route's requirement."""
 
@@ -300,5 +311,7 @@ class Gate:
         identity = await self._authenticate(conn, None)
         if identity is None or getattr(identity, "development", False):
             raise GateError(401, f"{requires.service} token (or an admin token) required")
+        if acts_as_service(identity, requires.service or ""):
+            return identity
         self.authorize(identity, requires, conn)
         return identity

@@ -338,6 +338,109 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "security": [{"bearer": []}],
         "responses": {"200": _json("discarded rows"), **_WORKSPACE_READ, "404": _error("no such dead letter")},
     },
+    ("/api/workspaces/{workspace_id}/backend-changes", "post"): {
+        "summary": "The backend's change hook: a data source changed outside the server",
+        "description": "Called by the data-source backend (`Authorization: Bearer <COLLAB_BACKEND_TOKEN>`, or a "
+        'JWT with `"role": "service"`) with the data source\'s whole `config` and its `version`. The '
+        "difference from the known backend state is applied to the document as one server change authored "
+        "`backend` (broadcast, stored, audited, not forwarded back); locked paths too (the holder gets "
+        "`lock.overridden`). An integer version older than the known one is ignored. See "
+        "docs/backend-contract.md.",
+        "tags": ["forwarding"],
+        "security": [{"bearer": []}],
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {
+                    "schema": {
+                        "type": "object",
+                        "required": ["config"],
+                        "properties": {"config": {"type": "object"}, "version": {"type": ["string", "integer"]}},
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": _json(
+                "merged (`paths`: what changed in the document; `applied: false`: an older version)",
+                {
+                    "type": "object",
+                    "properties": {
+                        "workspace": {"type": "string"},
+                        "version": {"type": ["string", "null"]},
+                        "applied": {"type": "boolean"},
+                        "paths": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            ),
+            "400": _error("not {config, version}"),
+            "401": _error("not the backend"),
+            "503": _error("the workspace cannot be opened now (retry)"),
+        },
+    },
+    ("/api/workspaces/{workspace_id}/config", "get"): {
+        "summary": "The workspace's configuration, with its change sequence number as ETag",
+        "description": _WORKSPACE_NOTE + " Opens the workspace if needed (evicted again after the grace).",
+        "tags": ["edits"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json('`{workspace, seq, config}`; header `ETag: "<seq>"`'), **_WORKSPACE_READ},
+    },
+    ("/api/workspaces/{workspace_id}/config", "patch"): {
+        "summary": "Edit the configuration with a JSON Merge Patch (RFC 7396)",
+        "description": "Needs the editor role. Applied as one server change under the rules of a websocket "
+        "edit: locks (409 naming the holder, unless `X-Lock-Token` is the lock's token, from `lock.granted`), "
+        "validation (422, the shape of `rejected`), audit with the caller as author, forwarding, broadcast. "
+        '`If-Match: "<seq>"` makes it conditional. Works whether or not the workspace is open.',
+        "tags": ["edits"],
+        "security": [{"bearer": []}],
+        "parameters": [
+            {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}},
+            {"name": "X-Lock-Token", "in": "header", "required": False, "schema": {"type": "string"}},
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/merge-patch+json": {"schema": {"type": "object"}}},
+        },
+        "responses": {
+            "200": _json('applied: `{workspace, seq, config, paths}`; header `ETag: "<seq>"`'),
+            "400": _error("not a JSON object"),
+            **_AUTH,
+            "409": _json("a path is locked by someone else: `{error, paths, path, holder, user_id, name}`"),
+            "412": _json("`If-Match` is not the current seq: `{error, seq}`"),
+            "415": _error("not application/merge-patch+json or application/json"),
+            "422": _json("invalid: `{paths, reason, errors}` as in `rejected`; nothing stored"),
+            "503": _error("the workspace cannot be opened now (retry)"),
+        },
+    },
+    ("/api/bulk", "post"): {
+        "summary": "Start a bulk job: one merge patch for many workspaces",
+        "description": "Needs the editor role in every workspace named. Body: `{workspaces: [...], patch, "
+        "batch_size (50), parallelism (4), rollback_on_failure (false)}`. The job is stored and survives a "
+        "restart; each item is applied like a PATCH; with `rollback_on_failure` a refused item stops the job "
+        "and the applied items are undone by compensating changes.",
+        "tags": ["edits"],
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {JSON: {"schema": {"type": "object"}}}},
+        "responses": {"202": _json("`{job, state, status, events}`"), "400": _error("bad request"), **_AUTH},
+    },
+    ("/api/bulk/{job}", "get"): {
+        "summary": "A bulk job's state and every workspace's outcome",
+        "description": "Item states: pending, applying, applied, refused (with `reason`), rolled_back, skipped.",
+        "tags": ["edits"],
+        "security": [{"bearer": []}],
+        "responses": {"200": _json("`{id, state, counts, total, items}`"), **_AUTH, "404": _error("no such job")},
+    },
+    ("/api/bulk/{job}/events", "get"): {
+        "summary": "Server-sent events of a bulk job",
+        "description": "`job` and `item` events (the current state first, then each change), then `end`.",
+        "tags": ["edits"],
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": {"description": "event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **_AUTH,
+            "404": _error("no such job"),
+        },
+    },
 }
 
 SCHEMAS: dict[str, Any] = {

@@ -7,7 +7,12 @@
   one becomes an audit record; a new workspace is seeded once from the
   backend before anyone joins;
 * the forwarder (when ``COLLAB_BACKEND_URL`` is set) delivers the outbox;
-* HTTP: ``/api/workspaces/{id}/history``, ``/forwarding``, ``/dead-letters``;
+* HTTP: ``/api/workspaces/{id}/history``, ``/forwarding``, ``/dead-letters``,
+  ``/backend-changes`` (the backend's change hook), ``/config`` (GET, and
+  PATCH: JSON Merge Patch edits by non-CRDT callers), ``/api/bulk``;
+* two-way sync (forwarding/backendsync.py): changes made at the backend are
+  merged into the document (pushed, pulled on open and on an interval, or
+  found by a 412), refused changes are reverted;
 * control: ``forward.status``.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import time
@@ -25,7 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from collab.extensions import Extension
-from collab.gate import GatedRoute, workspace_role
+from collab.gate import GatedRoute, service, workspace_role
+from forwarding.backendsync import BackendSync, version_text
 from forwarding.forwarder import Forwarder, SeedError
 from forwarding.model import SECRET_KEYS
 from forwarding.settings import ForwardingSettings
@@ -105,7 +112,14 @@ class ForwardingExtension(Extension):
         self.forwarder: Forwarder | None = None
         self._fence_for = None
         self._seeding: set[int] = set()  # id() of rooms writing their initial state
+        self._authoring: dict[int, dict[str, Any]] = {}  # id() of rooms making a server change -> its author
         self.hooks = _RoomHooks(self)
+        self.sync = BackendSync(self)
+        self.seqs: dict[str, int] = {}  # last change sequence number stored per workspace (HTTP ETags)
+        from forwarding.edits import BulkJobs, ConfigEdits
+
+        self.edits = ConfigEdits(self)
+        self.bulk = BulkJobs(self)
 
     # ------------------------------------------------------------ extension
 
@@ -131,11 +145,19 @@ class ForwardingExtension(Extension):
             GatedRoute(
                 f"{base}/dead-letters/{{key}}", self._api_dead_letter_discard, methods=["DELETE"], requires=editor
             ),
+            GatedRoute(
+                f"{base}/backend-changes", self._api_backend_changes, methods=["POST"], requires=service("backend")
+            ),
+            *self.edits.routes(),
+            *self.bulk.routes(),
         ]
 
     async def start(self, app: App) -> None:
         self.app = app
         self.store = app.store
+        gate = getattr(app, "gate", None)
+        if gate is not None and self.settings.backend_token:
+            gate.service_tokens["backend"] = self.settings.backend_token  # the change hook's credential
         self.recording = isinstance(self.store, OutboxStore)
         for ext in app.extensions:
             if ext is not self and callable(getattr(ext, "fence_for", None)):
@@ -153,13 +175,17 @@ class ForwardingExtension(Extension):
                 "forwarding is OFF: COLLAB_BACKEND_URL is not set; accepted changes are recorded in the outbox "
                 "and will be delivered once a backend is configured"
             )
+            await self.bulk.start()
             return
         logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self.forwarder = Forwarder(self.settings, self.store, self._report)
         counters = getattr(app, "counters", None)
         if counters is not None:
             self.forwarder.on_request = counters.observe_forward
+        self.forwarder.sync = self.sync
         await self.forwarder.start()
+        self.sync.start(self.settings.backend_pull_seconds)
+        await self.bulk.start()  # unfinished jobs resume (after the forwarder: new workspaces are seeded)
         log.info(
             "forwarding accepted changes to %s (debounce %.0f ms, at most %.0f ms)",
             self.settings.backend_url,
@@ -167,9 +193,48 @@ class ForwardingExtension(Extension):
             self.settings.forward_max_delay_ms,
         )
 
+    def closing(self) -> None:
+        self.bulk.closing()
+
     async def stop(self) -> None:
+        await self.bulk.stop()
+        await self.sync.stop()
         if self.forwarder is not None:
             await self.forwarder.stop()
+
+    # ------------------------------------------------------ server changes
+
+    @contextlib.contextmanager
+    def authoring(self, room: Room, author: dict[str, Any], details: dict[str, Any] | None = None, fence=None):
+        """Within: a server change of ``room`` is recorded with this author (not the server's).
+
+        Yields a dict whose ``"record"`` is then the ChangeRecord staged (its
+        ``seq`` is set once it is stored).
+        """
+        override = {"author": author, "details": details, "fence": fence, "record": None}
+        self._authoring[id(room)] = override
+        try:
+            yield override
+        finally:
+            self._authoring.pop(id(room), None)
+
+    def lock_extension(self) -> Any:
+        """The lock feature, if the server runs it (for lock holders and tokens)."""
+        for ext in self.app.extensions if self.app is not None else []:
+            if (
+                ext is not self
+                and callable(getattr(ext, "locks", None))
+                and callable(getattr(ext, "connection_id", None))
+            ):
+                return ext
+        return None
+
+    async def last_seq(self, workspace: str) -> int:
+        """The workspace's last change sequence number (stored changes only)."""
+        if workspace not in self.seqs:
+            status = await self.store.forward_status(workspace)
+            self.seqs[workspace] = max(self.seqs.get(workspace, 0), status["recorded_seq"])
+        return self.seqs[workspace]
 
     async def check(self) -> str | None:
         """Readiness: the data-source backend answers (when forwarding is on).
@@ -260,7 +325,7 @@ class ForwardingExtension(Extension):
     async def _seed(self, room: Room, workspace: str) -> None:
         assert self.forwarder is not None
         try:
-            status, config, seq = await self.forwarder.fetch_initial(workspace)
+            status, config, seq, version = await self.forwarder.fetch_initial(workspace)
         except SeedError as exc:
             log.warning("%s", exc)
             raise
@@ -290,10 +355,12 @@ class ForwardingExtension(Extension):
                 self._seeding.discard(id(room))
             record.changes = change_list(diff({}, room.config_view))
             record.config = jsonable(room.config_view)
+        record.details["version"] = version
         room.stage_outbox(record)
         await room.drain()
         if room.failed:
             raise StoreError(f"could not store the initial state of {workspace}: {room.failed}")
+        await self.sync.remember(workspace, jsonable(config or {}), version, absent=status == 404)
         log.info("seeded %s from the backend (%s, %d fields)", workspace, record.reason, len(record.changes))
 
     # -------------------------------------------------------------- control
@@ -366,6 +433,31 @@ class ForwardingExtension(Extension):
             self.forwarder.wake(workspace)
         return JSONResponse({"requeued": count})
 
+    async def _api_backend_changes(self, request: Request) -> JSONResponse:
+        """The backend's change hook: a data source changed outside the server; merge it into the document.
+
+        The gate let the backend in (``service("backend")``: COLLAB_BACKEND_TOKEN, a
+        service-role JWT, or a server admin).
+        """
+        workspace = self._workspace(request)
+        if isinstance(workspace, JSONResponse):
+            return workspace
+        try:
+            body = await request.json()
+        except Exception:  # not JSON, or the caller went away
+            return JSONResponse({"error": "the body is not JSON"}, status_code=400)
+        if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
+            return JSONResponse({"error": "send {config: {...}, version}"}, status_code=400)
+        version = version_text(body.get("version"))
+        try:
+            paths = await self.sync.apply(workspace, jsonable(body["config"]), version, "push")
+        except Exception as exc:  # store, room limit, a new workspace that cannot be seeded now
+            log.warning("backend change of %s not applied: %s", workspace, exc)
+            return JSONResponse({"error": f"cannot apply it now: {exc}"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(
+            {"workspace": workspace, "version": version, "applied": paths is not None, "paths": paths or []}
+        )
+
     async def _api_dead_letter_discard(self, request: Request) -> JSONResponse:
         workspace = self._workspace(request)
         if isinstance(workspace, JSONResponse):
@@ -383,23 +475,33 @@ class _RoomHooks:
         self.ext = ext
 
     async def on_load(self, room: Room) -> None:
-        await self.ext.seed(room)
+        ext = self.ext
+        new = room.is_new
+        await ext.seed(room)
+        if not new and ext.forwarder is not None and ext.settings.backend_pull_on_open:
+            # What changed at the backend while the workspace was closed (not awaited: the
+            # room opens without waiting for the backend; the merge follows as a server change).
+            workspace = room.workspace_id
+            ext.sync.spawn(ext.sync.refresh(workspace, "open"), f"pull on open of {workspace}")
 
     def on_config_change(self, room: Room, ps: PeerState | None, changes: Changes, config: dict) -> None:
         ext = self.ext
         if not ext.recording or id(room) in ext._seeding:
             return
         paths = sorted(changes)
-        room.stage_outbox(
-            ChangeRecord(
-                kind=ACCEPTED,
-                author=author_of(ps),
-                changes=change_list(changes),
-                config=jsonable(config),
-                fence=ext.fence(room, ps, paths),
-                forward=True,
-            )
+        override = ext._authoring.get(id(room))
+        record = ChangeRecord(
+            kind=ACCEPTED,
+            author=override["author"] if override else author_of(ps),
+            changes=change_list(changes),
+            config=jsonable(config),
+            fence=override["fence"] if override else ext.fence(room, ps, paths),
+            details=override["details"] if override else None,
+            forward=True,
         )
+        if override:
+            override["record"] = record
+        room.stage_outbox(record)
 
     def on_config_rejected(self, room: Room, ps: PeerState | None, rejections: list, attempted: Changes) -> None:
         paths = sorted({path for r in rejections for path in r.paths})
@@ -425,5 +527,9 @@ class _RoomHooks:
         )
 
     def on_outbox_persisted(self, room: Room, records: list) -> None:
+        seqs = [r.seq for r in records if r.seq is not None]
+        if seqs:
+            ws = room.workspace_id
+            self.ext.seqs[ws] = max(self.ext.seqs.get(ws, 0), *seqs)
         if self.ext.forwarder is not None:
             self.ext.forwarder.notify(room.workspace_id, records)

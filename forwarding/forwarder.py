@@ -9,9 +9,20 @@ very same request), and sends it. The next request of a workspace leaves
 only after the previous one is finished, so per-workspace order holds.
 
 * 2xx: delivered; the rows leave the outbox; peers get ``forwarded``.
-* 4xx (except 408/425/429): the backend refuses the change; not retried,
-  recorded in the audit trail, reported to the room (``forward.failed``);
-  later changes carry on.
+* 412: the backend's data source moved on since the version the request was
+  computed from (``If-Match``): the server reads the backend's state, merges
+  it into the document (backend wins on the paths it changed) and sends the
+  session's remaining changes again, computed from the new version.
+* other 4xx (except 408/425/429): the backend refuses the change; not
+  retried, recorded in the audit trail, reported to the room
+  (``forward.failed``), and (``COLLAB_REVERT_REFUSED``) undone in the
+  document by a server change back to the backend's state; later changes
+  carry on.
+
+A request carries the known backend state (forwarding/backendsync.py) with
+the batch's own changes applied, never the document's whole configuration
+as it was: what the backend changed meanwhile on other paths is kept. Rows
+that came from the backend are never sent back.
 * anything else (connection refused, timeout, 5xx, 408/425/429): retried
   with exponential backoff and jitter, honouring ``Retry-After``. When a
   request has failed for longer than ``forward_dead_letter_seconds`` its rows
@@ -45,10 +56,13 @@ from collab import logs
 from forwarding.settings import ForwardingSettings
 from persistence.base import StoreError
 from persistence.outbox import BACKEND_REFUSED, DEAD_LETTERED, DELIVERED, REFUSED, ChangeRecord, OutboxRow
+from rooms.config import MISSING, get_path, overlaps
 
 log = logging.getLogger("collab.forwarder")
 
 RETRYABLE_4XX = {408, 425, 429}
+CONFLICT = 412  # If-Match no longer matches: merge the backend's state and send again
+MAX_CONFLICTS = 5  # in a row, before a request backs off like any other failure
 UNAVAILABLE = {502, 503, 504}  # like a refused connection: the backend as a whole is not there
 IDLE_LANE_SECONDS = 30.0
 PROBE_CACHE_SECONDS = 1.0  # readiness probes of the backend, at most one per this
@@ -115,6 +129,7 @@ class Forwarder:
         self.base_url = settings.backend_url
         self.store = store
         self.report = report  # (workspace, control message) -> tell the room
+        self.sync: Any = None  # forwarding.backendsync.BackendSync: known backend states, merges
         self.client: httpx.AsyncClient | None = None
         self.lanes: dict[str, _Lane] = {}
         self._limit = asyncio.Semaphore(settings.forward_concurrency)
@@ -228,8 +243,23 @@ class Forwarder:
 
     # ---------------------------------------------------------------- seeding
 
-    async def fetch_initial(self, workspace: str) -> tuple[int, dict[str, Any] | None, int]:
-        """GET the data source: (HTTP status, its configuration or None, its sequence number)."""
+    async def fetch_state(
+        self, workspace: str, etag: str | None = None
+    ) -> tuple[int, dict[str, Any] | None, str | None]:
+        """One GET of the data source: (status, configuration or None, version); 304 if ``etag`` is current."""
+        assert self.client is not None
+        headers = {"If-None-Match": f'"{etag}"'} if etag is not None else {}
+        response = await self.client.get(f"/data-sources/{quote(workspace, safe='')}", headers=headers)
+        if response.status_code != 200:
+            return response.status_code, None, etag if response.status_code == 304 else None
+        body = response.json()
+        config = body.get("config") if isinstance(body, dict) else None
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"backend answered a non-object configuration for {workspace}")
+        return 200, config or {}, version_of(body, response.headers)
+
+    async def fetch_initial(self, workspace: str) -> tuple[int, dict[str, Any] | None, int, str | None]:
+        """GET the data source: (HTTP status, its configuration or None, its sequence number, its version)."""
         assert self.client is not None
         deadline = time.monotonic() + self.settings.seed_timeout_seconds
         delay = 0.1
@@ -241,14 +271,15 @@ class Forwarder:
                     timeout=max(0.1, min(self.settings.backend_timeout_seconds, deadline - time.monotonic())),
                 )
                 if response.status_code == 404:
-                    return 404, None, 0
+                    return 404, None, 0, None
                 if response.status_code == 200:
                     body = response.json()
                     config = body.get("config") if isinstance(body, dict) else None
                     if config is not None and not isinstance(config, dict):
                         raise SeedError(f"backend answered a non-object configuration for {workspace}")
                     seq = body.get("seq", 0) if isinstance(body, dict) else 0
-                    return 200, config or None, int(seq) if isinstance(seq, int) else 0
+                    version = version_of(body, response.headers)
+                    return 200, config or None, int(seq) if isinstance(seq, int) else 0, version
                 last = f"HTTP {response.status_code}"
                 if 400 <= response.status_code < 500 and response.status_code not in RETRYABLE_4XX:
                     raise SeedError(f"backend refused GET /data-sources/{workspace}: {last}")
@@ -278,6 +309,7 @@ class Forwarder:
         max_delay = s.forward_max_delay_ms / 1000.0
         while True:
             lane.wake.clear()
+            merges = self.sync.merges(lane.workspace) if self.sync is not None else 0
             rows = await self._pending(lane)
             if not rows:
                 try:
@@ -310,7 +342,7 @@ class Forwarder:
                 await self._deliver_leased(lane)
                 continue
             batch = self._batch(rows)
-            await self._deliver(lane, batch)
+            await self._deliver(lane, batch, (rows, merges))
 
     async def _deliver_leased(self, lane: _Lane) -> None:
         """Several nodes share the outbox: only the holder of the workspace's lease delivers.
@@ -343,7 +375,7 @@ class Forwarder:
         try:
             rows = await self._pending(lane)
             if rows:
-                await self._deliver(lane, self._batch(rows))
+                await self._deliver(lane, self._batch(rows), None)
         finally:
             renewer.cancel()
             with contextlib.suppress(StoreError, asyncio.CancelledError):
@@ -384,35 +416,74 @@ class Forwarder:
             batch.append(row)
         return batch
 
-    def payload(self, workspace: str, batch: list[OutboxRow]) -> dict[str, Any]:
+    def payload(
+        self, workspace: str, batch: list[OutboxRow], known: Any = None, later: list[OutboxRow] | None = None
+    ) -> dict[str, Any]:
+        """The request for ``batch``; with a known backend state, that state plus the batch's own changes.
+
+        Changes that came from the backend, changes that leave a path as the
+        backend has it, and changes of paths the backend changed again later
+        (a backend row further on in the outbox) are not sent.
+        """
         last = batch[-1]
         authors: list[dict[str, Any]] = []
         for row in batch:
-            if row.author and row.author not in authors:
+            if row.author and row.author not in authors and row.author.get("kind") != "backend":
                 authors.append(row.author)
+        changes = coalesce(batch)
+        config = last.config
+        if known is not None:
+            from_backend = _last_authors(batch)
+            overridden = {
+                c["path"] for r in later or [] if (r.author or {}).get("kind") == "backend" for c in r.changes
+            }
+            kept = []
+            config = known.config
+            for change in changes:
+                path = change["path"]
+                value = get_path(last.config, path)
+                if from_backend.get(path) or any(overlaps(path, o) for o in overridden):
+                    continue
+                if _same(value, get_path(known.config, path)):
+                    continue
+                kept.append(change)
+                config = _set(config, path, value)
+            changes = kept
         return {
             "data_source": workspace,
             "workspace": workspace,
             "seq": last.seq,
             "first_seq": batch[0].seq,
-            "config": last.config,
-            "changes": coalesce(batch),
+            "config": config,
+            "changes": changes,
             "fence": batch[0].fence,
-            "author": last.author,
+            "author": authors[-1] if authors else last.author,
             "authors": authors,
             "changed_at": iso(last.created_at),
         }
 
-    async def _deliver(self, lane: _Lane, batch: list[OutboxRow]) -> None:
-        s = self.settings
-        workspace = lane.workspace
+    async def _compose(
+        self, workspace: str, batch: list[OutboxRow], key: str, rows: Any = None
+    ) -> tuple[dict[str, Any], dict[str, str], Any]:
+        """The request of a batch, from the known backend state (read again after a 412).
+
+        ``rows``: (pending rows, the sync's merge count when they were read), to
+        spare a read of the outbox (reads split the store's group commits);
+        read again if a backend change was merged since.
+        """
         head, last = batch[0], batch[-1]
-        key = head.batch or f"collab-{last.key}"
-        first_attempt = head.first_attempt_at
-        if head.batch is None or first_attempt is None:
-            first_attempt = time.time()
-            await self._store_retry(self.store.outbox_claim, workspace, [r.seq for r in batch], key, first_attempt)
-        payload = self.payload(workspace, batch)
+        known = later = None
+        if self.sync is not None:
+            known = await self.sync.known(workspace)
+            if known is None:
+                # Nothing known yet (a workspace older than versions): ask once, merge.
+                with contextlib.suppress(Exception):
+                    await self.sync.refresh(workspace, "establish", conditional=False)
+                    known = await self.sync.known(workspace)
+            if rows is None or rows[1] != self.sync.merges(workspace):
+                rows = (await self._pending(self.lanes.get(workspace) or _Lane(workspace)), None)
+            later = [r for r in rows[0] if r.seq > last.seq]
+        payload = self.payload(workspace, batch, known, later)
         headers = {
             "Idempotency-Key": key,
             "X-Collab-Workspace": workspace,
@@ -421,6 +492,28 @@ class Forwarder:
         }
         if head.fence is not None:
             headers["X-Collab-Fence"] = str(head.fence)
+        if known is not None and known.version is not None:
+            headers["If-Match"] = f'"{known.version}"'
+        elif known is not None and known.absent:
+            headers["If-None-Match"] = "*"  # it did not exist: create it, or hear that someone else did
+        return payload, headers, known
+
+    async def _deliver(self, lane: _Lane, batch: list[OutboxRow], rows: Any = None) -> None:
+        s = self.settings
+        workspace = lane.workspace
+        head, last = batch[0], batch[-1]
+        key = head.batch or f"collab-{last.key}"
+        first_attempt = head.first_attempt_at
+        if head.batch is None or first_attempt is None:
+            first_attempt = time.time()
+            await self._store_retry(self.store.outbox_claim, workspace, [r.seq for r in batch], key, first_attempt)
+        payload, headers, known = await self._compose(workspace, batch, key, rows)
+        conflicts = 0
+        if known is not None and not payload["changes"]:
+            # Only the backend's own changes (or changes it has already): nothing to send back.
+            await self._store_retry(self.store.outbox_finish, workspace, key, DELIVERED, time.time())
+            lane.retrying, lane.last_error, lane.next_try = False, None, None
+            return
         failures = head.attempts
         url = f"/data-sources/{quote(workspace, safe='')}"
         reason = "backend unreachable"
@@ -438,12 +531,20 @@ class Forwarder:
                         await asyncio.wait_for(changed.wait(), 5.0)
                 if self._down and self._prober is None:
                     self._prober = lane
-                status, body, error, retry_after = await self._send(url, payload, headers)
+                status, body, error, retry_after, response_headers = await self._send(url, payload, headers)
                 if status is not None and 200 <= status < 300:
                     self._backend_up()
                     lane.retrying, lane.last_error, lane.next_try = False, None, None
                     self.stats["delivered"] += 1
+                    stale = isinstance(body, dict) and body.get("applied") is False
+                    if self.sync is not None and known is not None and not stale:
+                        # Before the rows leave the outbox: a crash in between re-sends the same key.
+                        version = version_of(body, response_headers)
+                        await self._store_retry(self.sync.remember, workspace, payload["config"], version)
                     seqs = await self._store_retry(self.store.outbox_finish, workspace, key, DELIVERED, time.time())
+                    if stale and self.sync is not None:
+                        with contextlib.suppress(Exception):
+                            await self.sync.on_conflict(workspace)
                     log.info(
                         "forwarded workspace=%s user=%s seq %d-%d (%d changes): HTTP %d",
                         workspace,
@@ -471,6 +572,21 @@ class Forwarder:
                         },
                     )
                     return
+                if status == CONFLICT and self.sync is not None and known is not None and conflicts < MAX_CONFLICTS:
+                    self._backend_up()
+                    conflicts += 1
+                    self.stats["conflicts"] = self.stats.get("conflicts", 0) + 1
+                    log.info("backend's %s moved on (412): merging its state and sending again", workspace)
+                    try:
+                        await self.sync.on_conflict(workspace)
+                    except Exception as exc:  # retried like a 5xx (the backend itself answered)
+                        status, error = 500, f"merge after 412 failed: {exc}"
+                    else:
+                        payload, headers, known = await self._compose(workspace, batch, key)
+                        if not payload["changes"]:
+                            await self._store_retry(self.store.outbox_finish, workspace, key, DELIVERED, time.time())
+                            return
+                        continue
                 if status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX:
                     self._backend_up()
                     lane.retrying, lane.last_error, lane.next_try = False, None, None
@@ -504,6 +620,8 @@ class Forwarder:
                             "retrying": False,
                         },
                     )
+                    if self.sync is not None and s.revert_refused:
+                        await self._revert(workspace, batch, payload, status)
                     return
                 # Transient: retry with backoff, or give up into the dead-letter list.
                 failures += 1
@@ -582,10 +700,28 @@ class Forwarder:
         self._state_changed.set()
         self._state_changed = asyncio.Event()
 
+    async def _revert(self, workspace: str, batch: list[OutboxRow], payload: dict[str, Any], status: int) -> None:
+        """Undo a refused change in the document: its paths go back to the backend's state.
+
+        Paths changed again by a later change still waiting in the outbox keep
+        that newer value (it is forwarded in its turn).
+        """
+        last = batch[-1]
+        rows = await self._pending(self.lanes.get(workspace) or _Lane(workspace))
+        again = {c["path"] for r in rows if r.seq > last.seq for c in r.changes}
+        paths = [c["path"] for c in payload["changes"] if c["path"] not in again]
+        if not paths:
+            return
+        details = {"seq": last.seq, "first_seq": batch[0].seq, "status": status}
+        try:
+            await self.sync.revert(workspace, paths, details)
+        except Exception as exc:
+            log.warning("could not revert the refused change %d of %s: %s", last.seq, workspace, exc)
+
     async def _send(
         self, url: str, payload: dict[str, Any], headers: dict[str, str]
-    ) -> tuple[int | None, Any, str | None, float | None]:
-        """One attempt: (status or None, parsed body, transport error, Retry-After seconds)."""
+    ) -> tuple[int | None, Any, str | None, float | None, Any]:
+        """One attempt: (status or None, parsed body, transport error, Retry-After seconds, headers)."""
         assert self.client is not None
         self.stats["requests"] += 1
         async with self._limit:
@@ -595,7 +731,7 @@ class Forwarder:
             except httpx.HTTPError as exc:
                 if self.on_request is not None:
                     self.on_request(time.perf_counter() - started, None)
-                return None, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, None
+                return None, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, None, {}
             if self.on_request is not None:
                 self.on_request(time.perf_counter() - started, response.status_code)
         try:
@@ -607,7 +743,7 @@ class Forwarder:
         if header:
             with contextlib.suppress(ValueError):
                 retry_after = max(0.0, float(header))
-        return response.status_code, body, None, retry_after
+        return response.status_code, body, None, retry_after, response.headers
 
     async def _store_retry(self, fn, *args):
         """Store writes of the forwarder are retried: losing one would resend (harmless) or stall."""
@@ -619,3 +755,35 @@ class Forwarder:
                 log.warning("forwarder store write failed (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def version_of(body: Any, headers: Any) -> str | None:
+    """The backend's version of a data source: the body's ``version``, else the ``ETag`` header."""
+    from forwarding.backendsync import version_text
+
+    if isinstance(body, dict) and body.get("version") is not None:
+        return version_text(body["version"])
+    return version_text(headers.get("ETag")) if headers is not None else None
+
+
+def _last_authors(batch: list[OutboxRow]) -> dict[str, bool]:
+    """Per path, whether its last change in the batch came from the backend."""
+    out: dict[str, bool] = {}
+    for row in batch:
+        backend = (row.author or {}).get("kind") == "backend"
+        for change in row.changes:
+            out[change["path"]] = backend
+    return out
+
+
+def _set(config: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    from forwarding.backendsync import set_plain
+
+    return set_plain(config, path, value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two plain values (or MISSING) are the same configuration value."""
+    if a is MISSING or b is MISSING:
+        return a is b
+    return a == b and type(a) is type(b)

@@ -29,7 +29,11 @@ class ForwardingSettings(BaseSettings):
 
     # The data-source backend
     backend_url: str | None = Field(None, description="e.g. http://127.0.0.1:8766; unset = forwarding off")
-    backend_token: str | None = Field(None, description="sent as 'Authorization: Bearer <token>'")
+    backend_token: str | None = Field(
+        None,
+        description="sent as 'Authorization: Bearer <token>'; also what the backend's change hook presents "
+        "(POST /api/workspaces/{id}/backend-changes)",
+    )
     backend_timeout_seconds: float = Field(10.0, gt=0, description="per HTTP request")
     seed_timeout_seconds: float = Field(
         10.0, gt=0, description="a new workspace waits this long for its initial state from the backend"
@@ -56,6 +60,23 @@ class ForwardingSettings(BaseSettings):
         86400.0, gt=0, description="a change still undelivered after failing this long goes to the dead-letter list"
     )
     forward_concurrency: int = Field(16, ge=1, description="requests in flight to the backend at most")
+
+    # Two-way sync (docs/forwarding.md, "Changes made at the backend")
+    revert_refused: bool = Field(
+        True,
+        description="a change the backend refuses (4xx) is undone in the document by a server change back to "
+        "the backend's state (false: the document keeps it, as before)",
+    )
+    backend_pull_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="workspaces with peers ask the backend for changes this often (If-None-Match: a quiet "
+        "backend answers 304); 0 = only when the backend calls /backend-changes",
+    )
+    backend_pull_on_open: bool = Field(
+        True, description="a workspace that opens again asks the backend what changed while it was closed"
+    )
+    bulk_max_workspaces: int = Field(10_000, ge=1, description="workspaces one bulk job may name at most")
 
     @field_validator("backend_url")
     @classmethod

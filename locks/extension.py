@@ -224,6 +224,17 @@ class LockExtension(Extension):
         conn = self._conns.get(peer)
         return conn.id if conn else None
 
+    def lease_with_token(self, workspace: str, path: str, token: str) -> dict[str, Any] | None:
+        """The lease on exactly ``path`` held through this node, if ``token`` is its token (else None)."""
+        if not token:
+            return None
+        for conn in self._conns.values():
+            held = conn.leases.get(path)
+            if held is not None and held.lease.workspace == workspace:
+                if secrets.compare_digest(held.lease.token.encode(), token.encode()):
+                    return _record(held.lease)
+        return None
+
     def room_summary(self, workspace_id: str) -> dict[str, Any]:
         return {"locks": len(self.locks(workspace_id))}
 
@@ -453,7 +464,9 @@ class LockExtension(Extension):
         held = _Held(lease, ttl)
         conn.leases[path] = held
         held.task = asyncio.get_running_loop().create_task(self._renew_loop(conn, held))
-        conn.ps.control({"type": "lock.granted", **ref, **_record(lease), "ttl": ttl})
+        # The token goes to the holder only: presented with an HTTP edit (X-Lock-Token),
+        # it lets the holder's own backend-side tools edit the locked paths.
+        conn.ps.control({"type": "lock.granted", **ref, **_record(lease), "ttl": ttl, "token": lease.token})
         self._local_change(ws, added=lease)
 
     async def _release(self, conn: _Conn, held: _Held, reason: str, ref: dict | None) -> None:

@@ -143,8 +143,9 @@ class SQLiteDocumentStore(SQLiteOutboxMixin):
     async def check(self) -> None:
         await self._call(lambda db: db.execute("SELECT 1").fetchone())
 
-    # Per-workspace metadata (e.g. the lock fence high-water mark). Each put is
-    # its own committed transaction: durable when the call returns.
+    # Per-workspace metadata (e.g. the lock fence high-water mark, the known
+    # backend state). A put joins the next group commit: durable when the call
+    # returns, without a commit (an fsync) of its own.
 
     async def get_meta(self, workspace_id: str, key: str) -> bytes | None:
         def get(db: sqlite3.Connection) -> bytes | None:
@@ -161,7 +162,7 @@ class SQLiteDocumentStore(SQLiteOutboxMixin):
                 (workspace_id, key, bytes(value)),
             )
 
-        await self._call(put)
+        await self._grouped(put)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._thread is None:

@@ -11,6 +11,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766, help="0 picks a free port")
     parser.add_argument("--db", default="./data/refbackend.sqlite3", help="SQLite file")
+    parser.add_argument(
+        "--notify-url", default=None, help="change hook: the collaboration server's URL (also PUT /admin/notify)"
+    )
+    parser.add_argument("--notify-token", default=None, help="bearer token of the change hook (COLLAB_BACKEND_TOKEN)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
 
@@ -20,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = uvicorn.Config(
-        create_app(args.db), host=args.host, port=args.port, log_level=args.log_level, access_log=False, lifespan="on"
+        create_app(args.db, args.notify_url, args.notify_token),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="on",
     )
     server = uvicorn.Server(config)
     original = server.startup

@@ -3,17 +3,35 @@
 Starlette + SQLite, small on purpose. It is what the tests and ``make run``
 talk to, and a model for a real backend:
 
-* ``GET /data-sources/{id}`` -> ``{"id", "config", "seq", "updated_at"}`` or 404;
+* ``GET /data-sources/{id}`` -> ``{"id", "config", "seq", "version", "updated_at"}``
+  with ``ETag: "<version>"``, or 404; ``If-None-Match`` with the current
+  version -> 304 (a quiet data source costs one empty answer);
 * ``PUT /data-sources/{id}`` with an ``Idempotency-Key``: applies a change
   forwarded by the collaboration server, in one transaction:
 
   1. a key seen before replays the stored answer (``Idempotent-Replayed: true``);
-  2. a refusal rule that matches one of the changes -> 422 (business validation);
-  3. a fence older than one already seen for a changed path -> 409 ``stale_fence``;
-  4. ``seq`` not above the data source's sequence -> 200 ``stale`` (already in
+  2. ``If-Match`` naming another version than the data source's (or
+     ``If-None-Match: *`` while it exists) -> 412
+     ``version_mismatch`` with the current ``config`` and ``version`` (not
+     stored under the key: the server merges and sends again);
+  3. a refusal rule that matches one of the changes -> 422 (business validation);
+  4. a fence older than one already seen for a changed path -> 409 ``stale_fence``;
+  5. ``seq`` not above the data source's sequence -> 200 ``stale`` (already in
      effect, not applied again);
-  5. otherwise the configuration is replaced by the request's ``config`` and
-     the data source's sequence becomes ``seq`` -> 200 ``applied``.
+  6. otherwise the configuration is replaced by the request's ``config``, the
+     data source's sequence becomes ``seq`` and its version goes up by one
+     -> 200 ``applied``.
+* ``PATCH /data-sources/{id}``: the platform's own API (JSON Merge Patch,
+  optional ``If-Match``); every change it makes goes up one version and is
+  announced to the collaboration server by the *change hook*.
+
+The change hook (``--notify-url``, or ``PUT /admin/notify``): after each
+change made by the backend's own API (``PATCH``, ``/admin/data-sources``),
+a notification is written in the same transaction and delivered in the
+background as ``POST {notify-url}/api/workspaces/{id}/backend-changes``
+``{"config", "version"}`` (``Authorization: Bearer <notify-token>``), retried
+with backoff until it gets a 2xx -- a restart of either side loses nothing.
+Changes forwarded by the server (``PUT``) are not announced back.
 
 ``/admin/...`` routes exist for tests and demos (set a data source, add a
 refusal rule, slow requests down, hold answers back after applying, read the
@@ -33,7 +51,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 SCHEMA = """
@@ -80,6 +98,15 @@ CREATE TABLE IF NOT EXISTS requests (
     config  TEXT,
     at      REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS notifications (
+    id      TEXT PRIMARY KEY,   -- one pending notification per data source (the newest state wins)
+    version INTEGER NOT NULL,
+    at      REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rules (
     n      INTEGER PRIMARY KEY AUTOINCREMENT,
     id     TEXT NOT NULL,     -- a data source id or '*'
@@ -91,9 +118,37 @@ CREATE TABLE IF NOT EXISTS rules (
 
 
 _UPSERT_DATA_SOURCE = (
-    "INSERT INTO data_sources (id, config, seq, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
-    "SET config=excluded.config, seq=excluded.seq, updated_at=excluded.updated_at"
+    "INSERT INTO data_sources (id, config, seq, updated_at, version) VALUES (?, ?, ?, ?, 1) "
+    "ON CONFLICT(id) DO UPDATE "
+    "SET config=excluded.config, seq=excluded.seq, updated_at=excluded.updated_at, version=version+1"
 )
+
+
+def parse_version(header: str | None) -> int | None:
+    """``"3"``, ``W/"3"`` or ``3`` -> 3; None if absent or not ours (never matches)."""
+    if header is None:
+        return None
+    text = header.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    try:
+        return int(text)
+    except ValueError:
+        return -1
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
 
 
 def _dumps(value: Any) -> str:
@@ -110,10 +165,14 @@ class Backend:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # survives a crash of this process
         self.db.executescript(SCHEMA)
+        columns = [r[1] for r in self.db.execute("PRAGMA table_info(data_sources)")]
+        if "version" not in columns:  # a database of an older reference backend
+            self.db.execute("ALTER TABLE data_sources ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
         self.lock = threading.Lock()
         self.delay = 0.0
         self.hold_from_seq: int | None = None  # answers to PUTs from this seq on wait for /admin/release
         self.released: asyncio.Event | None = None
+        self.notify_wake = None  # set by the notifier: a change waits to be announced
 
     def close(self) -> None:
         self.db.close()
@@ -131,20 +190,95 @@ class Backend:
 
     # ------------------------------------------------------------ contract
 
-    def get(self, ds: str) -> dict[str, Any] | None:
+    def get(self, ds: str, if_none_match: int | None = None) -> dict[str, Any] | None:
+        """The data source, None if unknown, ``{"not_modified": version}`` if ``if_none_match`` is current."""
+
         def run(db: sqlite3.Connection):
-            row = db.execute("SELECT config, seq, updated_at FROM data_sources WHERE id=?", (ds,)).fetchone()
+            row = db.execute("SELECT config, seq, updated_at, version FROM data_sources WHERE id=?", (ds,)).fetchone()
+            unchanged = row is not None and if_none_match is not None and row[3] == if_none_match
+            status, outcome = (304, "not_modified") if unchanged else (200, "found") if row else (404, "not_found")
             db.execute(
                 "INSERT INTO requests (method, id, status, outcome, at) VALUES ('GET', ?, ?, ?, ?)",
-                (ds, 200 if row else 404, "found" if row else "not_found", time.time()),
+                (ds, status, outcome, time.time()),
             )
             if row is None:
                 return None
-            return {"id": ds, "config": json.loads(row[0]), "seq": row[1], "updated_at": row[2]}
+            if unchanged:
+                return {"not_modified": row[3]}
+            return {"id": ds, "config": json.loads(row[0]), "seq": row[1], "version": row[3], "updated_at": row[2]}
 
         return self._tx(run)
 
-    def put(self, ds: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
+    def patch(self, ds: str, patch: dict[str, Any], if_match: int | None) -> tuple[int, dict[str, Any]]:
+        """The platform's own API: merge ``patch`` into the configuration; the change hook is told."""
+
+        def run(db: sqlite3.Connection):
+            row = db.execute("SELECT config, version, seq FROM data_sources WHERE id=?", (ds,)).fetchone()
+            config, version, seq = (json.loads(row[0]), row[1], row[2]) if row else ({}, 0, 0)
+            status = 412 if if_match is not None and if_match != version else 200
+            db.execute(
+                "INSERT INTO requests (method, id, status, outcome, config, at) VALUES ('PATCH', ?, ?, ?, ?, ?)",
+                (ds, status, "version_mismatch" if status == 412 else "patched", _dumps(patch), time.time()),
+            )
+            if status == 412:
+                return 412, {"error": "version_mismatch", "version": version, "config": config}
+            new = merge_patch(config, patch)
+            db.execute(_UPSERT_DATA_SOURCE, (ds, _dumps(new), seq, time.time()))
+            version = db.execute("SELECT version FROM data_sources WHERE id=?", (ds,)).fetchone()[0]
+            self._queue_notification(db, ds, version)
+            return 200, {"id": ds, "config": new, "version": version}
+
+        return self._tx(run)
+
+    def _queue_notification(self, db: sqlite3.Connection, ds: str, version: int) -> None:
+        db.execute(
+            "INSERT INTO notifications (id, version, at) VALUES (?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET version=excluded.version, at=excluded.at",
+            (ds, version, time.time()),
+        )
+        if self.notify_wake is not None:
+            self.notify_wake()
+
+    # ------------------------------------------------------- change hook
+
+    def setting(self, name: str) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, name: str, value: str | None) -> None:
+        def run(db: sqlite3.Connection):
+            if value is None:
+                db.execute("DELETE FROM settings WHERE name=?", (name,))
+            else:
+                db.execute(
+                    "INSERT INTO settings (name, value) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                    (name, value),
+                )
+
+        self._tx(run)
+
+    def pending_notifications(self) -> list[tuple[str, int, dict[str, Any]]]:
+        """(data source, version, config) of every change not yet announced."""
+
+        def run(db: sqlite3.Connection):
+            return [
+                (r[0], r[1], json.loads(r[2]))
+                for r in db.execute(
+                    "SELECT n.id, d.version, d.config FROM notifications n JOIN data_sources d ON d.id=n.id "
+                    "ORDER BY n.at"
+                )
+            ]
+
+        return self._tx(run)
+
+    def notified(self, ds: str, version: int) -> None:
+        """Announced up to ``version`` (a newer change keeps its notification)."""
+        self._tx(lambda db: db.execute("DELETE FROM notifications WHERE id=? AND version<=?", (ds, version)))
+
+    def put(
+        self, ds: str, key: str, body: dict[str, Any], if_match: int | None = None, create_only: bool = False
+    ) -> tuple[int, dict[str, Any], bool]:
         """Apply one forwarded change: (status, answer, replayed)."""
         seq, first_seq = body["seq"], body["first_seq"]
         changes = body.get("changes") or []
@@ -173,6 +307,13 @@ class Backend:
                     return 422, {"error": "idempotency_key_reused", "detail": "key used for another data source"}, False
                 log(db, replay[1], "replayed")
                 return replay[1], json.loads(replay[2]), True
+            row = db.execute("SELECT seq, version, config FROM data_sources WHERE id=?", (ds,)).fetchone()
+            current, version = (row[0], row[1]) if row else (0, 0)
+            if (if_match is not None and if_match != version) or (create_only and row is not None):
+                # Not stored under the key: the same request, merged, comes again.
+                log(db, 412, "version_mismatch")
+                config = json.loads(row[2]) if row else {}
+                return 412, {"error": "version_mismatch", "version": version, "config": config}, False
             # Business rules (the tests' way of making the backend refuse a change).
             for change in changes:
                 if change.get("op", "set") != "set":
@@ -206,10 +347,10 @@ class Backend:
                     "ON CONFLICT(id, path) DO UPDATE SET fence=MAX(fence, excluded.fence)",
                     [(ds, change.get("path"), fence) for change in changes],
                 )
-            row = db.execute("SELECT seq FROM data_sources WHERE id=?", (ds,)).fetchone()
-            current = row[0] if row else 0
             if seq <= current:
-                return answer(db, 200, "stale", {"status": "stale", "applied": False, "seq": current})
+                return answer(
+                    db, 200, "stale", {"status": "stale", "applied": False, "seq": current, "version": version}
+                )
             now = time.time()
             db.execute(
                 _UPSERT_DATA_SOURCE,
@@ -230,19 +371,24 @@ class Backend:
                     now,
                 ),
             )
-            return answer(db, 200, "applied", {"status": "applied", "applied": True, "seq": seq})
+            return answer(
+                db, 200, "applied", {"status": "applied", "applied": True, "seq": seq, "version": version + 1}
+            )
 
         return self._tx(run)
 
     # --------------------------------------------------------------- admin
 
-    def admin_set(self, ds: str, config: dict[str, Any], seq: int) -> None:
-        self._tx(
-            lambda db: db.execute(
-                _UPSERT_DATA_SOURCE,
-                (ds, _dumps(config), seq, time.time()),
-            )
-        )
+    def admin_set(self, ds: str, config: dict[str, Any], seq: int) -> int:
+        """Set a data source as a direct change at the backend would (the change hook is told)."""
+
+        def run(db: sqlite3.Connection) -> int:
+            db.execute(_UPSERT_DATA_SOURCE, (ds, _dumps(config), seq, time.time()))
+            version = db.execute("SELECT version FROM data_sources WHERE id=?", (ds,)).fetchone()[0]
+            self._queue_notification(db, ds, version)
+            return version
+
+        return self._tx(run)
 
     def admin_rule(self, ds: str, path: str, value: Any, status: int) -> None:
         self._tx(
@@ -308,15 +454,37 @@ def _error(status: int, error: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status)
 
 
-def create_app(db_path: str | Path) -> Starlette:
-    backend = Backend(db_path)
+def _etag(version: int) -> dict[str, str]:
+    return {"ETag": f'"{version}"'}
 
-    async def get_data_source(request: Request) -> JSONResponse:
+
+def create_app(db_path: str | Path, notify_url: str | None = None, notify_token: str | None = None) -> Starlette:
+    backend = Backend(db_path)
+    if notify_url is not None:
+        backend.set_setting("notify_url", notify_url.rstrip("/"))
+    if notify_token is not None:
+        backend.set_setting("notify_token", notify_token)
+    notifier = Notifier(backend)
+
+    async def get_data_source(request: Request) -> Response:
         await _delay()
-        found = backend.get(request.path_params["id"])
+        found = backend.get(request.path_params["id"], parse_version(request.headers.get("If-None-Match")))
         if found is None:
             return _error(404, "not_found", "no such data source")
-        return JSONResponse(found)
+        if "not_modified" in found:
+            return Response(status_code=304, headers=_etag(found["not_modified"]))
+        return JSONResponse(found, headers=_etag(found["version"]))
+
+    async def patch_data_source(request: Request) -> JSONResponse:
+        await _delay()
+        try:
+            patch = await request.json()
+        except ValueError:
+            return _error(400, "invalid_json", "the body is not JSON")
+        if not isinstance(patch, dict):
+            return _error(400, "invalid_body", "a JSON Merge Patch of the configuration (an object)")
+        status, body = backend.patch(request.path_params["id"], patch, parse_version(request.headers.get("If-Match")))
+        return JSONResponse(body, status_code=status, headers=_etag(body["version"]))
 
     async def put_data_source(request: Request) -> JSONResponse:
         await _delay()
@@ -331,12 +499,21 @@ def create_app(db_path: str | Path) -> Starlette:
         problem = _check_body(body)
         if problem:
             return _error(400, "invalid_body", problem)
-        status, payload, replayed = backend.put(ds, key, body)
+        status, payload, replayed = backend.put(
+            ds,
+            key,
+            body,
+            parse_version(request.headers.get("If-Match")),
+            create_only=request.headers.get("If-None-Match", "").strip() == "*",
+        )
         if backend.hold_from_seq is not None and body["seq"] >= backend.hold_from_seq and backend.released:
             # Applied, but the answer is held back: the caller cannot know it is in effect.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(backend.released.wait(), 60)
-        return JSONResponse(payload, status_code=status, headers={"Idempotent-Replayed": "true"} if replayed else None)
+        headers = {"Idempotent-Replayed": "true"} if replayed else {}
+        if isinstance(payload.get("version"), int):
+            headers.update(_etag(payload["version"]))
+        return JSONResponse(payload, status_code=status, headers=headers)
 
     async def _delay() -> None:
         if backend.delay > 0:
@@ -344,8 +521,21 @@ def create_app(db_path: str | Path) -> Starlette:
 
     async def admin_set(request: Request) -> JSONResponse:
         body = await request.json()
-        backend.admin_set(request.path_params["id"], body.get("config") or {}, int(body.get("seq", 0)))
+        version = backend.admin_set(request.path_params["id"], body.get("config") or {}, int(body.get("seq", 0)))
+        return JSONResponse({"ok": True, "version": version})
+
+    async def admin_notify(request: Request) -> JSONResponse:
+        """Where the change hook calls (the collaboration server's URL), and with which token."""
+        body = await request.json()
+        url = body.get("url")
+        backend.set_setting("notify_url", url.rstrip("/") if url else None)
+        backend.set_setting("notify_token", body.get("token"))
+        notifier.wake()
         return JSONResponse({"ok": True})
+
+    async def admin_notifications(request: Request) -> JSONResponse:
+        pending = [{"id": ds, "version": v} for ds, v, _ in backend.pending_notifications()]
+        return JSONResponse({"pending": pending, "sent": notifier.sent, "failures": notifier.failures})
 
     async def admin_log(request: Request) -> JSONResponse:
         return JSONResponse(backend.admin_log(request.path_params["id"]))
@@ -383,6 +573,9 @@ def create_app(db_path: str | Path) -> Starlette:
             Route("/healthz", healthz),
             Route("/data-sources/{id}", get_data_source, methods=["GET"]),
             Route("/data-sources/{id}", put_data_source, methods=["PUT"]),
+            Route("/data-sources/{id}", patch_data_source, methods=["PATCH"]),
+            Route("/admin/notify", admin_notify, methods=["PUT"]),
+            Route("/admin/notifications", admin_notifications, methods=["GET"]),
             Route("/admin/data-sources/{id}", admin_set, methods=["PUT"]),
             Route("/admin/data-sources/{id}/log", admin_log, methods=["GET"]),
             Route("/admin/rules", admin_rule, methods=["POST"]),
@@ -391,21 +584,98 @@ def create_app(db_path: str | Path) -> Starlette:
             Route("/admin/release", admin_release, methods=["POST"]),
             Route("/admin/stats", admin_stats, methods=["GET"]),
         ],
-        lifespan=_lifespan(backend),
+        lifespan=_lifespan(backend, notifier),
     )
     app.state.backend = backend
     return app
 
 
-def _lifespan(backend: Backend):
+def _lifespan(backend: Backend, notifier: Notifier):
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        await notifier.start()
         try:
             yield
         finally:
+            await notifier.stop()
             backend.close()
 
     return lifespan
+
+
+class Notifier:
+    """The change hook: announces changes made through the backend's own API, until each is taken.
+
+    Notifications are rows written with the change (one per data source, the
+    newest version wins), so a crash or a restart of either side loses none.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.event = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.client: Any = None
+        self.sent = 0
+        self.failures = 0
+
+    def wake(self) -> None:
+        self.event.set()
+
+    async def start(self) -> None:
+        import httpx
+
+        self.client = httpx.AsyncClient(timeout=5.0)
+        self.backend.notify_wake = self.wake
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            self.event.clear()
+            url = self.backend.setting("notify_url")
+            pending = self.backend.pending_notifications() if url else []
+            failed = False
+            for ds, version, config in pending:
+                if not await self._send(url, ds, version, config):
+                    failed = True
+                    break
+            if failed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.event.wait(), delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.event.wait(), 5.0)
+
+    async def _send(self, url: str, ds: str, version: int, config: dict[str, Any]) -> bool:
+        import httpx
+
+        token = self.backend.setting("notify_token")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            response = await self.client.post(
+                f"{url}/api/workspaces/{ds}/backend-changes",
+                json={"config": config, "version": version},
+                headers=headers,
+            )
+        except httpx.HTTPError:
+            self.failures += 1
+            return False
+        if 200 <= response.status_code < 300:
+            self.backend.notified(ds, version)
+            self.sent += 1
+            return True
+        self.failures += 1
+        return False
 
 
 def _check_body(body: Any) -> str | None:

@@ -106,13 +106,14 @@ def forward_status(server: ServerProcess, workspace: str) -> dict[str, Any]:
     return api(server, f"/api/workspaces/{workspace}/forwarding")
 
 
-def history(server: ServerProcess, workspace: str, limit: int = 500) -> list[dict[str, Any]]:
+def history(server: ServerProcess, workspace: str, limit: int = 500, token: str | None = None) -> list[dict[str, Any]]:
     """Every audit entry of a workspace, oldest first (follows the pages)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     entries: list[dict[str, Any]] = []
     before = None
     while True:
         query = f"?limit={limit}" + (f"&before={before}" if before else "")
-        page = api(server, f"/api/workspaces/{workspace}/history{query}")
+        page = api(server, f"/api/workspaces/{workspace}/history{query}", headers=headers)
         entries.extend(page["entries"])
         before = page["next_before"]
         if before is None:

@@ -203,7 +203,9 @@ async def test_kill_9_in_the_middle_of_forwarding(server_factory, backend_factor
 
 @pytest.mark.skipif(NODE is None, reason="needs node (stock Yjs client)")
 async def test_invalid_edit_from_the_stock_js_client_is_undone_and_never_forwarded(
-    server_factory, backend_factory, node_clients  # noqa: F811
+    server_factory,
+    backend_factory,
+    node_clients,  # noqa: F811
 ):
     """Issue test 3."""
     backend = backend_factory()
@@ -256,7 +258,8 @@ async def test_backend_422_is_reported_not_retried_and_later_changes_flow(server
     """Issue test 4."""
     backend = backend_factory()
     backend.post("/admin/rules", {"path": "description", "value": "REFUSE-ME", "status": 422})
-    server = server_factory(env=forwarding_env(backend))
+    # The old behaviour (the document keeps the refused value); the revert is tested in test_backend_sync.py.
+    server = server_factory(env=forwarding_env(backend, COLLAB_REVERT_REFUSED="false"))
     room = "ds-422"
     alice = await connect(server, room, "alice")
     bob = await connect(server, room, "bob")
@@ -308,23 +311,27 @@ async def test_seeding_happens_once(server_factory, backend_factory):
 
     first = await connect(server, "ds-seed", "alice")
     assert config_of(first) == seed  # seeded before the first sync answer
-    size = len(first.doc.get_update())
     await first.close()
     await eventually(lambda: server.log().count("evicted room ds-seed") >= 1, WAIT, what="eviction")
 
-    # The backend changes meanwhile: the CRDT stays the source of truth, nothing is fetched again.
-    backend.set_data_source("ds-seed", {"name": "changed behind our back"}, seq=7)
+    # The backend changes meanwhile (a direct change, as its own API would make): the workspace is
+    # not seeded again (nothing duplicated); the change flows in as one server change by `backend`.
+    changed = {**seed, "name": "changed behind our back"}
+    backend.set_data_source("ds-seed", changed, seq=7)
     again = await connect(server, "ds-seed", "bob")
-    assert config_of(again) == seed
-    assert len(again.doc.get_update()) == size  # no new items: not re-seeded, not duplicated
-    # Our change numbers continue after the backend's sequence at seeding time.
+    await again.until(lambda: config_of(again) == changed, WAIT, "the backend's change merged on open")
+    merged = [e for e in history(server, "ds-seed") if e["kind"] == "accepted"]
+    assert [(e["author"]["id"], e["paths"], e["seq"]) for e in merged] == [("backend", ["name"], 8)]
+    # Our change numbers continue after the backend's sequence at seeding time; 8 was the
+    # backend's own change, which is not sent back.
     again.doc.get("config", type=pycrdt.Map)["description"] = "edited"
     await again.wait_saved()
     await again.until(lambda: controls(again, "forwarded"), WAIT, "forwarded")
-    assert controls(again, "forwarded")[0]["seq"] == 8
+    assert controls(again, "forwarded")[0]["seq"] == 9
+    assert backend.data_source("ds-seed")["config"] == {**changed, "description": "edited"}
     await again.close()
 
-    # A workspace the backend does not know is marked as seeded too: a 404 is not asked again.
+    # A workspace the backend does not know is marked as seeded too: a 404 does not seed it again.
     unknown = await connect(server, "ds-unknown", "carol")
     assert config_of(unknown) == {}
     await unknown.close()
@@ -334,11 +341,14 @@ async def test_seeding_happens_once(server_factory, backend_factory):
     for ws in ("ds-seed", "ds-unknown"):
         client = await connect(server, ws, "dave")
         await client.close()
-    gets = {
-        ws: [r for r in backend.log_of(ws)["requests"] if r["method"] == "GET"] for ws in ("ds-seed", "ds-unknown")
-    }
-    assert [r["status"] for r in gets["ds-seed"]] == [200]
-    assert [r["status"] for r in gets["ds-unknown"]] == [404]
+
+    def gets(ws: str) -> list[int]:
+        return [r["status"] for r in backend.log_of(ws)["requests"] if r["method"] == "GET"]
+
+    # Seeded once; opened again: the backend's change (200); the test's own read (200); after the
+    # restart nothing new (304).
+    await eventually(lambda: gets("ds-seed") == [200, 200, 200, 304], WAIT, what="conditional GET on open")
+    assert gets("ds-unknown") == [404]  # an empty document is not asked again
     seeded = [e for e in history(server, "ds-seed") if e["kind"] == "seeded"]
     assert len(seeded) == 1 and seeded[0]["reason"] == "found"
     assert seeded[0]["paths"] == ["connection.database", "connection.host", "connection.port", "name", "tags", "type"]
@@ -365,6 +375,7 @@ async def test_no_backend_records_then_delivers_when_one_is_configured(server_fa
         "id": "ds-later",
         "config": {"name": "Later"},
         "seq": 1,
+        "version": 1,
         "updated_at": backend.data_source("ds-later")["updated_at"],
     }
 

@@ -34,14 +34,14 @@ def host(value):
 async def test_get_put_and_idempotent_replay(backend):
     assert (await backend.get("/data-sources/ds-1")).status_code == 404
     first = await put(backend, 1, "k1")
-    assert first.status_code == 200 and first.json() == {"status": "applied", "applied": True, "seq": 1}
+    assert first.status_code == 200 and first.json() == {"status": "applied", "applied": True, "seq": 1, "version": 1}
     again = await put(backend, 1, "k1")
     assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
     got = (await backend.get("/data-sources/ds-1")).json()
     assert got["config"] == {"description": "v1"} and got["seq"] == 1
     # Another key for a sequence number already in effect: acknowledged, not applied again.
     stale = await put(backend, 1, "k1-bis")
-    assert stale.json() == {"status": "stale", "applied": False, "seq": 1}
+    assert stale.json() == {"status": "stale", "applied": False, "seq": 1, "version": 1}
     assert len((await backend.get("/admin/data-sources/ds-1/log")).json()["applied"]) == 1
 
 
@@ -65,3 +65,34 @@ async def test_stale_fences_are_refused_per_path(backend):
     assert stale.status_code == 409 and stale.json()["current"] == 5
     assert (await put(backend, 3, "d", fence=6, changes=host("n"))).status_code == 200
     assert (await backend.get("/data-sources/ds-1")).json()["seq"] == 3
+
+
+async def test_versions_etags_if_match_and_the_platforms_own_patch(backend):
+    """Every write moves the version on; If-None-Match costs a 304; a stale If-Match is a 412, not stored."""
+    assert (await put(backend, 1, "k1")).json()["version"] == 1
+    got = await backend.get("/data-sources/ds-1")
+    assert got.json()["version"] == 1 and got.headers["ETag"] == '"1"'
+    quiet = await backend.get("/data-sources/ds-1", headers={"If-None-Match": '"1"'})
+    assert quiet.status_code == 304 and quiet.content == b""
+    # The platform's own API changes it: version 2; a request computed from version 1 is refused.
+    patched = await backend.patch("/data-sources/ds-1", json={"connection": {"host": "db-bulk"}})
+    assert patched.json() == {
+        "id": "ds-1",
+        "config": {"description": "v1", "connection": {"host": "db-bulk"}},
+        "version": 2,
+    }
+    assert (await backend.get("/data-sources/ds-1", headers={"If-None-Match": '"1"'})).status_code == 200
+    body = {"seq": 2, "first_seq": 2, "config": {"description": "v2"}, "changes": []}
+    stale = await backend.put("/data-sources/ds-1", json=body, headers={"Idempotency-Key": "k2", "If-Match": '"1"'})
+    assert stale.status_code == 412
+    assert stale.json()["version"] == 2 and stale.json()["config"]["connection"] == {"host": "db-bulk"}
+    # Merged and sent again with the same key: applied (the 412 was not stored under it).
+    body["config"] = {"description": "v2", "connection": {"host": "db-bulk"}}
+    again = await backend.put("/data-sources/ds-1", json=body, headers={"Idempotency-Key": "k2", "If-Match": '"2"'})
+    assert again.status_code == 200 and again.json()["version"] == 3 and again.headers["ETag"] == '"3"'
+    assert (await backend.patch("/data-sources/ds-1", json={"x": 1}, headers={"If-Match": '"2"'})).status_code == 412
+    removed = await backend.patch("/data-sources/ds-1", json={"connection": None}, headers={"If-Match": '"3"'})
+    assert removed.json()["config"] == {"description": "v2"}
+    # Changes of its own API wait to be announced by the change hook (none of the forwarded PUTs do).
+    pending = (await backend.get("/admin/notifications")).json()["pending"]
+    assert pending == [{"id": "ds-1", "version": 4}]
