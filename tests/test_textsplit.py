@@ -64,7 +64,7 @@ async def test_room_integrates_like_yjs_and_reloads_the_same(store, case):  # no
     # What a newcomer gets walks cleanly and its clocks match the state vector.
     state = room.doc.get_update()
     ends = {client: end for client, _start, end in ystructs.shape(state).ranges}
-    assert ends == {c: clock for c, clock in _state_vector(room.doc).items()}
+    assert ends == ystructs.state_vector(room.doc.get_state())
 
     reloaded = await open_room(store)  # replays the stored history
     assert text_of(reloaded.doc) == case["text"]
@@ -136,16 +136,6 @@ def test_break_pairs_rewrites_only_the_named_pair():
     other.apply_update(fixed)
     assert text_of(other) == "🙂x\ufffd\ufffd"
     assert textsplit.break_pairs(update, {(5, 1)}) == update  # not the start of a pair: untouched
-
-
-def _state_vector(doc: pycrdt.Doc) -> dict[int, int]:
-    sv = doc.get_state()
-    count, pos = p.read_var_uint(sv, 0)
-    out = {}
-    for _ in range(count):
-        client, pos = p.read_var_uint(sv, pos)
-        out[client], pos = p.read_var_uint(sv, pos)
-    return out
 
 
 async def test_relayed_update_that_cuts_a_pair_is_integrated_like_yjs(store):  # noqa: F811
