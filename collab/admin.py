@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from collab import logs
-from collab import protocol as p
+from codec import protocol as p
 from collab.gate import GatedRoute, server_role, workspace_role
 from rooms import ystructs
 from rooms.config import config_snapshot

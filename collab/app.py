@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from collab import __version__, logs
-from collab import protocol as p
+from codec import protocol as p
 from collab.admin import AdminAPI
 from collab.auth import (
     CLOSE_FORBIDDEN,

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import pycrdt
 import websockets
 
-from collab import protocol as p
+from codec import protocol as p
 
 
 class CollabClient:

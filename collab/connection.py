@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.metrics import close_kind
 
 log = logging.getLogger("collab.connection")

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import pycrdt
 
-from collab import protocol as p
+from codec import protocol as p
 from loadtest.wsclient import LeanWebSocket
 
 MARKER = re.compile(rb"\x02(\d+):(\d+):(\d+)\x03")

@@ -44,7 +44,7 @@ from typing import Any
 import msgpack
 import websockets
 
-from collab import protocol as p
+from codec import protocol as p
 
 ROOT = Path(__file__).resolve().parent.parent
 

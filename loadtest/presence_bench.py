@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.client import CollabClient
 
 ROOT = Path(__file__).resolve().parent.parent

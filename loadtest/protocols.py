@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from collab import protocol as p
+from codec import protocol as p
 
 PROTOCOLS = ("y-websocket", "hocuspocus")
 

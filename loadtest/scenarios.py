@@ -36,7 +36,7 @@ from typing import Any
 
 import pycrdt
 
-from collab import protocol as p
+from codec import protocol as p
 from loadtest.fanout import Progress, check_target, proc_cpu_seconds
 from loadtest.protocols import client_class
 from loadtest.wsclient import LeanWebSocket

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.auth import has_role
 from collab.extensions import Extension
 from collab.gate import GatedRoute, server_role

@@ -39,7 +39,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.extensions import Extension
 from collab.gate import PUBLIC, GatedMount, GatedRoute, workspace_role
 from presence.base import POLLS_PER_TTL, ConnectionEntry, PresenceRegistry, build_roster, roster_diff

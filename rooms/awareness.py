@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from collab import protocol as p
+from codec import protocol as p
 
 if TYPE_CHECKING:
     from rooms.peer import PeerState

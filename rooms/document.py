@@ -16,7 +16,7 @@ from typing import Any
 
 import pycrdt
 
-from collab import protocol as p
+from codec import protocol as p
 from rooms import textsplit, ystructs
 from rooms.config import config_map
 

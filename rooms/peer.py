@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from collab import protocol as p
+from codec import protocol as p
 
 
 class Peer(Protocol):

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import pycrdt
 
-from collab import protocol as p
+from codec import protocol as p
 from persistence.base import DocumentStore
 from rooms.awareness import AwarenessRecord, AwarenessTable
 from rooms.config import (

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from collab import protocol as p
+from codec import protocol as p
 from rooms import ystructs
 
 REPLACEMENT = "\ufffd".encode()

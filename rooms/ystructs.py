@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from collab import protocol as p
+from codec import protocol as p
 
 # A UTF-8 encoded character outside the BMP (two UTF-16 code units in Yjs).
 ASTRAL_UTF8 = re.compile(rb"[\xf0-\xf4][\x80-\xbf]{3}")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.extensions import Extension
 from persistence.base import StoreError
 from persistence.redis import RedisDocumentStore, awareness_key, seq_of, updates_key

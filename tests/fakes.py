@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.auth import Identity
 from rooms.peer import PeerState
 from rooms.room import Room, RoomTuning

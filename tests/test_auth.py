@@ -19,7 +19,7 @@ import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.auth import AuthError, JWTAuthenticator, role_in
 from collab.client import CollabClient
 from collab.settings import Settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from collab import protocol as p
+from codec import protocol as p
 from rooms.awareness import AwarenessTable
 from rooms.peer import PeerState
 from tests.fakes import FakePeer, peer_state

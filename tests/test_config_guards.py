@@ -6,7 +6,7 @@ import asyncio
 
 import pycrdt
 
-from collab import protocol as p
+from codec import protocol as p
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.config import MISSING, Rejection, covers, diff, overlaps
 from rooms.room import Room

@@ -12,7 +12,7 @@ import pycrdt
 import pytest
 import websockets
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.client import CollabClient
 from tests.support import ROOT
 

@@ -20,7 +20,7 @@ import httpx
 import pycrdt
 import pytest
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.client import CollabClient
 from tests.forwarding_support import (
     FAST_FORWARDING,

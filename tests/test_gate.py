@@ -16,7 +16,7 @@ import pytest
 import websockets
 from starlette.routing import Route
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.app import create_app
 from collab.auth import ROLE_RANK
 from collab.extensions import Extension

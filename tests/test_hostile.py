@@ -20,7 +20,7 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.client import CollabClient
 from tests.security_support import jwt_env, rss_kib
 from tests.support import ServerProcess

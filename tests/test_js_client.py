@@ -21,7 +21,7 @@ from typing import Any
 import pycrdt
 import pytest
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.client import CollabClient
 from tests.support import ROOT, eventually
 

@@ -12,7 +12,7 @@ import httpx
 import pycrdt
 import websockets
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.client import CollabClient
 from tests.security_support import closed_with, handshake_status
 from tests.support import eventually

@@ -57,7 +57,7 @@ def test_remote_targets_refused(url, capsys):
 
 async def test_loss_and_duplicate_accounting():
     """Deliveries are counted from the markers in frames, exactly, after the run."""
-    from collab import protocol as p
+    from codec import protocol as p
     from loadtest.fanout import FanoutClient, RunState
 
     run = RunState(1)

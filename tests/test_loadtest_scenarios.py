@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from collab import protocol as p
+from codec import protocol as p
 from loadtest import scenarios as sc
 from loadtest.fanout import TargetError
 from loadtest.protocols import HocuspocusMixin, client_class, var_string

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pycrdt
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.auth import Identity
 from collab.settings import Settings
 from locks.extension import LockExtension

@@ -21,7 +21,7 @@ import msgpack
 import pycrdt
 import pytest
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.client import CollabClient
 from tests.support import ROOT, eventually
 from tests.test_js_client import NODE, node_clients, norm  # noqa: F401  (fixture)

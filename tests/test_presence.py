@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from collab import protocol as p
+from codec import protocol as p
 from collab.auth import Identity, color_for
 from collab.settings import Settings
 from persistence.sqlite import SQLiteDocumentStore

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from collab import protocol as p
+from codec import protocol as p
 from tests.presence_support import close_all, first_snapshot, person, roster_of, until_users, users
 from tests.support import ROOT
 

@@ -1,4 +1,4 @@
-"""Property tests and fuzzing of the sans-I/O codec (collab/protocol.py)."""
+"""Property tests and fuzzing of the sans-I/O codec (codec/protocol.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from collab import protocol as p
+from codec import protocol as p
 
 MAX_SAFE = 2**53 - 1
 CLOSE_CODES = {p.CLOSE_INVALID_PAYLOAD, p.CLOSE_POLICY, p.CLOSE_TOO_BIG}

@@ -14,7 +14,7 @@ import pycrdt
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from collab import protocol as p
+from codec import protocol as p
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.room import Room, RoomTuning
 from tests.test_hostile import crdt_updates, mutated_updates

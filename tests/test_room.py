@@ -13,7 +13,7 @@ import json
 import pycrdt
 import pytest
 
-from collab import protocol as p
+from codec import protocol as p
 from persistence.sqlite import SQLiteDocumentStore
 from rooms.room import Room, RoomTuning
 from tests import fakes

@@ -293,7 +293,7 @@ async def test_4_a_workspace_moving_from_node_a_to_b_forwards_exactly_once(serve
 
 async def test_a_reconnecting_clients_step2_overlapping_relayed_updates_is_accepted(tmp_path):
     """Its earlier updates reached this node through the relay between our step 1 and its step 2."""
-    from collab import protocol as p
+    from codec import protocol as p
     from persistence.sqlite import SQLiteDocumentStore
     from rooms.room import Room
     from tests.test_room import FakePeer

@@ -15,7 +15,7 @@ import subprocess
 import pycrdt
 import pytest
 
-from collab import protocol as p
+from codec import protocol as p
 from rooms import textsplit, ystructs
 from tests.support import ROOT
 from tests.test_room import FakePeer, open_room, send, settle, store  # noqa: F401  (fixture)

@@ -7,7 +7,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 import persistence.sqlite as sqlite_store
-from collab import protocol as p
+from codec import protocol as p
 from collab.auth import Identity
 from forwarding.extension import ForwardingExtension
 from forwarding.forwarder import coalesce
