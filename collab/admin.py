@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from collab import logs
 from codec import protocol as p
+from collab import logs
 from collab.gate import GatedRoute, server_role, workspace_role
 from rooms import ystructs
 from rooms.config import config_snapshot

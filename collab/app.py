@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
-from collab import __version__, logs
 from codec import protocol as p
+from collab import __version__, logs
 from collab.admin import AdminAPI
 from collab.auth import (
     CLOSE_FORBIDDEN,
