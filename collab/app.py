@@ -776,4 +776,9 @@ def default_extensions(settings: Settings, forwarding: Any = None) -> list[Exten
     # Forwarding goes last: its validation guard sees what other guards (locks)
     # let through, and it finds their ``fence_for`` among the extensions.
     extensions.append(ForwardingExtension(forwarding))
+    if settings.events_enabled:
+        from events.extension import EventsExtension
+
+        # After forwarding: its audit records are committed before the events listener hears of them.
+        extensions.append(EventsExtension(settings))
     return extensions

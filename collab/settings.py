@@ -208,7 +208,46 @@ class Settings(BaseSettings):
     )
     awareness_rate: float = Field(40.0, gt=0, description="awareness states accepted per second per connection")
     awareness_burst: int = Field(80, ge=1, description="awareness states a connection may send at once")
-    @field_validator("jwt_algorithms", "allowed_origins", mode="before")
+
+    # Events for the platform (docs/events.md): CloudEvents to a Redis Stream, webhooks and SSE
+    events_enabled: bool = Field(True, description="events (GET /api/events, and the sinks configured below)")
+    events_source: str = Field(
+        "/datasource-collab", min_length=1, description="CloudEvents `source` of every event (the same on every node)"
+    )
+    events_stream: str | None = Field(
+        None, description="Redis Stream the events are added to (XADD); unset: no stream sink"
+    )
+    events_redis_url: str | None = Field(
+        None, description="Redis holding the events stream and cursors; default COLLAB_REDIS_URL"
+    )
+    events_stream_maxlen: int = Field(100_000, ge=100, description="the stream is capped near this length (MAXLEN ~)")
+    events_webhook_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="URLs every event is POSTed to (comma-separated); empty: no webhooks"
+    )
+    events_webhook_secret: SecretStr | None = Field(
+        None, description="Standard Webhooks signing secret, whsec_<base64> (required with webhook URLs)"
+    )
+    events_webhook_timeout_seconds: float = Field(5.0, gt=0, description="one webhook request may take this long")
+    events_webhook_backoff_initial_ms: float = Field(
+        500.0, ge=1, description="first retry delay of a failed webhook request (doubles each time, jittered)"
+    )
+    events_webhook_backoff_max_ms: float = Field(30_000.0, ge=1, description="longest delay between webhook retries")
+    events_webhook_dead_letter_seconds: float = Field(
+        3600.0, gt=0, description="a webhook event still undelivered this long after its first try is dead-lettered"
+    )
+    events_poll_seconds: float = Field(
+        1.0, gt=0, le=60, description="how often other nodes' commits are looked for (local ones are published at once)"
+    )
+    events_batch: int = Field(200, ge=1, le=10_000, description="log entries read per page when publishing")
+    events_lease_ms: int = Field(
+        10_000, ge=500, description="several nodes: one publishes a workspace to a sink, under a lease this long"
+    )
+    events_live_queue: int = Field(
+        10_000, ge=10, description="best-effort events queued for the sinks before new ones are dropped"
+    )
+    events_sse_heartbeat_seconds: float = Field(15.0, gt=0, description="SSE comment sent when nothing else was")
+
+    @field_validator("jwt_algorithms", "allowed_origins", "events_webhook_urls", mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_list(value)

@@ -555,3 +555,65 @@ class SQLiteOutboxMixin:
             return None if row is None else {"seeded_at": row[0], "status": row[1]}
 
         return await self._call(run)
+
+
+# ------------------------------------------------------------- change log
+
+
+@runtime_checkable
+class ChangeLog(Protocol):
+    """Reading the audit trail forwards, in commit order (the events feature publishes it).
+
+    An entry's ``id`` grows with commit order within a workspace (it may skip
+    numbers); a reader keeps the last ``id`` it handled and asks for what
+    follows. Entries have the shape of ``OutboxStore.history``'s.
+    """
+
+    async def changes_since(self, workspace: str, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """Audit entries of ``workspace`` with ``id > after_id``, oldest first, at most ``limit``."""
+        ...
+
+    async def change_heads(self) -> dict[str, int]:
+        """The newest audit ``id`` of every workspace that has an audit trail."""
+        ...
+
+
+def audit_entry(r: tuple) -> dict[str, Any]:
+    """One audit row (the columns of ``history``) as a plain dict."""
+    return {
+        "id": r[0],
+        "at": r[1],
+        "kind": r[2],
+        "seq": r[3],
+        "author": _loads(r[4]),
+        "paths": _loads(r[5]),
+        "changes": _loads(r[6]),
+        "fence": r[7],
+        "reason": r[8],
+        "details": _loads(r[9]),
+        "forward_status": r[10],
+        "forwarded_at": r[11],
+    }
+
+
+class SQLiteChangeLogMixin:
+    """ChangeLog on the SQLite store: reads only (the writer thread's read path)."""
+
+    async def _call(self, fn):
+        raise NotImplementedError
+
+    async def changes_since(self, workspace: str, after_id: int, limit: int) -> list[dict[str, Any]]:
+        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = db.execute(
+                "SELECT id, at, kind, seq, author, paths, changes, fence, reason, details, forward_status, "
+                "forwarded_at FROM audit WHERE workspace=? AND id>? ORDER BY id LIMIT ?",
+                (workspace, after_id, limit),
+            ).fetchall()
+            return [audit_entry(r) for r in rows]
+
+        return await self._call(run)
+
+    async def change_heads(self) -> dict[str, int]:
+        return await self._call(
+            lambda db: dict(db.execute("SELECT workspace, MAX(id) FROM audit GROUP BY workspace").fetchall())
+        )

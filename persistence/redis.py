@@ -699,3 +699,101 @@ class RedisDocumentStore:
 
         return await self._run(run)
 
+
+    # ----------------------------------------------------------- change log
+
+    async def changes_since(self, workspace: str, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """ChangeLog: audit entries after ``after_id``, oldest first (see RedisChangeLog)."""
+        if getattr(self, "_changelog", None) is None:
+            self._changelog = RedisChangeLog(self)
+        return await self._changelog.changes_since(workspace, after_id, limit)
+
+    async def change_heads(self) -> dict[str, int]:
+        """ChangeLog: the newest audit id of every workspace."""
+        if getattr(self, "_changelog", None) is None:
+            self._changelog = RedisChangeLog(self)
+        return await self._changelog.change_heads()
+
+# ------------------------------------------------------------- change log
+
+AUDIT_HOLE_GRACE = 5.0  # seconds an audit id given out but not yet written is waited for
+
+
+class RedisChangeLog:
+    """ChangeLog (persistence/outbox.py) over a RedisDocumentStore's audit hashes.
+
+    Audit ids are per-workspace counters with no gaps, but a forwarding audit
+    entry takes its id before it writes its body (two commands): a reader
+    that finds an id missing below the newest one waits for it, up to
+    ``AUDIT_HOLE_GRACE`` seconds (a writer that died in between leaves a
+    hole for good), so it never moves past an entry about to appear.
+    """
+
+    def __init__(self, store: RedisDocumentStore, grace: float = AUDIT_HOLE_GRACE) -> None:
+        self.store = store
+        self.grace = grace
+        self._holes: dict[tuple[str, int], float] = {}
+
+    async def changes_since(self, workspace: str, after_id: int, limit: int) -> list[dict[str, Any]]:
+        import time
+
+        store = self.store
+
+        async def run():
+            t = tag(workspace)
+            top = int(await store._r().hget(t + ":fwd", "audit_id") or 0)
+            ids = list(range(after_id + 1, min(top, after_id + limit) + 1))
+            if not ids:
+                return []
+            fields = []
+            for i in ids:
+                fields += [str(i), f"{i}:seq", f"{i}:fs", f"{i}:fa"]
+            values = await store._r().hmget(t + ":audit", fields)
+            out = []
+            now = time.monotonic()
+            for n, i in enumerate(ids):
+                raw, seq, fs, fa = values[4 * n : 4 * n + 4]
+                if raw is None:
+                    first = self._holes.setdefault((workspace, i), now)
+                    if now - first < self.grace:
+                        break  # being written: stop before it, read it next time
+                    continue
+                self._holes.pop((workspace, i), None)
+                body = json.loads(raw)
+                out.append(
+                    {
+                        "id": i,
+                        "at": body["at"],
+                        "kind": body["kind"],
+                        "seq": int(seq) if seq else None,
+                        "author": body.get("author"),
+                        "paths": body.get("paths") or [],
+                        "changes": body.get("changes") or [],
+                        "fence": body.get("fence"),
+                        "reason": body.get("reason"),
+                        "details": body.get("details"),
+                        "forward_status": _s(fs),
+                        "forwarded_at": float(fa) if fa else None,
+                    }
+                )
+            return out
+
+        return await store._run(run)
+
+    async def change_heads(self) -> dict[str, int]:
+        store = self.store
+
+        async def run():
+            names = []
+            async for key in store._r().scan_iter(match="collab:ws:{*}:fwd", count=1000):
+                text = key.decode()
+                names.append(text[len("collab:ws:{") : -len("}:fwd")])
+            if not names:
+                return {}
+            pipe = store._r().pipeline(transaction=False)
+            for name in names:
+                pipe.hget(tag(name) + ":fwd", "audit_id")
+            heads = await pipe.execute()
+            return {name: int(head) for name, head in zip(names, heads) if head}
+
+        return await store._run(run)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from persistence.base import StoredDocument, StoreError
-from persistence.outbox import OUTBOX_SCHEMA, ChangeRecord, SQLiteOutboxMixin, write_records
+from persistence.outbox import OUTBOX_SCHEMA, ChangeRecord, SQLiteChangeLogMixin, SQLiteOutboxMixin, write_records
 
 log = logging.getLogger("collab.store")
 
@@ -84,7 +84,7 @@ def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | 
         future.set_result(result)
 
 
-class SQLiteDocumentStore(SQLiteOutboxMixin):
+class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
     """DocumentStore on one SQLite file; see the module docstring.
 
     Also an ``OutboxStore`` (persistence/outbox.py): outbox and audit rows

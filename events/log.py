@@ -1,0 +1,195 @@
+"""Durable events: read from the workspace's audit trail and forward state.
+
+The audit trail is written in the same transaction as the change it
+describes (persistence/outbox.py), so an event derived from it is as durable
+as the change. Its id is deterministic (``<workspace>/<audit id>``): reading
+the same entry again, on any node, after any crash, gives the same event.
+
+A reader keeps a :class:`Cursor` (the last audit id published, the last
+delivered change seq announced, the last failed attempt announced) and asks
+for what follows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from events import types as t
+from events.envelope import cloud_event
+from persistence.outbox import ACCEPTED, BACKEND_REFUSED, DEAD_LETTERED, REJECTED, SEEDED
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a sink stands in a workspace's durable log."""
+
+    audit: int = 0  # last audit id published
+    delivered: int = 0  # last change seq announced as delivered to the backend
+    attempt: str = ""  # "<batch>:<attempts>" of the last failed forwarding attempt announced
+
+    def dumps(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def loads(cls, raw: bytes | str | None) -> Cursor:
+        if not raw:
+            return cls()
+        body = json.loads(raw)
+        return cls(int(body.get("audit", 0)), int(body.get("delivered", 0)), str(body.get("attempt", "")))
+
+
+def update_source(entry: dict[str, Any]) -> str:
+    """Where an accepted change came from: session, rest, bulk, backend or server."""
+    details = entry.get("details") or {}
+    author = entry.get("author") or {}
+    if details.get("source") == "backend":
+        return "backend"
+    if "bulk_job" in details:
+        return "bulk"
+    if author.get("via") == "http":
+        return "rest"
+    if author.get("id") is None:
+        return "server"
+    return "session"
+
+
+def audit_id_of(event_id: str, workspace: str) -> int | None:
+    """The audit id a durable event id names (``<workspace>/<n>``), or None."""
+    prefix = workspace + "/"
+    if not event_id.startswith(prefix) or not event_id[len(prefix) :].isdigit():
+        return None
+    return int(event_id[len(prefix) :])
+
+
+def from_audit(workspace: str, entry: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """The event of one audit entry (None for kinds that are not events)."""
+    kind = entry["kind"]
+    details = entry.get("details") or {}
+    paths = entry.get("paths") or [c["path"] for c in entry.get("changes") or []]
+    if kind == ACCEPTED:
+        event_type = t.UPDATED
+        data = {
+            "seq": entry.get("seq"),
+            "changes": entry.get("changes") or [],
+            "paths": paths,
+            "author": entry.get("author"),
+            "fence": entry.get("fence"),
+            "source": update_source(entry),
+        }
+    elif kind == REJECTED:
+        event_type = t.REJECTED
+        data = {
+            "paths": paths,
+            "reasons": details.get("rejections") or [{"paths": paths, "reason": entry.get("reason")}],
+            "changes": entry.get("changes") or [],
+            "author": entry.get("author"),
+        }
+    elif kind == SEEDED:
+        event_type = t.SEEDED
+        data = {"result": entry.get("reason"), "changes": entry.get("changes") or [], "details": details}
+    elif kind == BACKEND_REFUSED:
+        event_type = t.FORWARD_FAILED
+        data = {
+            "seq": details.get("seq", entry.get("seq")),
+            "first_seq": details.get("first_seq"),
+            "paths": paths,
+            "status": details.get("status"),
+            "error": details.get("response"),
+            "retrying": False,
+        }
+    elif kind == DEAD_LETTERED:
+        event_type = t.FORWARD_DEAD
+        data = {
+            "seq": details.get("seq", entry.get("seq")),
+            "first_seq": details.get("first_seq"),
+            "paths": paths,
+            "key": details.get("key"),
+            "attempts": details.get("attempts"),
+            "error": entry.get("reason"),
+        }
+    else:
+        return None
+    data["position"] = entry["id"]
+    return cloud_event(
+        event_type, workspace, data, event_id=f"{workspace}/{entry['id']}", at=entry["at"], source=source
+    )
+
+
+class LogReader:
+    """Turns a workspace's durable log into events after a cursor."""
+
+    def __init__(self, store: Any, source: str, batch: int = 200) -> None:
+        self.store = store  # a ChangeLog + OutboxStore
+        self.source = source
+        self.batch = batch
+
+    async def read(
+        self, workspace: str, cursor: Cursor, forwarding: bool = True
+    ) -> tuple[list[tuple[dict[str, Any], Cursor]], Cursor, bool]:
+        """Events after ``cursor``, each with the cursor reached once it is published.
+
+        Also returns the cursor reached if all are published, and whether the
+        reader should look again soon (a full page, or changes waiting to be
+        forwarded).
+        """
+        out: list[tuple[dict[str, Any], Cursor]] = []
+        entries = await self.store.changes_since(workspace, cursor.audit, self.batch)
+        for entry in entries:
+            cursor = Cursor(entry["id"], cursor.delivered, cursor.attempt)
+            event = from_audit(workspace, entry, self.source)
+            if event is not None:
+                out.append((event, cursor))
+        more = len(entries) >= self.batch
+        if forwarding and not more:
+            status = await self.store.forward_status(workspace)
+            delivered = int(status.get("delivered_seq") or 0)
+            if delivered > cursor.delivered:
+                first = cursor.delivered + 1
+                cursor = Cursor(cursor.audit, delivered, cursor.attempt)
+                data = {"seq": delivered, "first_seq": first, "pending": status.get("pending", 0)}
+                event = cloud_event(
+                    t.FORWARDED,
+                    workspace,
+                    data,
+                    event_id=f"{workspace}/forwarded/{delivered}",
+                    at=time.time(),
+                    source=self.source,
+                )
+                out.append((event, cursor))
+            if status.get("pending"):
+                more = True
+                failed = await self._failed_attempt(workspace, cursor)
+                if failed is not None:
+                    out.append(failed)
+                    cursor = failed[1]
+        return out, cursor, more
+
+    async def _failed_attempt(self, workspace: str, cursor: Cursor) -> tuple[dict[str, Any], Cursor] | None:
+        """A forwarding attempt that failed and will be retried (seen on the outbox's first row)."""
+        rows = await self.store.outbox_pending(workspace, 1)
+        if not rows or not rows[0].attempts or rows[0].batch is None:
+            return None
+        row = rows[0]
+        mark = f"{row.batch}:{row.attempts}"
+        if mark == cursor.attempt:
+            return None
+        data = {
+            "seq": row.seq,
+            "key": row.batch,
+            "attempts": row.attempts,
+            "error": row.last_error,
+            "paths": [c["path"] for c in row.changes],
+            "retrying": True,
+        }
+        event = cloud_event(
+            t.FORWARD_FAILED,
+            workspace,
+            data,
+            event_id=f"{workspace}/attempt/{mark}",
+            at=time.time(),
+            source=self.source,
+        )
+        return event, Cursor(cursor.audit, cursor.delivered, mark)
