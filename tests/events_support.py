@@ -53,6 +53,7 @@ class WebhookReceiver:
         self.lock = threading.Lock()
         self.httpd: ThreadingHTTPServer | None = None
         self.status = 204
+        self.delay = 0.0  # seconds each answer takes (a slow receiver)
 
     @property
     def url(self) -> str:
@@ -64,6 +65,8 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if receiver.delay:
+                    time.sleep(receiver.delay)
                 error = verify_standard_webhook(receiver.secret, self.headers, body)
                 with receiver.lock:
                     if error is not None:

@@ -83,7 +83,7 @@ def forward_status_ok(server, ws: str) -> bool:
 
 
 def test_envelope_is_cloudevents_1_0():
-    event = cloud_event(t.UPDATED, "ds-1", {"seq": 1}, event_id="ds-1/7", at=1_700_000_000.5, source="/datasource-collab")
+    event = cloud_event(t.UPDATED, "ds-1", {"seq": 1}, event_id="ds-1/7", at=1_700_000_000.5, source="/collab")
     assert problems(event) == []
     assert event["time"] == "2023-11-14T22:13:20.500Z" and event["subject"] == "ds-1"
     assert problems({**event, "specversion": "0.3"}) == ["specversion must be 1.0"]
@@ -245,3 +245,179 @@ async def test_every_event_type_reaches_every_sink(server_factory, redis_server,
     )
     resumed.stop()
     stream.close()
+
+
+# ------------------------------------------------------------- durability
+
+
+def durable_updates(events: list[dict]) -> dict[int, set[str]]:
+    """seq -> the ids its configuration-updated events carried (several if published again)."""
+    out: dict[int, set[str]] = {}
+    for event in events:
+        if event["type"] == t.UPDATED:
+            out.setdefault(event["data"]["seq"], set()).add(event["id"])
+    return out
+
+
+def accepted_seqs(server, ws: str) -> list[int]:
+    entries = httpx.get(f"{server.http_url}/api/workspaces/{ws}/history?limit=500", timeout=10).json()["entries"]
+    return sorted(e["seq"] for e in entries if e["kind"] == "accepted")
+
+
+async def test_kill_9_between_commit_and_publish_loses_no_change_event(server_factory, redis_server, receivers):
+    """Changes committed while the sinks lag (Redis stopped, a slow webhook) survive kill -9 as events."""
+    receiver = receivers()
+    receiver.delay = 0.02  # the webhook lane falls behind the commits
+    server = server_factory(env=events_env(redis_server.url, receiver))
+    stream = StreamReader(redis_server.url, STREAM)
+    ws = "ds-kill-events"
+    alice = await connect(server, ws, "alice")
+    for i in range(40):
+        cfg(alice)["description"] = f"before {i}"
+        await alice.flush()
+    await alice.wait_saved(WAIT)
+    await eventually(lambda: len(durable_updates(stream.of_type_all())) == 40, WAIT, what="first 40 in the stream")
+
+    redis_server.pause()  # the stream sink cannot publish; the store (SQLite) still commits
+    for i in range(120):
+        cfg(alice)["description"] = f"after {i}"
+        await alice.flush()
+    await alice.wait_saved(WAIT)
+    committed = accepted_seqs(server, ws)
+    assert committed == list(range(1, 161))
+    at_kill = len(durable_updates(receiver.snapshot()))
+    server.kill()  # committed, not (all) published: no shutdown hook runs
+    assert at_kill < 160, "the webhook had everything already: nothing was between commit and publish"
+    redis_server.resume()
+    await alice.wait_closed(WAIT)
+    receiver.delay = 0.0
+
+    server.restart()  # nobody reconnects: the publisher finds the backlog by itself
+    await eventually(lambda: sorted(durable_updates(stream.of_type_all())) == committed, WAIT, what="stream complete")
+    await eventually(lambda: sorted(durable_updates(receiver.snapshot())) == committed, WAIT, what="webhook complete")
+    for events in (stream.events, receiver.snapshot()):
+        ids = durable_updates(events)
+        assert all(len(v) == 1 for v in ids.values()), "a change published twice under different ids"
+        assert len({i for v in ids.values() for i in v}) == 160  # and no two changes share an id
+        seqs = [e["data"]["seq"] for e in events if e["type"] == t.UPDATED and e["subject"] == ws]
+        assert _in_order_with_repeats(seqs)
+    # The stream's cursor moves with its entries: nothing in it twice.
+    stream_ids = [e["id"] for e in stream.events if e["type"] == t.UPDATED]
+    assert len(stream_ids) == len(set(stream_ids)) == 160
+    stream.close()
+
+
+def _in_order_with_repeats(seqs: list[int]) -> bool:
+    """At least once, in order: a replay after a crash starts again below where it was, then climbs."""
+    seen = 0
+    for seq in seqs:
+        if seq > seen + 1:
+            return False
+        seen = max(seen, seq)
+    return True
+
+
+# ---------------------------------------------------------------- scale-out
+
+
+async def test_three_nodes_publish_each_event_once(server_factory, redis_server, receivers):
+    """Three nodes share one Redis (store and stream): every event reaches each sink once."""
+    receiver = receivers()
+    nodes = [
+        server_factory(
+            env=events_env(
+                redis_server.url,
+                receiver,
+                COLLAB_REDIS_URL=redis_server.url,
+                COLLAB_NODE_ID=name,
+                COLLAB_ROOM_IDLE_SECONDS="1",
+                COLLAB_RELAY_BLOCK_MS="500",
+            ),
+            name=name,
+        )
+        for name in ("a", "b", "c")
+    ]
+    stream = StreamReader(redis_server.url, STREAM)
+    workspaces = ["ds-multi-1", "ds-multi-2"]
+    clients = []
+    for i, node in enumerate(nodes):
+        for ws in workspaces:
+            clients.append(await connect(node, ws, f"user{i}"))
+    for round_ in range(20):
+        for n, client in enumerate(clients):
+            cfg(client)[f"field{n}"] = round_
+            await client.flush()
+    for client in clients:
+        await client.wait_saved(WAIT)
+    holder = clients[0]
+    granted = await holder.acquire_lock("connection", ttl=30)
+    assert granted["type"] == "lock.granted"
+    await holder.release_lock("connection")
+
+    total = {ws: len(accepted_seqs(nodes[0], ws)) for ws in workspaces}
+    assert total == {ws: 60 for ws in workspaces}
+
+    def complete(events) -> bool:
+        got = {ws: len(durable_updates([e for e in events if e["subject"] == ws])) for ws in workspaces}
+        unlocked = [e for e in events if e["type"] == t.UNLOCKED]
+        return got == total and unlocked
+
+    await eventually(lambda: complete(stream.of_type_all()), WAIT, what="stream complete")
+    await eventually(lambda: complete(receiver.snapshot()), WAIT, what="webhook complete")
+    for close in clients:
+        await close.close()
+    for events in (stream.of_type_all(), receiver.snapshot()):
+        assert_valid(events)
+        durable = [e["id"] for e in events if e["type"] == t.UPDATED]
+        assert len(durable) == len(set(durable)) == 120, "a durable event published more than once"
+        for ws in workspaces:
+            seqs = [e["data"]["seq"] for e in events if e["type"] == t.UPDATED and e["subject"] == ws]
+            assert seqs == list(range(1, 61)), "not in order per workspace"
+        locks = [e["id"] for e in events if e["type"] in (t.LOCKED, t.UNLOCKED)]
+        assert len(locks) == len(set(locks)) == 2, "a lock change seen by three nodes published more than once"
+        joined = [e for e in events if e["type"] == t.PARTICIPANT_JOINED]
+        assert len(joined) == len({e["id"] for e in joined}) == 6
+    assert receiver.bad == []
+    stream.close()
+
+
+# ----------------------------------------------------------- webhook outage
+
+
+async def test_webhook_receiver_down_gets_everything_afterwards_in_order(server_factory, receivers):
+    """The receiver is down for OUTAGE_SECONDS while changes are made; afterwards it has all of them, in order."""
+    receiver = receivers()
+    server = server_factory(env=events_env(None, receiver))
+    ws = "ds-outage-events"
+    alice = await connect(server, ws, "alice")
+    cfg(alice)["name"] = "first"
+    await alice.flush()
+    await eventually(lambda: durable_updates(receiver.snapshot()), WAIT, what="first event")
+
+    receiver.stop()
+    down_at = time.monotonic()
+    for i in range(100):
+        cfg(alice)["description"] = f"while down {i}"
+        await alice.flush()
+        if i % 10 == 0:
+            await asyncio.sleep(OUTAGE_SECONDS / 12)  # the changes are spread over the outage
+    await alice.wait_saved(WAIT)
+    remaining = OUTAGE_SECONDS - (time.monotonic() - down_at)
+    if remaining > 0:
+        await asyncio.sleep(remaining)  # the outage itself lasts this long
+    assert len(durable_updates(receiver.snapshot())) == 1
+    receiver.start()  # same port
+
+    await eventually(lambda: len(durable_updates(receiver.snapshot())) == 101, WAIT + OUTAGE_SECONDS, what="backlog")
+    seqs = [e["data"]["seq"] for e in receiver.snapshot() if e["type"] == t.UPDATED]
+    assert seqs == list(range(1, 102))  # everything, once, in order
+    descriptions = [
+        c["new"]
+        for e in receiver.snapshot()
+        if e["type"] == t.UPDATED
+        for c in e["data"]["changes"]
+        if c["path"] == "description"
+    ]
+    assert descriptions == [f"while down {i}" for i in range(100)]
+    assert receiver.bad == []
+    await alice.close()
