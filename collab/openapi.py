@@ -285,6 +285,35 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             **_WORKSPACE_READ,
         },
     },
+    ("/api/events", "get"): {
+        "summary": "A workspace's events (CloudEvents 1.0 JSON) as Server-Sent Events; resumable with Last-Event-ID",
+        "description": _WORKSPACE_NOTE + " The workspace is the `workspace` query parameter. See docs/events.md.",
+        "tags": ["events"],
+        "security": [{"bearer": []}],
+        "parameters": [
+            {"name": "workspace", "in": "query", "required": True, "schema": {"type": "string"}},
+            {
+                "name": "last_event_id",
+                "in": "query",
+                "schema": {"type": "string"},
+                "description": "resume after this event id (as the Last-Event-ID header)",
+            },
+        ],
+        "responses": {
+            "200": {"description": "event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            "400": _error("a Last-Event-ID that is not an event id of the workspace"),
+            "404": _error("invalid workspace id"),
+            **_WORKSPACE_READ,
+        },
+    },
+    ("/api/events/dead-letters", "get"): {
+        "summary": "Events the webhooks gave up on, per webhook URL",
+        "description": "Needs the editor role for the workspace (the `workspace` query parameter).",
+        "tags": ["events"],
+        "security": [{"bearer": []}],
+        "parameters": [{"name": "workspace", "in": "query", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": _json("dead letters"), "404": _error("invalid workspace id"), **_WORKSPACE_READ},
+    },
     ("/workspaces/{workspace_id}", "get"): {
         "summary": "The participant panel (HTML)",
         "tags": ["presence"],

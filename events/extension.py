@@ -65,7 +65,24 @@ class EventsExtension(Extension):
         return [self.hooks, self.live]
 
     def routes(self) -> list:
-        return [WorkspaceQueryRoute("/api/events", self._sse, methods=["GET"], requires=workspace_role("viewer"))]
+        return [
+            WorkspaceQueryRoute("/api/events", self._sse, methods=["GET"], requires=workspace_role("viewer")),
+            WorkspaceQueryRoute(
+                "/api/events/dead-letters", self._dead_letters, methods=["GET"], requires=workspace_role("editor")
+            ),
+        ]
+
+    async def _dead_letters(self, request):
+        """Events a webhook gave up on (newest kept per workspace and URL), for an operator to look at."""
+        from starlette.responses import JSONResponse
+
+        workspace = request.state.workspace_id
+        out = {}
+        for sink in self.sinks:
+            letters = getattr(sink, "dead_letters", None)
+            if letters is not None:
+                out[getattr(sink, "url", sink.name)] = await letters(workspace)
+        return JSONResponse({"workspace": workspace, "dead_letters": out})
 
     async def _sse(self, request):
         if self.streams is None:

@@ -421,3 +421,48 @@ async def test_webhook_receiver_down_gets_everything_afterwards_in_order(server_
     assert descriptions == [f"while down {i}" for i in range(100)]
     assert receiver.bad == []
     await alice.close()
+
+
+async def test_a_webhook_event_past_its_retry_time_is_dead_lettered_and_the_rest_follow(server_factory, receivers):
+    receiver = receivers()
+    receiver.status = 500  # up, but failing every request
+    server = server_factory(env=events_env(None, receiver, COLLAB_EVENTS_WEBHOOK_DEAD_LETTER_SECONDS="1"))
+    ws = "ds-dead-events"
+    alice = await connect(server, ws, "alice")
+    cfg(alice)["name"] = "dead letter"
+    await alice.flush()
+    await alice.wait_saved(WAIT)
+    url = f"{server.http_url}/api/events/dead-letters?workspace={ws}"
+
+    def dead() -> list:
+        return httpx.get(url, timeout=5).json()["dead_letters"][receiver.url]
+
+    letters = await eventually(dead, WAIT, what="dead letter")
+    assert letters[0]["event"]["type"] == t.UPDATED and letters[0]["event"]["data"]["seq"] == 1
+    assert len(receiver.snapshot()) >= 2  # it was tried more than once (each answered 500)
+    receiver.status = 204
+    cfg(alice)["name"] = "delivered"
+    await alice.flush()
+    await eventually(
+        lambda: [e for e in receiver.snapshot() if e["type"] == t.UPDATED and e["data"]["seq"] == 2], WAIT, what="next"
+    )
+    assert httpx.get(url + "&user=eve&role=viewer", timeout=5).status_code == 403
+    await alice.close()
+
+
+async def test_the_sse_endpoint_is_authorized_per_workspace(server_factory):
+    from tests.security_support import jwt_env, make_token
+
+    server = server_factory(env=jwt_env())
+    token = make_token("alice", {"ds-mine": "viewer"})
+
+    def status(query: str, bearer: str | None = token) -> int:
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+        with httpx.stream("GET", f"{server.http_url}/api/events?{query}", headers=headers, timeout=5) as response:
+            return response.status_code
+
+    assert status("workspace=ds-mine") == 200
+    assert status("workspace=ds-other") == 403
+    assert status("workspace=ds-mine", bearer=None) == 401
+    assert status("workspace=") == 404
+    assert status("workspace=ds-mine", bearer=make_token("alice", {"ds-mine": "viewer"}, secret="x" * 40)) == 401

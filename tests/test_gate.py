@@ -121,6 +121,9 @@ async def test_every_http_route_answers_as_declared(gate_server):
             if method == "WEBSOCKET":
                 continue
             url = concrete(path.replace("{path}", "panel.js") if path.startswith("/presence/") else path, PATH_VALUES)
+            by_query = requires.scope == "workspace" and "{workspace_id}" not in path  # e.g. /api/events?workspace=
+            if by_query:
+                url += f"?workspace={WORKSPACE}"
             for who, caller in CALLERS.items():
                 reply = await _http(http, url, method, caller["token"])
                 want = expected(requires, caller)
@@ -136,8 +139,9 @@ async def test_every_http_route_answers_as_declared(gate_server):
                     if want == 401:
                         assert reply.headers.get("www-authenticate") == "Bearer", what
                 checked += 1
-            if "{workspace_id}" in path:  # the one workspace-id check: 404, whoever asks
+            if "{workspace_id}" in path or by_query:  # the one workspace-id check: 404, whoever asks
                 bad = concrete(path, {**PATH_VALUES, "workspace_id": "-not-an-id"})
+                bad += "?workspace=-not-an-id" if by_query else ""
                 for token in (None, CALLERS["server admin"]["token"]):
                     reply = await _http(http, bad, method, token)
                     assert reply.status_code == 404, f"{method} {path} with a malformed workspace id"
