@@ -699,7 +699,6 @@ class RedisDocumentStore:
 
         return await self._run(run)
 
-
     # ----------------------------------------------------------- change log
 
     async def changes_since(self, workspace: str, after_id: int, limit: int) -> list[dict[str, Any]]:
@@ -713,6 +712,7 @@ class RedisDocumentStore:
         if getattr(self, "_changelog", None) is None:
             self._changelog = RedisChangeLog(self)
         return await self._changelog.change_heads()
+
 
 # ------------------------------------------------------------- change log
 
