@@ -227,6 +227,13 @@ class Settings(BaseSettings):
     events_webhook_secret: SecretStr | None = Field(
         None, description="Standard Webhooks signing secret, whsec_<base64> (required with webhook URLs)"
     )
+    events_webhook_batch_max: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="events of a workspace sent in one webhook request at most; above 1 a backlog goes as "
+        "CloudEvents batches (JSON arrays, application/cloudevents-batch+json)",
+    )
     events_webhook_timeout_seconds: float = Field(5.0, gt=0, description="one webhook request may take this long")
     events_webhook_backoff_initial_ms: float = Field(
         500.0, ge=1, description="first retry delay of a failed webhook request (doubles each time, jittered)"

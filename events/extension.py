@@ -123,6 +123,7 @@ class EventsExtension(Extension):
                         dead_letter_after=s.events_webhook_dead_letter_seconds,
                         live_queue=s.events_live_queue,
                         claim=self._claim if (self.redis is not None and s.uses_redis_store) else None,
+                        batch_max=s.events_webhook_batch_max,
                     )
                 )
         for sink in self.sinks:

@@ -118,6 +118,19 @@ def from_audit(workspace: str, entry: dict[str, Any], source: str) -> dict[str, 
     )
 
 
+PAGES_KEPT = 10_000  # workspaces whose last page and forward state are kept
+STATUS_SECONDS = 0.1
+
+
+@dataclass(slots=True)
+class _Page:
+    after: int
+    hi: int
+    items: list[tuple[int, dict[str, Any] | None]]
+    full: bool
+    gen: int
+
+
 class LogReader:
     """Turns a workspace's durable log into events after a cursor."""
 
@@ -125,6 +138,43 @@ class LogReader:
         self.store = store  # a ChangeLog + OutboxStore
         self.source = source
         self.batch = batch
+        # Every sink reads the same new entries right after a commit: the last page read
+        # per workspace is kept, valid until the next commit there (``touch``).
+        self._gen: dict[str, int] = {}
+        self._pages: dict[str, _Page] = {}
+        self._status: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def touch(self, workspace: str) -> None:
+        """Something was committed in ``workspace``: what was read of it may be incomplete."""
+        self._gen[workspace] = self._gen.get(workspace, 0) + 1
+
+    async def _events(self, workspace: str, after: int) -> tuple[list[tuple[int, dict[str, Any] | None]], bool]:
+        """(audit id, event or None) after ``after``, and whether the page was full."""
+        gen = self._gen.get(workspace, 0)
+        page = self._pages.get(workspace)
+        if page is not None and page.gen == gen and page.after <= after <= page.hi:
+            got = [item for item in page.items if item[0] > after]
+            if got or not page.full:
+                return got, page.full
+        entries = await self.store.changes_since(workspace, after, self.batch)
+        items = [(entry["id"], from_audit(workspace, entry, self.source)) for entry in entries]
+        full = len(entries) >= self.batch
+        if len(self._pages) >= PAGES_KEPT and workspace not in self._pages:
+            self._pages.pop(next(iter(self._pages)))
+        self._pages[workspace] = _Page(after, items[-1][0] if items else after, items, full, gen)
+        return items, full
+
+    async def _forward_status(self, workspace: str) -> dict[str, Any]:
+        """The forward state, read at most every STATUS_SECONDS per workspace (every sink asks)."""
+        now = time.monotonic()
+        cached = self._status.get(workspace)
+        if cached is not None and now - cached[0] < STATUS_SECONDS:
+            return cached[1]
+        status = await self.store.forward_status(workspace)
+        if len(self._status) >= PAGES_KEPT and workspace not in self._status:
+            self._status.pop(next(iter(self._status)))
+        self._status[workspace] = (now, status)
+        return status
 
     async def read(
         self, workspace: str, cursor: Cursor, forwarding: bool = True
@@ -136,15 +186,13 @@ class LogReader:
         forwarded).
         """
         out: list[tuple[dict[str, Any], Cursor]] = []
-        entries = await self.store.changes_since(workspace, cursor.audit, self.batch)
-        for entry in entries:
-            cursor = Cursor(entry["id"], cursor.delivered, cursor.attempt)
-            event = from_audit(workspace, entry, self.source)
+        items, more = await self._events(workspace, cursor.audit)
+        for audit_id, event in items:
+            cursor = Cursor(audit_id, cursor.delivered, cursor.attempt)
             if event is not None:
                 out.append((event, cursor))
-        more = len(entries) >= self.batch
         if forwarding and not more:
-            status = await self.store.forward_status(workspace)
+            status = await self._forward_status(workspace)
             delivered = int(status.get("delivered_seq") or 0)
             if delivered > cursor.delivered:
                 first = cursor.delivered + 1

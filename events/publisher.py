@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from events.log import Cursor, LogReader
+from events.log import LogReader
 from events.sinks import Sink
 
 log = logging.getLogger("collab.events")
@@ -68,6 +68,7 @@ class _Lane:
     sink: Sink
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    lost: bool = False  # the lease went to another node meanwhile
 
 
 class Publisher:
@@ -104,9 +105,13 @@ class Publisher:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                await sink.checkpoint_all()
 
     def kick(self, workspace: str) -> None:
         """Something was committed in ``workspace``: publish it now."""
+        self.reader.touch(workspace)
         for sink in self.sinks:
             self._wake(workspace, sink)
 
@@ -129,6 +134,7 @@ class Publisher:
                 for workspace, head in heads.items():
                     for sink in self.sinks:
                         if head > self.known.get((workspace, sink.name), -1) or workspace in pending:
+                            self.reader.touch(workspace)  # committed elsewhere: re-read
                             self._wake(workspace, sink)
             except Exception as exc:
                 log.warning("events sweep failed: %s", exc)
@@ -146,7 +152,6 @@ class Publisher:
     async def _lane(self, lane: _Lane) -> None:
         ws, sink = lane.workspace, lane.sink
         key = (ws, sink.name)
-        idle = 0
         while not self._stopping:
             lane.wake.clear()
             if self.leases is not None and not await self._leased(ws, sink):
@@ -155,49 +160,52 @@ class Publisher:
                 if not await self._wait(lane):
                     return  # another node publishes this workspace; the sweep looks again later
                 continue
+            lane.lost = False
+            renewer = None
+            if self.leases is not None:
+                renewer = asyncio.get_running_loop().create_task(self._renew(lane))
             try:
-                cursor = await sink.load_cursor(ws)
-                await self._publish_while_new(lane, cursor)
+                if await self._hold(lane):
+                    return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.counts["errors"] += 1
                 log.warning("publishing events of %s to %s failed: %s", ws, sink.name, exc)
                 await asyncio.sleep(min(self.poll, 1.0))
-                continue
             finally:
+                if renewer is not None:
+                    renewer.cancel()
                 if self.leases is not None:
                     with contextlib.suppress(Exception):
                         await self.leases.release(ws, sink.name)
-            if await self._wait(lane):
-                idle = 0
-                continue
-            idle += 1
-            if idle >= IDLE_ROUNDS and not lane.wake.is_set():
-                self.known.setdefault(key, 0)
-                return
 
-    async def _publish_while_new(self, lane: _Lane, cursor: Cursor) -> None:
-        """Publish pages until caught up (the lease, if any, renewed meanwhile)."""
+    async def _hold(self, lane: _Lane) -> bool:
+        """Publish while holding the lane (and its lease); True once idle, False if the lease was lost."""
         ws, sink = lane.workspace, lane.sink
-        renewer = None
-        if self.leases is not None:
-            renewer = asyncio.get_running_loop().create_task(self._renew(ws, sink))
-        try:
-            while True:
-                lane.wake.clear()
+        key = (ws, sink.name)
+        cursor = await sink.load_cursor(ws)
+        idle = 0
+        while not self._stopping and not lane.lost:
+            lane.wake.clear()
+            while True:  # pages until caught up
                 items, reached, more = await self.reader.read(ws, cursor, self.forwarding)
                 if items or reached != cursor:
                     cursor = await sink.publish(ws, items, reached)
                     self.counts["published"] += len(items)
-                self.known[(ws, sink.name)] = cursor.audit
-                if not items:
-                    return  # caught up (``more`` with nothing new: forwarding pending; polled)
-                if not more and not lane.wake.is_set():
-                    return
-        finally:
-            if renewer is not None:
-                renewer.cancel()
+                self.known[key] = cursor.audit
+                if not items or lane.lost or not (more or lane.wake.is_set()):
+                    break
+                lane.wake.clear()
+            if await self._wait(lane):
+                idle = 0
+                continue
+            await sink.checkpoint(ws, cursor, force=True)  # quiet: make the cursor durable now
+            idle += 1
+            if idle >= IDLE_ROUNDS and not lane.wake.is_set():
+                return True
+        await sink.checkpoint(ws, cursor, force=True)
+        return False
 
     async def _leased(self, ws: str, sink: Sink) -> bool:
         assert self.leases is not None
@@ -207,13 +215,16 @@ class Publisher:
             log.warning("events lease of %s unavailable: %s", ws, exc)
             return False
 
-    async def _renew(self, ws: str, sink: Sink) -> None:
+    async def _renew(self, lane: _Lane) -> None:
         assert self.leases is not None
         while True:
             await asyncio.sleep(self.leases.ttl_ms / 3000.0)
             with contextlib.suppress(Exception):
-                if not await self.leases.take(ws, sink.name):
-                    log.warning("events lease of %s for %s lost while publishing", ws, sink.name)
+                if not await self.leases.take(lane.workspace, lane.sink.name):
+                    log.warning("events lease of %s for %s lost", lane.workspace, lane.sink.name)
+                    lane.lost = True
+                    lane.wake.set()
+                    return
 
     async def _wait(self, lane: _Lane) -> bool:
         """Wait for a kick up to one poll interval; True if kicked."""

@@ -16,10 +16,9 @@ import time
 from collections import deque
 from typing import Any, Protocol
 
-import httpx
-
 from events import signing
 from events.envelope import encode
+from events.http import HTTPError, Poster
 from events.log import Cursor
 
 log = logging.getLogger("collab.events")
@@ -40,6 +39,14 @@ class Sink(Protocol):
 
     async def publish(self, workspace: str, items: list[Item], reached: Cursor) -> Cursor:
         """Publish durable events in order, then store the cursor (``reached``); returns it."""
+        ...
+
+    async def checkpoint(self, workspace: str, cursor: Cursor, force: bool) -> None:
+        """Make the cursor reached durable (now if ``force``, else when it is due)."""
+        ...
+
+    async def checkpoint_all(self) -> None:
+        """Shutdown: make every cursor reached durable."""
         ...
 
     async def publish_live(self, event: dict[str, Any]) -> None:
@@ -145,6 +152,12 @@ class RedisStreamSink:
         self.counts["published"] += int(added)
         return reached
 
+    async def checkpoint(self, workspace: str, cursor: Cursor, force: bool) -> None:
+        return None  # the cursor moved with the entries
+
+    async def checkpoint_all(self) -> None:
+        return None
+
     async def publish_live(self, event: dict[str, Any]) -> None:
         seen = f"collab:events:seen:{{{self.stream}}}:{event['id']}"
         try:
@@ -170,11 +183,16 @@ class WebhookSink:
     Durable events go in order per workspace from a cursor kept in the
     document store (``events:cursor:<sink>``): the next one waits until this
     one is delivered or dead-lettered (``events:dead:<sink>``, newest
-    ``DEAD_KEPT`` kept). Best-effort events have a queue of their own.
+    ``DEAD_KEPT`` kept). The cursor is written at most every
+    ``SAVE_SECONDS`` while events flow, and at once when they stop: a crash
+    repeats at most that much (same ids). Best-effort events have a queue of
+    their own. With ``batch_max`` > 1, up to that many events of a workspace
+    go in one request as a CloudEvents batch (a JSON array,
+    ``application/cloudevents-batch+json``).
     """
 
     DEAD_KEPT = 1000
-    SAVE_EVERY = 50  # durable events delivered between cursor writes (a crash repeats at most these)
+    SAVE_SECONDS = 0.5
 
     def __init__(
         self,
@@ -188,6 +206,7 @@ class WebhookSink:
         dead_letter_after: float,
         live_queue: int,
         claim: Any = None,
+        batch_max: int = 1,
     ) -> None:
         self.url = url
         self.key = signing.secret_key(secret)
@@ -198,14 +217,16 @@ class WebhookSink:
         self.dead_letter_after = dead_letter_after
         self.name = "webhook:" + hashlib.sha256(url.encode()).hexdigest()[:12]
         self.claim = claim  # async (sink name, event id) -> bool: first node to see a best-effort event
-        self.http: httpx.AsyncClient | None = None
+        self.batch_max = max(1, batch_max)
+        self._unsaved: dict[str, Cursor] = {}  # workspace -> cursor reached, not written yet
+        self._saved_at: dict[str, float] = {}
+        self.http = Poster(url, timeout)
         self.live: deque[dict[str, Any]] = deque(maxlen=live_queue)
         self._live_wake = asyncio.Event()
         self._live_task: asyncio.Task | None = None
         self.counts = {"delivered": 0, "attempts_failed": 0, "dead_lettered": 0, "live_dropped": 0}
 
     async def start(self) -> None:
-        self.http = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
         self._live_task = asyncio.get_running_loop().create_task(self._live_loop())
 
     async def stop(self) -> None:
@@ -213,8 +234,7 @@ class WebhookSink:
             self._live_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._live_task
-        if self.http is not None:
-            await self.http.aclose()
+        await self.http.close()
 
     async def load_cursor(self, workspace: str) -> Cursor:
         return Cursor.loads(await self.store.get_meta(workspace, f"events:cursor:{self.name}"))
@@ -223,40 +243,57 @@ class WebhookSink:
         await self.store.put_meta(workspace, f"events:cursor:{self.name}", cursor.dumps())
 
     async def publish(self, workspace: str, items: list[Item], reached: Cursor) -> Cursor:
-        for n, (event, cursor) in enumerate(items, 1):
-            if not await self.deliver(event):
-                await self._dead_letter(workspace, event)
-            if n % self.SAVE_EVERY == 0:
-                await self._save(workspace, cursor)
-        await self._save(workspace, reached)
+        for start in range(0, len(items), self.batch_max):
+            chunk = [event for event, _ in items[start : start + self.batch_max]]
+            if not await self.deliver(chunk[0] if len(chunk) == 1 else chunk):
+                for event in chunk:
+                    await self._dead_letter(workspace, event)
+        self._unsaved[workspace] = reached
+        await self.checkpoint(workspace, reached, force=False)
         return reached
 
-    async def deliver(self, event: dict[str, Any]) -> bool:
-        """POST until a 2xx (True) or past the dead-letter time (False)."""
-        assert self.http is not None
-        body = encode(event)
+    async def checkpoint(self, workspace: str, cursor: Cursor, force: bool) -> None:
+        if self._unsaved.get(workspace) is None:
+            return
+        now = time.monotonic()
+        if force or now - self._saved_at.get(workspace, 0.0) >= self.SAVE_SECONDS:
+            cursor = self._unsaved.pop(workspace)
+            self._saved_at[workspace] = now
+            await self._save(workspace, cursor)
+
+    async def checkpoint_all(self) -> None:
+        for workspace, cursor in list(self._unsaved.items()):
+            await self.checkpoint(workspace, cursor, force=True)
+
+    async def deliver(self, event: dict[str, Any] | list[dict[str, Any]]) -> bool:
+        """POST until a 2xx (True) or past the dead-letter time (False); a list goes as one batch."""
+        if isinstance(event, list):
+            body = b"[" + b",".join(encode(e) for e in event) + b"]"
+            msg_id = "batch_" + hashlib.sha256("\n".join(e["id"] for e in event).encode()).hexdigest()[:32]
+            content_type = "application/cloudevents-batch+json"
+            what = f"{len(event)} events from {event[0]['id']}"
+        else:
+            body, msg_id, content_type, what = encode(event), event["id"], "application/cloudevents+json", event["id"]
         first = time.monotonic()
         failures = 0
         while True:
             timestamp = int(time.time())
             try:
-                response = await self.http.post(
-                    self.url, content=body, headers=signing.headers(self.key, event["id"], timestamp, body)
-                )
-                if 200 <= response.status_code < 300:
-                    self.counts["delivered"] += 1
+                headers = signing.headers(self.key, msg_id, timestamp, body)
+                headers["content-type"] = content_type
+                status = await self.http.post(body, headers)
+                if 200 <= status < 300:
+                    self.counts["delivered"] += len(event) if isinstance(event, list) else 1
                     return True
-                error = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error = f"HTTP {status}"
+            except HTTPError as exc:
+                error = str(exc)
             failures += 1
             self.counts["attempts_failed"] += 1
             if failures == 1 or failures % 20 == 0:
-                log.warning("webhook %s: event %s not delivered (%s); retrying", self.url, event["id"], error)
+                log.warning("webhook %s: %s not delivered (%s); retrying", self.url, what, error)
             if time.monotonic() - first >= self.dead_letter_after:
-                log.error(
-                    "webhook %s: event %s dead-lettered after %d attempts: %s", self.url, event["id"], failures, error
-                )
+                log.error("webhook %s: %s dead-lettered after %d attempts: %s", self.url, what, failures, error)
                 return False
             delay = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 30))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))

@@ -11,7 +11,6 @@ stays the last durable event's).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -62,6 +61,7 @@ class EventStreams:
         self._closing = asyncio.Event()
 
     def kick(self, workspace: str) -> None:
+        self.reader.touch(workspace)
         for stream in self.streams.get(workspace, ()):
             stream.wake.set()
 
@@ -118,8 +118,10 @@ class EventStreams:
                     continue
                 if await request.is_disconnected():
                     return
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(stream.wake.wait(), self.poll)
+                except TimeoutError:
+                    self.reader.touch(stream.workspace)  # other nodes commit without telling us: look
                 if loop.time() - last_sent >= self.heartbeat:
                     last_sent = loop.time()
                     yield b": keep-alive\n\n"
