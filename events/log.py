@@ -164,17 +164,27 @@ class LogReader:
         self._pages[workspace] = _Page(after, items[-1][0] if items else after, items, full, gen)
         return items, full
 
-    async def _forward_status(self, workspace: str) -> dict[str, Any]:
-        """The forward state, read at most every STATUS_SECONDS per workspace (every sink asks)."""
+    async def _progress(self, workspace: str) -> dict[str, Any]:
+        """Forwarding progress (delivered seq, pending, first pending row), read at most every STATUS_SECONDS."""
         now = time.monotonic()
         cached = self._status.get(workspace)
         if cached is not None and now - cached[0] < STATUS_SECONDS:
             return cached[1]
-        status = await self.store.forward_status(workspace)
+        read = getattr(self.store, "forward_progress", None)
+        if read is not None:
+            progress = await read(workspace)
+        else:
+            status = await self.store.forward_status(workspace)
+            rows = await self.store.outbox_pending(workspace, 1) if status.get("pending") else []
+            progress = {
+                "delivered_seq": status.get("delivered_seq") or 0,
+                "pending": status.get("pending") or 0,
+                "head": rows[0] if rows else None,
+            }
         if len(self._status) >= PAGES_KEPT and workspace not in self._status:
             self._status.pop(next(iter(self._status)))
-        self._status[workspace] = (now, status)
-        return status
+        self._status[workspace] = (now, progress)
+        return progress
 
     async def read(
         self, workspace: str, cursor: Cursor, forwarding: bool = True
@@ -192,35 +202,32 @@ class LogReader:
             if event is not None:
                 out.append((event, cursor))
         if forwarding and not more:
-            status = await self._forward_status(workspace)
-            delivered = int(status.get("delivered_seq") or 0)
+            progress = await self._progress(workspace)
+            delivered = int(progress["delivered_seq"] or 0)
             if delivered > cursor.delivered:
                 first = cursor.delivered + 1
                 cursor = Cursor(cursor.audit, delivered, cursor.attempt)
-                data = {"seq": delivered, "first_seq": first, "pending": status.get("pending", 0)}
                 event = cloud_event(
                     t.FORWARDED,
                     workspace,
-                    data,
+                    {"seq": delivered, "first_seq": first},
                     event_id=f"{workspace}/forwarded/{delivered}",
                     at=time.time(),
                     source=self.source,
                 )
                 out.append((event, cursor))
-            if status.get("pending"):
+            if progress["pending"]:
                 more = True
-                failed = await self._failed_attempt(workspace, cursor)
+                failed = self._failed_attempt(workspace, cursor, progress["head"])
                 if failed is not None:
                     out.append(failed)
                     cursor = failed[1]
         return out, cursor, more
 
-    async def _failed_attempt(self, workspace: str, cursor: Cursor) -> tuple[dict[str, Any], Cursor] | None:
+    def _failed_attempt(self, workspace: str, cursor: Cursor, row: Any) -> tuple[dict[str, Any], Cursor] | None:
         """A forwarding attempt that failed and will be retried (seen on the outbox's first row)."""
-        rows = await self.store.outbox_pending(workspace, 1)
-        if not rows or not rows[0].attempts or rows[0].batch is None:
+        if row is None or not row.attempts or row.batch is None:
             return None
-        row = rows[0]
         mark = f"{row.batch}:{row.attempts}"
         if mark == cursor.attempt:
             return None

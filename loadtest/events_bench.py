@@ -1,6 +1,7 @@
 """Events benchmark: publish lag of configuration-updated events at a steady change rate.
 
-    python -m loadtest.events_bench [--workspaces 20] [--rate 1000] [--seconds 30] [--no-pin]
+    python -m loadtest.events_bench [--workspaces 20] [--rate 1000] [--seconds 30] [--webhook-batch 1]
+                                    [--no-stream | --no-webhook | --no-events] [--no-pin]
 
 It starts, as processes it owns, a ``redis-server`` (for the events stream)
 and the collaboration server (``python -m collab serve``, SQLite store) with
@@ -86,9 +87,10 @@ class Receiver:
                 expected = "v1," + base64.b64encode(hmac.new(self.key, signed, hashlib.sha256).digest()).decode()
                 if not hmac.compare_digest(expected, headers.get("webhook-signature", "")):
                     self.bad += 1
-                event = json.loads(body)
-                if event["type"] == "collaboration:data_source:updated":
-                    self.lags.setdefault(event["id"], now - event_time(event))
+                parsed = json.loads(body)
+                for event in parsed if isinstance(parsed, list) else [parsed]:  # a CloudEvents batch, or one
+                    if event["type"] == "collaboration:data_source:updated":
+                        self.lags.setdefault(event["id"], now - event_time(event))
                 writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -140,6 +142,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     redis_proc = subprocess.Popen(
         [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(work), "--logfile", str(work / "redis.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         preexec_fn=(lambda: os.sched_setaffinity(0, {1})) if pin else None,
     )  # fmt: skip
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -156,8 +160,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     hook_port = hook.sockets[0].getsockname()[1]
     server = Proc(
         "collab",
-        [sys.executable, *(["-m", "cProfile", "-o", args.profile] if args.profile else []), "-m", "collab", "serve",
-         "--port", "0", "--data-dir", str(work / "data")],  # fmt: skip
+        [
+            sys.executable,
+            *(["-m", "cProfile", "-o", args.profile] if args.profile else []),
+            "-m",
+            "collab",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(work / "data"),
+        ],  # fmt: skip
         {
             "COLLAB_LOG_LEVEL": "warning",
             **({} if args.no_stream else {"COLLAB_EVENTS_STREAM": STREAM, "COLLAB_EVENTS_REDIS_URL": redis_url}),
@@ -167,6 +180,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 else {
                     "COLLAB_EVENTS_WEBHOOK_URLS": f"http://127.0.0.1:{hook_port}/hook",
                     "COLLAB_EVENTS_WEBHOOK_SECRET": SECRET,
+                    "COLLAB_EVENTS_WEBHOOK_BATCH_MAX": str(args.webhook_batch),
                 }
             ),
             **({"COLLAB_EVENTS_ENABLED": "false"} if args.no_events else {}),
@@ -186,9 +200,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         started = time.time()
         cpu0 = server.cpu_seconds()
+        own0 = time.process_time()
         await make_changes(clients, args.rate, args.seconds, counter)
         elapsed = time.time() - started
         cpu1 = server.cpu_seconds()
+        own1 = time.process_time()
         result["load_average_after"] = os.getloadavg()
         for client in clients:
             await client.wait_saved(60)
@@ -201,6 +217,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["changes"] = made
         result["achieved_rate"] = round(made / elapsed, 1)
         result["server_cpu_percent"] = round(100 * (cpu1 - cpu0) / elapsed, 1)
+        result["load_generator_cpu_percent"] = round(100 * (own1 - own0) / elapsed, 1)  # clients + receiver + reader
         result["stream"] = summary(list(stream_lags.values()))
         result["webhook"] = {**summary(list(receiver.lags.values())), "bad_signatures": receiver.bad}
         result["correct"] = len(stream_lags) == want_stream and len(receiver.lags) == want_hook and receiver.bad == 0
@@ -221,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspaces", type=int, default=20)
     parser.add_argument("--rate", type=float, default=1000.0, help="changes per second over all workspaces")
     parser.add_argument("--seconds", type=float, default=30.0, help="seconds of steady load")
+    parser.add_argument("--webhook-batch", type=int, default=1, help="COLLAB_EVENTS_WEBHOOK_BATCH_MAX")
     parser.add_argument("--no-stream", action="store_true", help="no Redis Stream sink")
     parser.add_argument("--no-webhook", action="store_true", help="no webhook sink")
     parser.add_argument("--no-events", action="store_true", help="COLLAB_EVENTS_ENABLED=false (the baseline)")

@@ -45,7 +45,6 @@ DISCARDED = "discarded"  # dead letter dropped by an operator
 NOT_FORWARDED = "not_forwarded"
 
 
-
 # Record keys: unique without a syscall per change (uuid4() reads the kernel's
 # random source each time, a measurable share of a busy room's CPU). A random
 # per-process prefix plus a counter is unique across processes and restarts.
@@ -597,10 +596,50 @@ def audit_entry(r: tuple) -> dict[str, Any]:
 
 
 class SQLiteChangeLogMixin:
-    """ChangeLog on the SQLite store: reads only (the writer thread's read path)."""
+    """ChangeLog on the SQLite store, read through a connection of its own.
 
-    async def _call(self, fn):
-        raise NotImplementedError
+    The store's thread runs reads between group commits, so a read queued
+    among appends splits their commit in two (one more fsync). The change log
+    is read after nearly every commit (by every event sink), so it reads on
+    a second, read-only connection in a thread of its own: WAL lets it see
+    every committed transaction without waiting for the writer or holding it.
+    """
+
+    path: Any  # the database file (SQLiteDocumentStore)
+
+    def _log_reader(self) -> Any:
+        executor = getattr(self, "_changelog_executor", None)
+        if executor is None:
+            import concurrent.futures
+            import threading
+
+            local = threading.local()
+            path = self.path
+
+            def connection() -> sqlite3.Connection:
+                db = getattr(local, "db", None)
+                if db is None:
+                    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+                    db.execute("PRAGMA busy_timeout=5000")
+                    local.db = db
+                return db
+
+            executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="changelog")
+            self._changelog_executor = executor
+            self._changelog_connection = connection
+        return executor
+
+    async def _read_log(self, fn):
+        import asyncio
+
+        executor = self._log_reader()
+        connection = self._changelog_connection
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, lambda: fn(connection()))
+        except sqlite3.Error as exc:
+            from persistence.base import StoreError
+
+            raise StoreError(str(exc)) from exc
 
     async def changes_since(self, workspace: str, after_id: int, limit: int) -> list[dict[str, Any]]:
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -611,9 +650,26 @@ class SQLiteChangeLogMixin:
             ).fetchall()
             return [audit_entry(r) for r in rows]
 
-        return await self._call(run)
+        return await self._read_log(run)
 
     async def change_heads(self) -> dict[str, int]:
-        return await self._call(
+        return await self._read_log(
             lambda db: dict(db.execute("SELECT workspace, MAX(id) FROM audit GROUP BY workspace").fetchall())
         )
+
+    async def forward_progress(self, workspace: str) -> dict[str, Any]:
+        """What the forwarder got to: ``delivered_seq``, ``pending`` rows, and the first pending row (or None)."""
+
+        def run(db: sqlite3.Connection) -> dict[str, Any]:
+            state = db.execute("SELECT delivered_seq FROM forward_state WHERE workspace=?", (workspace,)).fetchone()
+            head = db.execute(
+                f"SELECT {_ROW_COLUMNS} FROM outbox WHERE workspace=? AND state='pending' ORDER BY seq LIMIT 1",
+                (workspace,),
+            ).fetchone()
+            return {
+                "delivered_seq": state[0] if state else 0,
+                "pending": 1 if head else 0,
+                "head": _row(head) if head else None,
+            }
+
+        return await self._read_log(run)

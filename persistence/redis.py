@@ -707,6 +707,16 @@ class RedisDocumentStore:
             self._changelog = RedisChangeLog(self)
         return await self._changelog.changes_since(workspace, after_id, limit)
 
+    async def forward_progress(self, workspace: str) -> dict[str, Any]:
+        """What the forwarder got to: ``delivered_seq``, ``pending`` rows, and the first pending row (or None)."""
+        status = await self.forward_status(workspace)
+        rows = await self.outbox_pending(workspace, 1) if status["pending"] else []
+        return {
+            "delivered_seq": status["delivered_seq"],
+            "pending": status["pending"],
+            "head": rows[0] if rows else None,
+        }
+
     async def change_heads(self) -> dict[str, int]:
         """ChangeLog: the newest audit id of every workspace."""
         if getattr(self, "_changelog", None) is None:
