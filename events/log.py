@@ -12,6 +12,7 @@ for what follows.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -120,6 +121,14 @@ def from_audit(workspace: str, entry: dict[str, Any], source: str) -> dict[str, 
 
 PAGES_KEPT = 10_000  # workspaces whose last page and forward state are kept
 STATUS_SECONDS = 0.1
+TAIL_PAGE = 1000
+BUFFER_ITEMS = 500  # newest events kept per workspace; a sink further behind reads the store
+
+
+@dataclass(slots=True)
+class _Buffer:
+    start: int  # every entry of the workspace with an id above this is in ``items``
+    items: list[tuple[int, dict[str, Any] | None]]
 
 
 @dataclass(slots=True)
@@ -143,13 +152,52 @@ class LogReader:
         self._gen: dict[str, int] = {}
         self._pages: dict[str, _Page] = {}
         self._status: dict[str, tuple[float, dict[str, Any]]] = {}
+        # A store whose audit ids are global (SQLite) is tailed with one query for every
+        # workspace after each commit, instead of one query per workspace and sink.
+        self._tail = callable(getattr(store, "changes_after", None))
+        self._tail_at: int | None = None
+        self._tail_dirty = True
+        self._tail_lock = asyncio.Lock()
+        self._buffers: dict[str, _Buffer] = {}
 
     def touch(self, workspace: str) -> None:
         """Something was committed in ``workspace``: what was read of it may be incomplete."""
         self._gen[workspace] = self._gen.get(workspace, 0) + 1
+        self._tail_dirty = True
+
+    async def _refresh_tail(self) -> None:
+        """Read what every workspace committed since the last look (one query; one reader at a time)."""
+        async with self._tail_lock:
+            if not self._tail_dirty:
+                return
+            self._tail_dirty = False
+            if self._tail_at is None:
+                self._tail_at, _ = await self.store.changes_after(None, 0)
+            while True:
+                start = self._tail_at
+                self._tail_at, rows = await self.store.changes_after(start, TAIL_PAGE)
+                for workspace, entry in rows:
+                    buffer = self._buffers.get(workspace)
+                    if buffer is None:
+                        if len(self._buffers) >= PAGES_KEPT:
+                            self._buffers.pop(next(iter(self._buffers)))
+                        buffer = self._buffers[workspace] = _Buffer(start, [])
+                    buffer.items.append((entry["id"], from_audit(workspace, entry, self.source)))
+                    if len(buffer.items) > BUFFER_ITEMS:
+                        dropped = buffer.items[: len(buffer.items) - BUFFER_ITEMS]
+                        del buffer.items[: len(dropped)]
+                        buffer.start = dropped[-1][0]
+                if len(rows) < TAIL_PAGE:
+                    return
 
     async def _events(self, workspace: str, after: int) -> tuple[list[tuple[int, dict[str, Any] | None]], bool]:
-        """(audit id, event or None) after ``after``, and whether the page was full."""
+        """(audit id, event or None) after ``after``, and whether there may be more."""
+        if self._tail:
+            await self._refresh_tail()
+            buffer = self._buffers.get(workspace)
+            if buffer is not None and buffer.start <= after:
+                got = [item for item in buffer.items if item[0] > after]
+                return got[: self.batch], len(got) > self.batch
         gen = self._gen.get(workspace, 0)
         page = self._pages.get(workspace)
         if page is not None and page.gen == gen and page.after <= after <= page.hi:

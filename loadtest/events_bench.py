@@ -50,6 +50,12 @@ from loadtest.forward_bench import Proc, machine, make_changes, percentile
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec_" + base64.b64encode(b"events-benchmark-secret-0123456789").decode()
 STREAM = "bench-events"
+# --profile: the server under cProfile, stats written when it exits (SIGTERM is a clean exit).
+_PROFILED = (
+    "import cProfile, signal, sys; from collab.cli import main; out = sys.argv[1]; "
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "  # uvicorn raises the signal again once shut down
+    "cProfile.run('main(sys.argv[2:])', out)"
+)
 
 
 def free_port() -> int:
@@ -162,9 +168,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "collab",
         [
             sys.executable,
-            *(["-m", "cProfile", "-o", args.profile] if args.profile else []),
-            "-m",
-            "collab",
+            *(["-c", _PROFILED, args.profile] if args.profile else ["-m", "collab"]),
             "serve",
             "--port",
             "0",
@@ -219,7 +223,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["server_cpu_percent"] = round(100 * (cpu1 - cpu0) / elapsed, 1)
         result["load_generator_cpu_percent"] = round(100 * (own1 - own0) / elapsed, 1)  # clients + receiver + reader
         result["stream"] = summary(list(stream_lags.values()))
-        result["webhook"] = {**summary(list(receiver.lags.values())), "bad_signatures": receiver.bad}
+        result["webhook"] = {
+            **summary(list(receiver.lags.values())),
+            "requests": receiver.requests,
+            "bad_signatures": receiver.bad,
+        }
         result["correct"] = len(stream_lags) == want_stream and len(receiver.lags) == want_hook and receiver.bad == 0
     finally:
         stop.set()

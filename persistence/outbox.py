@@ -652,6 +652,25 @@ class SQLiteChangeLogMixin:
 
         return await self._read_log(run)
 
+    async def changes_after(self, after_id: int | None, limit: int) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
+        """Every workspace's audit entries with ``id > after_id`` (ids are global here), oldest first.
+
+        Returns the highest id read (``after_id`` if none; the newest id if
+        ``after_id`` is None, with no entries: where to start tailing).
+        """
+
+        def run(db: sqlite3.Connection) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
+            if after_id is None:
+                return db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0], []
+            rows = db.execute(
+                "SELECT workspace, id, at, kind, seq, author, paths, changes, fence, reason, details, forward_status, "
+                "forwarded_at FROM audit WHERE id>? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+            return (rows[-1][1] if rows else after_id), [(r[0], audit_entry(r[1:])) for r in rows]
+
+        return await self._read_log(run)
+
     async def change_heads(self) -> dict[str, int]:
         return await self._read_log(
             lambda db: dict(db.execute("SELECT workspace, MAX(id) FROM audit GROUP BY workspace").fetchall())
