@@ -120,7 +120,7 @@ class AdminAPI:
                 "node": self.app.settings.node_id,
                 "rooms": [self._room_summary(room) for room in rooms],
                 "loading": self.app.rooms.loading,
-                "peers": len(self.app.peers),
+                "peers": len(self.app.connections),
             }
         )
 

@@ -212,7 +212,7 @@ class AppCollector(Collector):
         rooms = app.rooms.rooms
         yield _gauge("collab_rooms", "Rooms (workspaces) in memory on this node", len(rooms))
         yield _gauge("collab_rooms_loading", "Rooms being loaded from the store", len(app.rooms.loading))
-        yield _gauge("collab_peers", "Connections joined to a room", len(app.peers))
+        yield _gauge("collab_peers", "Connections joined to a room", len(app.connections))
         yield _gauge(
             "collab_connections", "Open websocket connections, including unauthenticated ones", app.limiter.total
         )
@@ -239,7 +239,7 @@ class AppCollector(Collector):
         )
 
         # Queues.
-        depths = [peer.queued for peer in app.peers]
+        depths = [conn.queued for conn in app.connections]
         yield _gauge("collab_peer_queue_frames", "Frames waiting in peers' outgoing queues, summed", sum(depths))
         yield _gauge("collab_peer_queue_frames_max", "Longest outgoing queue of a peer", max(depths, default=0))
         yield _gauge("collab_peer_queue_limit_frames", "Queue length at which a peer is cut off",

@@ -30,7 +30,7 @@ import pycrdt
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from collab.extensions import Extension
+from collab.extensions import ControlRoute, Extension
 from collab.gate import GatedRoute, service, workspace_role
 from forwarding.backendsync import BackendSync, version_text
 from forwarding.forwarder import Forwarder, SeedError
@@ -129,8 +129,8 @@ class ForwardingExtension(Extension):
     def listeners(self) -> list:
         return [self.hooks]
 
-    def control_handlers(self) -> dict:
-        return {"forward.status": self._control_status}
+    def control_routes(self) -> list[ControlRoute]:
+        return [ControlRoute("forward.status", self._control_status)]
 
     def routes(self) -> list:
         base = "/api/workspaces/{workspace_id}"

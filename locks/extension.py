@@ -37,8 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from codec import protocol as p
-from collab.auth import has_role
-from collab.extensions import Extension
+from collab.extensions import ControlRoute, Extension
 from collab.gate import GatedRoute, server_role
 from locks.base import Lease, LeaseManager, LockConflict, LockEvent, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
@@ -112,13 +111,13 @@ class LockExtension(Extension):
 
     # ------------------------------------------------------------ extension
 
-    def control_handlers(self) -> dict:
-        return {
-            "lock.acquire": self._on_acquire,
-            "lock.release": self._on_release,
-            "lock.list": self._on_list,
-            "lock.force_release": self._on_force_release,
-        }
+    def control_routes(self) -> list[ControlRoute]:
+        return [
+            ControlRoute("lock.acquire", self._on_acquire, requires="editor", error_type="lock.error"),
+            ControlRoute("lock.release", self._on_release, requires="editor", error_type="lock.error"),
+            ControlRoute("lock.list", self._on_list, error_type="lock.error"),
+            ControlRoute("lock.force_release", self._on_force_release, requires="admin", error_type="lock.error"),
+        ]
 
     def guards(self) -> list:
         return [self.guard]
@@ -336,8 +335,6 @@ class LockExtension(Extension):
         path = body.get("path")
         if not self._valid_request(conn, path, ref):
             return
-        if not has_role(ps.identity, "editor"):
-            return self._error(conn, ref, "forbidden", "viewers cannot lock configuration", path)
         ttl = _number(body.get("ttl", self.default_ttl))
         wait = _number(body.get("wait", 0))
         if ttl is None or ttl <= 0:
@@ -390,8 +387,6 @@ class LockExtension(Extension):
         path = message.body.get("path")
         if not self._valid_request(conn, path, ref, check_lockable=False):
             return
-        if not has_role(ps.identity, "admin"):
-            return self._error(conn, ref, "forbidden", "only admins may force-release a lock", path)
         self._spawn(self._force_release(conn, path, ref))
 
     def _valid_request(self, conn: _Conn, path: Any, ref: dict, check_lockable: bool = True) -> bool:

@@ -40,7 +40,7 @@ from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
 from codec import protocol as p
-from collab.extensions import Extension
+from collab.extensions import ControlRoute, Extension
 from collab.gate import PUBLIC, GatedMount, GatedRoute, workspace_role
 from presence.base import POLLS_PER_TTL, ConnectionEntry, PresenceRegistry, build_roster, roster_diff
 from rooms.awareness import AwarenessRejected
@@ -150,8 +150,8 @@ class PresenceExtension(Extension):
     def listeners(self) -> list[Any]:
         return [self]
 
-    def control_handlers(self) -> dict:
-        return {"presence.get": self._handle_get}
+    def control_routes(self) -> list[ControlRoute]:
+        return [ControlRoute("presence.get", self._handle_get)]
 
     def routes(self) -> list[BaseRoute]:
         viewer = workspace_role("viewer")
