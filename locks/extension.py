@@ -30,15 +30,18 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import CounterMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from codec import protocol as p
 from collab.extensions import ControlRoute, Extension
 from collab.gate import GatedRoute, server_role
+from collab.metrics import gauge
 from locks.base import Lease, LeaseManager, LockConflict, LockEvent, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
 from locks.memory import MemoryLeaseManager
@@ -46,7 +49,7 @@ from rooms.config import Rejection, covers, overlaps
 from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
-    from collab.app import App
+    from collab.extensions import Host
     from collab.settings import Settings
 
 log = logging.getLogger("collab.locks")
@@ -143,7 +146,7 @@ class LockExtension(Extension):
             }
         )
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         self._app = app
         if self.manager is None:
             fences = FenceKeeper(app.store, block=self.settings.lock_fence_block)
@@ -236,6 +239,26 @@ class LockExtension(Extension):
 
     def room_summary(self, workspace_id: str) -> dict[str, Any]:
         return {"locks": len(self.locks(workspace_id))}
+
+    def admin_summary(self) -> dict[str, Any]:
+        return {
+            "locks": {
+                "held": sum(len(space.view) for space in self._spaces.values()),
+                "held_local": sum(len(conn.leases) for conn in self._conns.values()),
+                "pending": sum(len(conn.pending) for conn in self._conns.values()),
+            }
+        }
+
+    def metrics(self) -> Iterable[Metric]:
+        summary = self.admin_summary()["locks"]
+        yield gauge("collab_locks_held", "Locks held in the workspaces this node serves (any node's holders)",
+                    summary["held"])  # fmt: skip
+        yield gauge("collab_locks_held_local", "Locks held by this node's connections", summary["held_local"])
+        yield gauge("collab_lock_requests_pending", "Lock requests waiting on this node", summary["pending"])
+        events = CounterMetricFamily("collab_lock_events", "Lock events on this node", labels=["event"])
+        for event, count in sorted(self.stats.items()):
+            events.add_metric([event], count)
+        yield events
 
     def locks(self, workspace: str) -> list[dict[str, Any]]:
         space = self._spaces.get(workspace)

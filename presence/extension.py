@@ -30,10 +30,12 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import Metric
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
@@ -42,12 +44,13 @@ from starlette.staticfiles import StaticFiles
 from codec import protocol as p
 from collab.extensions import ControlRoute, Extension
 from collab.gate import PUBLIC, GatedMount, GatedRoute, workspace_role
+from collab.metrics import gauge
 from presence.base import POLLS_PER_TTL, ConnectionEntry, PresenceRegistry, build_roster, roster_diff
 from rooms.awareness import AwarenessRejected
 from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
-    from collab.app import App
+    from collab.extensions import Host
     from collab.settings import Settings
 
 log = logging.getLogger("collab.presence")
@@ -126,6 +129,18 @@ class PresenceExtension(Extension):
         view = self.views.get(workspace_id)
         return {"participants": len(view.roster) if view is not None else None}
 
+    def admin_summary(self) -> dict[str, Any]:
+        return {
+            "participants": sum(len(view.roster) for view in self.views.values()),
+            "participant_streams": sum(len(view.streams) for view in self.views.values()),
+        }
+
+    def metrics(self) -> Iterable[Metric]:
+        summary = self.admin_summary()
+        yield gauge("collab_participants", "Participants (distinct users) in the rosters of the workspaces "
+                    "this node serves", summary["participants"])  # fmt: skip
+        yield gauge("collab_presence_streams", "Open participant event streams (SSE)", summary["participant_streams"])
+
     def __init__(self, settings: Settings, registry: PresenceRegistry | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -136,7 +151,7 @@ class PresenceExtension(Extension):
         self.rate = settings.awareness_rate
         self.burst = float(settings.awareness_burst)
         self.views: dict[str, WorkspaceView] = {}
-        self.app: App | None = None
+        self.app: Host | None = None
         self._serial = itertools.count(1)
         # Connection ids are unique across nodes and across restarts of one node id.
         self._boot = secrets.token_hex(4)
@@ -163,7 +178,7 @@ class PresenceExtension(Extension):
             GatedMount("/presence/static", StaticFiles(directory=STATIC_DIR), name="presence-static", requires=PUBLIC),
         ]
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         self.app = app
         self._stopping = False
         self.registry.on_change = self._remote_change
