@@ -46,6 +46,7 @@ from locks.base import Lease, LeaseManager, LockConflict, LockEvent, LockNotHeld
 from locks.fence import FenceKeeper
 from locks.memory import MemoryLeaseManager
 from rooms.config import Rejection, covers, overlaps
+from rooms.peer import Slot
 from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class _Conn:
     refilled: float = 0.0
 
 
+_CONN = Slot[_Conn]("locks")  # a connection's leases and pending requests, on its PeerState
+
 @dataclass(eq=False, slots=True)
 class _Space:
     """What this node knows of one workspace's leases."""
@@ -102,8 +105,7 @@ class LockExtension(Extension):
         self.roots = [r for r in settings.lockable_paths if r]
         self._node = secrets.token_hex(4)
         self._ids = itertools.count(1)
-        self._conns: dict[PeerState, _Conn] = {}
-        self._by_id: dict[str, _Conn] = {}
+        self._by_id: dict[str, _Conn] = {}  # this node's connections (their records are in _CONN slots)
         self.guard = _LockGuard(self)
         self._spaces: dict[str, _Space] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -136,10 +138,10 @@ class LockExtension(Extension):
         return JSONResponse(
             {
                 "backend": getattr(self.manager, "name", None),
-                "connections": len(self._conns),
+                "connections": len(self._by_id),
                 "workspaces": len(self._spaces),
-                "held": sum(len(c.leases) for c in self._conns.values()),
-                "pending": sum(len(c.pending) for c in self._conns.values()),
+                "held": sum(len(c.leases) for c in self._by_id.values()),
+                "pending": sum(len(c.pending) for c in self._by_id.values()),
                 "pubsub_connected": getattr(self.manager, "pubsub_connected", None),
                 "events": self.stats,
                 "manager": getattr(self.manager, "stats", {}),
@@ -173,7 +175,7 @@ class LockExtension(Extension):
         if self._periodic is not None:
             self._periodic.cancel()
         releases = []
-        for conn in list(self._conns.values()):
+        for conn in list(self._by_id.values()):
             for task in conn.pending.values():
                 task.cancel()
             for held in conn.leases.values():
@@ -212,7 +214,7 @@ class LockExtension(Extension):
 
     def fence_for(self, room: Room, peer: PeerState, paths) -> int | None:
         """The highest fence among ``peer``'s leases covering any of ``paths``."""
-        conn = self._conns.get(peer)
+        conn = _CONN.get(peer)
         if conn is None:
             return None
         best = None
@@ -223,14 +225,14 @@ class LockExtension(Extension):
         return best
 
     def connection_id(self, peer: PeerState) -> str | None:
-        conn = self._conns.get(peer)
+        conn = _CONN.get(peer)
         return conn.id if conn else None
 
     def lease_with_token(self, workspace: str, path: str, token: str) -> dict[str, Any] | None:
         """The lease on exactly ``path`` held through this node, if ``token`` is its token (else None)."""
         if not token:
             return None
-        for conn in self._conns.values():
+        for conn in self._by_id.values():
             held = conn.leases.get(path)
             if held is not None and held.lease.workspace == workspace:
                 if secrets.compare_digest(held.lease.token.encode(), token.encode()):
@@ -244,8 +246,8 @@ class LockExtension(Extension):
         return {
             "locks": {
                 "held": sum(len(space.view) for space in self._spaces.values()),
-                "held_local": sum(len(conn.leases) for conn in self._conns.values()),
-                "pending": sum(len(conn.pending) for conn in self._conns.values()),
+                "held_local": sum(len(conn.leases) for conn in self._by_id.values()),
+                "pending": sum(len(conn.pending) for conn in self._by_id.values()),
             }
         }
 
@@ -295,7 +297,7 @@ class LockExtension(Extension):
 
     def on_join(self, room: Room, ps: PeerState) -> None:
         conn = _Conn(f"{self._node}-{next(self._ids)}", ps, room)
-        self._conns[ps] = conn
+        _CONN.set(ps, conn)
         self._by_id[conn.id] = conn
         space = self._spaces.get(room.workspace_id)
         if space is None:
@@ -305,7 +307,7 @@ class LockExtension(Extension):
             space.room = room
 
     def on_leave(self, room: Room, ps: PeerState) -> None:
-        conn = self._conns.pop(ps, None)
+        conn = _CONN.pop(ps)
         if conn is not None:
             self._by_id.pop(conn.id, None)
             for task in conn.pending.values():
@@ -323,7 +325,7 @@ class LockExtension(Extension):
         space = self._spaces.get(room.workspace_id)
         if space is None or not space.view:
             return []
-        conn = self._conns.get(peer)
+        conn = _CONN.get(peer)
         mine = conn.id if conn is not None else None
         refused: dict[str, tuple[Lease, list[str]]] = {}
         for path in changes:
@@ -476,7 +478,7 @@ class LockExtension(Extension):
             if conn.pending.get(path) is asyncio.current_task():
                 del conn.pending[path]
                 conn.pending_refs.pop(path, None)
-        if not conn.ps.alive or self._conns.get(conn.ps) is not conn or self._stopping:
+        if not conn.ps.alive or _CONN.get(conn.ps) is not conn or self._stopping:
             self._spawn(self._quiet_release(lease))  # the holder left while we waited
             return
         held = _Held(lease, ttl)
@@ -775,7 +777,7 @@ class LockExtension(Extension):
         space = self._spaces.get(ws)
         if space is None or space.room.peers:
             return
-        if any(conn.room.workspace_id == ws for conn in self._conns.values()):
+        if any(conn.room.workspace_id == ws for conn in self._by_id.values()):
             return
         if space.timer is not None:
             space.timer.cancel()
@@ -784,10 +786,11 @@ class LockExtension(Extension):
     # --------------------------------------------------------------- helpers
 
     def _conn(self, room: Room, ps: PeerState) -> _Conn:
-        conn = self._conns.get(ps)
+        conn = _CONN.get(ps)
         if conn is None:  # a room built without on_join (tests)
             self.on_join(room, ps)
-            conn = self._conns[ps]
+            conn = _CONN.get(ps)
+            assert conn is not None
         return conn
 
     def _spawn(self, coro) -> None:

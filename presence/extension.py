@@ -47,6 +47,7 @@ from collab.gate import PUBLIC, GatedMount, GatedRoute, workspace_role
 from collab.metrics import gauge
 from presence.base import POLLS_PER_TTL, ConnectionEntry, PresenceRegistry, build_roster, roster_diff
 from rooms.awareness import AwarenessRejected
+from rooms.peer import Slot
 from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class ConnState:
     flood_reported: bool = False
 
 
+_CONN = Slot[ConnState]("presence")  # a connection's presence record, on its PeerState
+
+
 class Stream:
     """One event-stream reader (Server-Sent Events)."""
 
@@ -106,7 +110,7 @@ class Stream:
 @dataclass(eq=False, slots=True)
 class WorkspaceView:
     workspace_id: str
-    conns: dict[PeerState, ConnState] = field(default_factory=dict)
+    conns: set[ConnState] = field(default_factory=set)  # this node's connections to the workspace
     awaiting_snapshot: set[PeerState] = field(default_factory=set)
     streams: set[Stream] = field(default_factory=set)
     roster: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -227,16 +231,18 @@ class PresenceExtension(Extension):
             last_active=now,
         )
         view = self._view(room.workspace_id)
-        view.conns[ps] = ConnState(
+        conn = ConnState(
             peer=ps, entry=entry, serial=next(self._serial), written_active=now, tokens=self.burst,
             refilled=time.monotonic(),
         )  # fmt: skip
+        _CONN.set(ps, conn)
+        view.conns.add(conn)
         self.registry.put(entry)
         self._mark(view)
 
     def on_hello(self, room: Room, ps: PeerState) -> None:
         view = self.views.get(room.workspace_id)
-        if view is None or ps not in view.conns:
+        if view is None or _CONN.get(ps) is None:
             return
         view.awaiting_snapshot.add(ps)
         self._mark(view)
@@ -245,16 +251,17 @@ class PresenceExtension(Extension):
         view = self.views.get(room.workspace_id)
         if view is None:
             return
-        conn = view.conns.pop(ps, None)
+        conn = _CONN.pop(ps)
         view.awaiting_snapshot.discard(ps)
         if conn is None:
             return
+        view.conns.discard(conn)
         self.registry.discard(room.workspace_id, conn.entry.conn_id)
         self._mark(view)
 
     def on_awareness(self, room: Room, ps: PeerState, client_id: int, state: str | None) -> None:
         view = self.views.get(room.workspace_id)
-        conn = view.conns.get(ps) if view is not None else None
+        conn = _CONN.get(ps) if view is not None else None
         if conn is None:
             return
         if state is None:
@@ -302,7 +309,7 @@ class PresenceExtension(Extension):
             # (or a claim on that client id, which the room reports).
             return state
         view = self.views.get(room.workspace_id)
-        conn = view.conns.get(ps) if view is not None else None
+        conn = _CONN.get(ps) if view is not None else None
         if conn is not None:
             self._take_token(conn)
         if not isinstance(state, dict):
@@ -359,10 +366,11 @@ class PresenceExtension(Extension):
     def _handle_get(self, room: Room, ps: PeerState, message: p.Control) -> None:
         """``presence.get``: the current roster, answered like the join snapshot."""
         view = self.views.get(room.workspace_id)
-        if view is None or ps not in view.conns:
+        conn = _CONN.get(ps)
+        if view is None or conn is None:
             return
         ref = {"id": message.body["id"]} if "id" in message.body else {}
-        if view.read_serial >= view.conns[ps].serial:
+        if view.read_serial >= conn.serial:
             ps.control({**self._snapshot(view), **ref})
         else:
             view.awaiting_snapshot.add(ps)  # not in the published roster yet: answered by the next refresh
@@ -443,7 +451,8 @@ class PresenceExtension(Extension):
             }
         snapshot = None
         snapshot_frame = diff_frame = b""
-        for ps, conn in list(view.conns.items()):
+        for conn in list(view.conns):
+            ps = conn.peer
             if not ps.wants_control or not ps.alive:
                 continue
             if ps in view.awaiting_snapshot:

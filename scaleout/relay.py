@@ -107,7 +107,7 @@ class Relay:
     # -------------------------------------------------------------- rooms
 
     def attach(self, room: Room) -> None:
-        room.relay = self
+        room.attach_relay(self)
         since = int(time.time() * 1000 - self.awareness_ttl * 1000)
         ws = room.workspace_id
         self.follows[ws] = _Follow(room, room.loaded_seq, f"{max(0, since)}-0")
