@@ -15,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from collab.extensions import Extension
 from collab.gate import workspace_role
+from collab.metrics import gauge
 from collab.settings import Settings
 from events.log import LogReader
 from events.publisher import Leases, Publisher, new_owner
@@ -27,7 +31,7 @@ from events.sse import EventStreams, WorkspaceQueryRoute
 from persistence.outbox import ChangeLog
 
 if TYPE_CHECKING:
-    from collab.app import App
+    from collab.extensions import Host
 
 log = logging.getLogger("collab.events")
 
@@ -48,7 +52,7 @@ class EventsExtension(Extension):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.source = settings.events_source
-        self.app: App | None = None
+        self.host: Host | None = None
         self.redis: Any = None
         self.sinks: list[Sink] = []
         self.publisher: Publisher | None = None
@@ -91,8 +95,8 @@ class EventsExtension(Extension):
             return JSONResponse({"error": "this store keeps no change log"}, status_code=501)
         return await self.streams.endpoint(request)
 
-    async def start(self, app: App) -> None:
-        self.app = app
+    async def start(self, app: Host) -> None:
+        self.host = app
         s = self.settings
         store = app.store
         if not isinstance(store, ChangeLog):
@@ -151,7 +155,7 @@ class EventsExtension(Extension):
         )
 
     @staticmethod
-    def _forwarding(app: App) -> bool:
+    def _forwarding(app: Host) -> bool:
         """Whether a forwarder runs (then delivered changes and failed attempts become events too)."""
         return any(getattr(ext, "forwarder", None) is not None for ext in app.extensions)
 
@@ -174,8 +178,24 @@ class EventsExtension(Extension):
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
 
-    def room_summary(self, workspace_id: str) -> dict[str, Any]:
-        return {}
+    def admin_summary(self) -> dict[str, Any]:
+        return {"events": self.stats()}
+
+    def metrics(self) -> Iterable[Metric]:
+        published = CounterMetricFamily(
+            "collab_events_published", "Events published by this node, per sink and kind", labels=["sink", "kind"]
+        )
+        for sink in self.sinks:
+            for kind, count in sorted(sink.stats().items()):
+                if kind != "live_queued":
+                    published.add_metric([sink.name, kind], count)
+        yield published
+        if self.publisher is not None:
+            running = sum(1 for lane in self.publisher.lanes.values() if lane.task and not lane.task.done())
+            yield gauge("collab_events_lanes", "Workspace x sink publishing lanes running on this node", running)
+
+    def error_counts(self) -> dict[str, int]:
+        return {"events_publish": self.publisher.counts["errors"]} if self.publisher is not None else {}
 
     # ------------------------------------------------------------- plumbing
 
