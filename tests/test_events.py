@@ -196,6 +196,10 @@ async def test_every_event_type_reaches_every_sink(server_factory, redis_server,
         assert kinds >= expected - {t.SEEDED}, expected - kinds
     assert receiver.bad == []  # every request carried a valid signature
 
+    if os.environ.get("COLLAB_TEST_EVENTS_DUMP"):  # the examples of docs/events.md come from here
+        with open(os.environ["COLLAB_TEST_EVENTS_DUMP"], "w") as out:
+            json.dump(receiver.snapshot(), out, indent=2)
+
     # What the events say.
     mine = [e for e in receiver.snapshot() if e["subject"] == ws]
     updates = [e for e in mine if e["type"] == t.UPDATED]
