@@ -159,6 +159,19 @@ class LogReader:
         self._tail_dirty = True
         self._tail_lock = asyncio.Lock()
         self._buffers: dict[str, _Buffer] = {}
+        self._tail_heads: dict[str, int] = {}  # workspaces seen in the tail since the last poll_tail
+
+    @property
+    def tails(self) -> bool:
+        """The store is read as one log of every workspace (SQLite: global audit ids)."""
+        return self._tail
+
+    async def poll_tail(self) -> dict[str, int]:
+        """Read the tail now; the newest audit id of each workspace seen in it since the last call."""
+        self._tail_dirty = True
+        await self._refresh_tail()
+        heads, self._tail_heads = self._tail_heads, {}
+        return heads
 
     def touch(self, workspace: str) -> None:
         """Something was committed in ``workspace``: what was read of it may be incomplete."""
@@ -183,6 +196,7 @@ class LogReader:
                             self._buffers.pop(next(iter(self._buffers)))
                         buffer = self._buffers[workspace] = _Buffer(start, [])
                     buffer.items.append((entry["id"], from_audit(workspace, entry, self.source)))
+                    self._tail_heads[workspace] = entry["id"]
                     if len(buffer.items) > BUFFER_ITEMS:
                         dropped = buffer.items[: len(buffer.items) - BUFFER_ITEMS]
                         del buffer.items[: len(dropped)]

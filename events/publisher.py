@@ -126,11 +126,23 @@ class Publisher:
             lane.task = asyncio.get_running_loop().create_task(self._run(lane))
 
     async def _sweep(self) -> None:
-        """Start lanes for what other nodes (or this one before a crash) committed."""
+        """Start lanes for what other nodes, the forwarder, or this node before a crash committed.
+
+        The first look reads every workspace's newest audit id. After that, a
+        store tailed as one log (SQLite) is simply read on: the workspaces
+        that appear in it are woken (no scan of every workspace each time).
+        """
+        first = True
         while not self._stopping:
             try:
-                heads = await self.reader.store.change_heads()
+                if first or not self.reader.tails:
+                    heads = await self.reader.store.change_heads()
+                    first = False
+                else:
+                    heads = await self.reader.poll_tail()
                 pending = set(await self.reader.store.outbox_workspaces()) if self.forwarding else set()
+                for workspace in pending:
+                    heads.setdefault(workspace, 0)
                 for workspace, head in heads.items():
                     for sink in self.sinks:
                         if head > self.known.get((workspace, sink.name), -1) or workspace in pending:
