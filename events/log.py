@@ -13,6 +13,7 @@ for what follows.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -210,7 +211,8 @@ class LogReader:
             await self._refresh_tail()
             buffer = self._buffers.get(workspace)
             if buffer is not None and buffer.start <= after:
-                got = [item for item in buffer.items if item[0] > after]
+                first = bisect.bisect_right(buffer.items, after, key=lambda item: item[0])
+                got = buffer.items[first : first + self.batch + 1]
                 return got[: self.batch], len(got) > self.batch
         gen = self._gen.get(workspace, 0)
         page = self._pages.get(workspace)
