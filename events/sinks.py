@@ -237,7 +237,9 @@ class WebhookSink:
         await self.http.close()
 
     async def load_cursor(self, workspace: str) -> Cursor:
-        return Cursor.loads(await self.store.get_meta(workspace, f"events:cursor:{self.name}"))
+        saved = Cursor.loads(await self.store.get_meta(workspace, f"events:cursor:{self.name}"))
+        unsaved = self._unsaved.get(workspace)  # delivered by this process, not written yet
+        return unsaved if unsaved is not None and unsaved.audit >= saved.audit else saved
 
     async def _save(self, workspace: str, cursor: Cursor) -> None:
         await self.store.put_meta(workspace, f"events:cursor:{self.name}", cursor.dumps())
