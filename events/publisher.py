@@ -140,12 +140,9 @@ class Publisher:
                     first = False
                 else:
                     heads = await self.reader.poll_tail()
-                pending = set(await self.reader.store.outbox_workspaces()) if self.forwarding else set()
-                for workspace in pending:
-                    heads.setdefault(workspace, 0)
                 for workspace, head in heads.items():
                     for sink in self.sinks:
-                        if head > self.known.get((workspace, sink.name), -1) or workspace in pending:
+                        if head > self.known.get((workspace, sink.name), -1):
                             self.reader.touch(workspace)  # committed elsewhere: re-read
                             self._wake(workspace, sink)
             except Exception as exc:
@@ -213,6 +210,8 @@ class Publisher:
                 idle = 0
                 continue
             await sink.checkpoint(ws, cursor, force=True)  # quiet: make the cursor durable now
+            if more:
+                continue  # changes still waiting for the backend: stay, to announce their delivery
             idle += 1
             if idle >= IDLE_ROUNDS and not lane.wake.is_set():
                 return True
