@@ -45,7 +45,7 @@ export function connectWorkspace (options) {
     workspace,
     token,
     getToken,
-    doc = new Y.Doc(),
+    doc: givenDoc,
     WebSocketPolyfill = globalThis.WebSocket,
     params = {},
     disableBc = true,
@@ -59,6 +59,7 @@ export function connectWorkspace (options) {
     throw new TypeError('connectWorkspace: no WebSocket here; pass `WebSocketPolyfill` (in Node: the `ws` package)')
   }
 
+  const doc = givenDoc ?? new Y.Doc()
   const events = new Emitter()
   const status = createObservable('connecting')
   const synced = createObservable(false)
@@ -433,6 +434,9 @@ export function connectWorkspace (options) {
       w.reject(new CollabError('closed', 'the workspace connection was destroyed'))
     }
     provider.destroy()
+    // The provider made the awareness (its timer keeps a Node process alive); the doc is ours only if we made it.
+    provider.awareness.destroy()
+    if (!givenDoc) doc.destroy()
     status.set('closed')
   }
 
