@@ -36,23 +36,22 @@ const lockPayload = (dataSourceId, r, reason) => ({
 
 /**
  * Re-emit a workspace's facts on `bus`. Returns a function that stops it.
- * Participants: others only (not this user), including those already there at
- * the first roster (`initial: true`).
+ * Participants: others only (not this user). Those already present when the
+ * bridge starts or listed in a roster snapshot (at join, after a reconnect)
+ * come with `initial: true`; so do locks already held when it starts.
  */
 export function bridgeToEventBus (workspace, bus, { dataSourceId = workspace.workspace, includeSelf = false } = {}) {
   if (!bus || typeof bus.emit !== 'function') throw new TypeError('bridgeToEventBus: the bus needs an emit(name, payload) method')
   const emit = (name, payload) => {
     try { bus.emit(name, payload) } catch (err) { queueMicrotask(() => { throw err }) }
   }
-  let first = true
   const isSelf = (p) => {
     const me = workspace.user.get()
     return !includeSelf && me !== null && p.user_id === me.id
   }
   const offs = [
-    workspace.on('presence', ({ joined, left }) => {
-      const initial = first
-      first = false
+    workspace.on('presence', ({ joined, left, message }) => {
+      const initial = message.type === 'presence.snapshot'
       for (const p of joined) if (!isSelf(p)) emit(EVENT_NAMES.participantJoined, participantPayload(dataSourceId, p, initial))
       for (const p of left) if (!isSelf(p)) emit(EVENT_NAMES.participantLeft, participantPayload(dataSourceId, p, false))
     }),
@@ -66,5 +65,8 @@ export function bridgeToEventBus (workspace, bus, { dataSourceId = workspace.wor
       emit(EVENT_NAMES.updated, { ...payload, config: workspace.config.toJSON() })
     })
   ]
+  // What is already there when the bridge starts, as if it had just happened.
+  for (const p of workspace.participants.get()) if (!isSelf(p)) emit(EVENT_NAMES.participantJoined, participantPayload(dataSourceId, p, true))
+  for (const r of workspace.locks.get()) emit(EVENT_NAMES.locked, lockPayload(dataSourceId, r))
   return () => { for (const off of offs) off() }
 }
