@@ -65,7 +65,9 @@ def test_package_manifest_is_an_es_module_package_with_types():
     assert manifest["exports"]["."]["types"] == "./index.d.ts"
     assert (SDK / "package-lock.json").exists()
     # Importable by name from Node, as an app would.
-    run = _run([NODE, "-e", "import('@datasource-collab/client').then(m => console.log(Object.keys(m).sort().join(',')))"])
+    run = _run(
+        [NODE, "-e", "import('@datasource-collab/client').then(m => console.log(Object.keys(m).sort().join(',')))"]
+    )
     assert run.returncode == 0, run.stderr
     assert "connectWorkspace" in run.stdout and "bridgeToEventBus" in run.stdout
 
@@ -160,7 +162,9 @@ class SdkClient:
         cid = next(self._ids)
         start = len(self.events)
         await self.send({"cmd": cmd, "id": cid, **body})
-        return await self.wait_for(lambda e: e["event"] == "result" and e["id"] == cid, timeout, f"result of {cmd}", start)
+        return await self.wait_for(
+            lambda e: e["event"] == "result" and e["id"] == cid, timeout, f"result of {cmd}", start
+        )
 
     def controls(self, type_: str) -> list[dict[str, Any]]:
         return [e["message"] for e in self.events if e["event"] == "control" and e["message"]["type"] == type_]
@@ -186,7 +190,9 @@ class SdkClient:
 async def clients():
     started: list[SdkClient] = []
 
-    async def make(ws_url: str, workspace: str, user: str | None = None, token_for: str | None = None, ttl: float = 300.0):
+    async def make(
+        ws_url: str, workspace: str, user: str | None = None, token_for: str | None = None, ttl: float = 300.0
+    ):
         client = SdkClient(ws_url, workspace, user, token_for)
         client.token_ttl = ttl
         started.append(client)
@@ -229,7 +235,9 @@ async def test_lock_contention_between_two_clients(server, clients):
     # Bob waits; the promise settles when Alice lets go.
     cid = next(SdkClient._ids)
     await bob.send({"cmd": "acquire", "id": cid, "path": "connection", "wait": 10})
-    await bob.wait_for(lambda e: e["event"] == "control" and e["message"]["type"] == "lock.acquired", what="alice's broadcast")
+    await bob.wait_for(
+        lambda e: e["event"] == "control" and e["message"]["type"] == "lock.acquired", what="alice's broadcast"
+    )
     released = await alice.call("release", path="connection")
     assert released["ok"] and released["answer"]["type"] == "lock.release.ok"
     won = await bob.wait_for(lambda e: e["event"] == "result" and e["id"] == cid, what="bob's grant")
@@ -239,8 +247,10 @@ async def test_lock_contention_between_two_clients(server, clients):
     for client, mine in ((alice, False), (bob, True)):
         dump = await eventually_dump(
             client,
-            lambda d: [(lk["path"], lk["user_id"]) for lk in d["locks"]] == [("connection", "bob")]
-            and any(p["user_id"] == "bob" and p["locks"] == ["connection"] for p in d["participants"]),
+            lambda d: (
+                [(lk["path"], lk["user_id"]) for lk in d["locks"]] == [("connection", "bob")]
+                and any(p["user_id"] == "bob" and p["locks"] == ["connection"] for p in d["participants"])
+            ),
             "bob holds connection everywhere",
         )
         assert dump["locks"][0]["mine"] is mine
@@ -253,11 +263,15 @@ async def test_rejected_edit_is_shown_to_its_author_only(server, clients):
     bob = await clients(server.ws_url, "ds-reject", "bob")
 
     await alice.call("edit", path="connection.host", value="db.internal")
-    await eventually_dump(bob, lambda d: d["config"].get("connection", {}).get("host") == "db.internal", "host reaches bob")
+    await eventually_dump(
+        bob, lambda d: d["config"].get("connection", {}).get("host") == "db.internal", "host reaches bob"
+    )
 
     # Invalid: the port is out of range.
     await bob.call("edit", path="connection.port", value=99999)
-    rejected = await bob.wait_for(lambda e: e["event"] == "control" and e["message"]["type"] == "rejected", what="rejected")
+    rejected = await bob.wait_for(
+        lambda e: e["event"] == "control" and e["message"]["type"] == "rejected", what="rejected"
+    )
     msg = rejected["message"]
     assert msg["reason"] == "invalid" and msg["paths"] == ["connection.port"]
     assert msg["errors"][0]["path"] == "connection.port" and msg["errors"][0]["type"] == "less_than_equal"
@@ -309,7 +323,9 @@ async def test_when_saved_waits_for_a_reconnect_when_offline(server, clients):
     await asyncio.sleep(0)  # the promise is pending while the server is down (checked below)
     assert not any(e["event"] == "result" and e["id"] == cid for e in alice.events)
     server.restart()
-    saved = await alice.wait_for(lambda e: e["event"] == "result" and e["id"] == cid, timeout=30, what="saved after reconnect")
+    saved = await alice.wait_for(
+        lambda e: e["event"] == "result" and e["id"] == cid, timeout=30, what="saved after reconnect"
+    )
     assert saved["ok"], saved
     other = await clients(server.ws_url, "ds-offline", "bob")
     assert (await other.call("dump"))["config"] == {"name": "written offline"}
@@ -327,7 +343,12 @@ async def test_reconnect_after_server_restart(server, clients):
     mark = len(alice.events)
     server.restart()
     for client in (alice, bob):
-        await client.wait_for(lambda e: e["event"] == "control" and e["message"]["type"] == "welcome", timeout=30, what="welcome again", start=mark if client is alice else 0)
+        await client.wait_for(
+            lambda e: e["event"] == "control" and e["message"]["type"] == "welcome",
+            timeout=30,
+            what="welcome again",
+            start=mark if client is alice else 0,
+        )
     await alice.wait_for(lambda e: e["event"] == "synced" and e["synced"], start=mark, what="synced again")
     # Everything works on the new connections: locks, edits, roster.
     assert (await alice.call("acquire", path="name"))["ok"]
@@ -344,19 +365,29 @@ async def test_reconnect_after_server_restart(server, clients):
 async def test_token_refresh_in_jwt_mode(server_factory, clients):
     srv = server_factory(env=jwt_env(COLLAB_TOKEN_REFRESH_WINDOW="3", COLLAB_TOKEN_EXPIRY_GRACE="0.5"), name="jwt")
     alice = await clients(srv.ws_url, "ds-jwt", token_for="alice", ttl=5)
-    first_ok = await alice.wait_for(lambda e: e["event"] == "control" and e["message"]["type"] == "auth.ok", what="auth.ok")
-    await alice.wait_for(lambda e: e["event"] == "control" and e["message"]["type"] == "auth.expiring", what="auth.expiring")
+    first_ok = await alice.wait_for(
+        lambda e: e["event"] == "control" and e["message"]["type"] == "auth.ok", what="auth.ok"
+    )
+    await alice.wait_for(
+        lambda e: e["event"] == "control" and e["message"]["type"] == "auth.expiring", what="auth.expiring"
+    )
     # The package asked for a fresh token and sent it on the same connection.
     refreshed = await alice.wait_for(
-        lambda e: e["event"] == "control" and e["message"]["type"] == "auth.ok"
-        and e["message"]["expires_at"] > first_ok["message"]["expires_at"],
+        lambda e: (
+            e["event"] == "control"
+            and e["message"]["type"] == "auth.ok"
+            and e["message"]["expires_at"] > first_ok["message"]["expires_at"]
+        ),
         what="auth.ok for the fresh token",
     )
     assert len(alice.tokens) >= 2
     # Past the first token's expiry and grace the connection is still the same one, and works.
     await alice.wait_for(
-        lambda e: e["event"] == "control" and e["message"]["type"] == "auth.ok"
-        and e["message"]["expires_at"] > refreshed["message"]["expires_at"],
+        lambda e: (
+            e["event"] == "control"
+            and e["message"]["type"] == "auth.ok"
+            and e["message"]["expires_at"] > refreshed["message"]["expires_at"]
+        ),
         timeout=20,
         what="a second refresh",
     )
@@ -386,7 +417,9 @@ async def test_expired_token_gets_a_fresh_one_and_reconnects(server_factory, cli
 async def test_event_bus_bridge_receives_the_exact_sequence(server, clients):
     alice = await clients(server.ws_url, "ds-bus", "alice")
     await alice.call("bridge")
-    await alice.wait_for(lambda e: e["event"] == "control" and e["message"]["type"] == "presence.snapshot", what="snapshot")
+    await alice.wait_for(
+        lambda e: e["event"] == "control" and e["message"]["type"] == "presence.snapshot", what="snapshot"
+    )
 
     async def bus_len(n: int) -> None:
         await alice.wait_for(lambda e: len(alice.bus()) >= n, what=f"{n} bus events")
@@ -419,14 +452,45 @@ async def test_event_bus_bridge_receives_the_exact_sequence(server, clients):
     updated = alice.bus()[5][1]
     assert updated["dataSourceId"] == "ds-bus"
     assert updated["config"] == {"name": "Orders", "description": "nightly import"}
-    assert updated["changes"] == [{"path": "description", "action": "add", "oldValue": None, "newValue": "nightly import"}]
+    assert updated["changes"] == [
+        {"path": "description", "action": "add", "oldValue": None, "newValue": "nightly import"}
+    ]
 
 
 def _essentials(name: str, payload: dict[str, Any]) -> dict[str, Any]:
     if name.startswith("collaboration:participant:"):
-        return {k: payload[k] for k in ("userId", "initial") if k in payload and (k != "initial" or name.endswith("joined"))}
+        return {
+            k: payload[k] for k in ("userId", "initial") if k in payload and (k != "initial" or name.endswith("joined"))
+        }
     if name == "collaboration:data_source:locked":
         return {k: payload[k] for k in ("path", "userId", "mine")}
     if name == "collaboration:data_source:unlocked":
         return {k: payload[k] for k in ("path", "userId", "reason")}
     return {k: payload[k] for k in ("paths", "local")}
+
+
+# ------------------------------------------------------------------ the README's React hook
+
+
+async def test_readme_react_hook_runs_against_the_server(server):
+    """js/README.md's ```jsx block, compiled and rendered (react-test-renderer) against a real server."""
+    proc = await asyncio.create_subprocess_exec(
+        NODE,
+        "e2e/readme-hook.mjs",
+        "--url",
+        server.ws_url,
+        cwd=SDK,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    events = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    assert proc.returncode == 0 and events[-1]["event"] == "passed", (events[-3:], err.decode()[-3000:])
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == ["compiled", "connected", "locked-by-other", "rejected", "edited", "unmounted"]
+    assert events[0]["exports"] == ["HostField", "collabSettings", "useDataSourceCollaboration"]

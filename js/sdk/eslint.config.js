@@ -10,7 +10,7 @@ const node = { process: 'readonly', Buffer: 'readonly' }
 const browser = { window: 'readonly', document: 'readonly', WebSocket: 'readonly' }
 
 export default [
-  { ignores: ['node_modules/', 'scratch/', 'types/', 'test-results/', '**/*.bundle.js'] },
+  { ignores: ['node_modules/', 'scratch/', 'types/', '.readme-test/'] },
   js.configs.recommended,
   {
     files: ['**/*.js', '**/*.mjs'],
