@@ -22,8 +22,18 @@ CHROMIUM = os.environ.get("COLLAB_TEST_CHROMIUM", "/usr/bin/chromium")
 
 async def _run_browser_script(server, chromium: str = CHROMIUM, timeout: float = 150.0) -> list[dict]:
     proc = await asyncio.create_subprocess_exec(
-        NODE, "e2e/browser.mjs", "--server", server.http_url, "--chromium", chromium, "--timeout", "140",
-        cwd=SDK, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        NODE,
+        "e2e/browser.mjs",
+        "--server",
+        server.http_url,
+        "--chromium",
+        chromium,
+        "--timeout",
+        "140",
+        cwd=SDK,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     events: list[dict] = []
     try:
