@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.forwarding_support import FAST_FORWARDING, BackendProcess
 from tests.security_support import jwt_env, make_token
 from tests.support import ROOT
 
@@ -258,6 +259,19 @@ async def test_lock_contention_between_two_clients(server, clients):
     assert not not_held["ok"] and not_held["code"] == "not_held"
 
 
+async def test_a_held_lock_is_kept_alive_by_the_package(server, clients):
+    """A 2 s lease outlives several TTLs while its idle holder's package pings (awareness renews every 15 s)."""
+    alice = await clients(server.ws_url, "ds-keepalive", "alice")
+    bob = await clients(server.ws_url, "ds-keepalive", "bob")
+    grant = await alice.call("acquire", path="connection", ttl=2)
+    assert grant["ok"] and grant["grant"]["ttl"] == 2
+    # Bob queues for 7 s (3.5 TTLs): without the pings the lease would lapse and he would get it.
+    refused = await bob.call("acquire", path="connection", wait=7, timeout=WAIT + 7)
+    assert not refused["ok"] and refused["code"] == "conflict", refused
+    assert not bob.controls("lock.expired") and not alice.controls("lock.expired")
+    assert (await alice.call("release", path="connection"))["ok"]
+
+
 async def test_rejected_edit_is_shown_to_its_author_only(server, clients):
     alice = await clients(server.ws_url, "ds-reject", "alice")
     bob = await clients(server.ws_url, "ds-reject", "bob")
@@ -494,3 +508,27 @@ async def test_readme_react_hook_runs_against_the_server(server):
     steps = [e["step"] for e in events if e["event"] == "step"]
     assert steps == ["compiled", "connected", "locked-by-other", "rejected", "edited", "unmounted"]
     assert events[0]["exports"] == ["HostField", "collabSettings", "useDataSourceCollaboration"]
+
+
+async def test_forwarded_and_forward_failed_are_surfaced_with_their_paths(server_factory, clients, tmp_path):
+    backend = BackendProcess(tmp_path / "backend.sqlite3", tmp_path / "backend.log").start()
+    try:
+        backend.post("/admin/rules", {"path": "description", "value": "REFUSE-ME", "status": 422})
+        srv = server_factory(env={**FAST_FORWARDING, "COLLAB_BACKEND_URL": backend.url}, name="fwd")
+        alice = await clients(srv.ws_url, "ds-fwd", "alice")
+        await alice.call("edit", path="name", value="Orders")
+        assert (await alice.call("saved"))["ok"]
+        forwarded = await alice.wait_for(
+            lambda e: e["event"] == "control" and e["message"]["type"] == "forwarded", what="forwarded"
+        )
+        assert forwarded["message"]["pending"] == 0 and forwarded["message"]["seq"] >= 1
+        await alice.call("edit", path="description", value="REFUSE-ME")
+        failed = await alice.wait_for(
+            lambda e: e["event"] == "control" and e["message"]["type"] == "forward.failed", what="forward.failed"
+        )
+        assert failed["message"]["paths"] == ["description"] and failed["message"]["status"] == 422
+        # The refused value is put back to the backend's state, in this client's document too.
+        await eventually_dump(alice, lambda d: "description" not in d["config"], "refused description reverted")
+        assert backend.data_source("ds-fwd")["config"] == {"name": "Orders"}
+    finally:
+        backend.stop()
