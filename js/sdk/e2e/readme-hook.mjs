@@ -68,7 +68,8 @@ try {
   await bob.whenSynced({ timeout: 15000 })
   await bob.acquireLock('connection')
   await until(() => input().props.disabled === true && renderer.root.findAllByType('small').map(text).join() === 'Bob is editing', 'field locked by bob')
-  if (hook.participants.map((p) => p.user_id).sort().join() !== 'alice,bob') throw new Error('roster lacks bob')
+  // The roster comes on its own (coalesced) feed: wait for it, it need not be there yet.
+  await until(() => hook.participants.map((p) => p.user_id).sort().join() === 'alice,bob', 'bob in the roster')
   emit({ event: 'step', step: 'locked-by-other' })
 
   // 4. An edit anyway is refused and shown to its author; the value comes back.
