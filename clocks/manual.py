@@ -42,9 +42,7 @@ class ManualClock:
     real I/O (a SQLite thread, a socket) is waited for with ``eventually()``.
     """
 
-    def __init__(
-        self, now: float = DEFAULT_WALL, monotonic: float = DEFAULT_MONOTONIC, settle_turns: int = 20
-    ) -> None:
+    def __init__(self, now: float = DEFAULT_WALL, monotonic: float = DEFAULT_MONOTONIC, settle_turns: int = 20) -> None:
         self._wall = float(now)
         self._mono = float(monotonic)
         self.settle_turns = settle_turns
