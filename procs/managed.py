@@ -50,13 +50,11 @@ def port_listens(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bo
 
 
 def url_answers(url: str, timeout: float = 1.0) -> bool:
-    """True when ``url`` answers with a status below 500 (the server is up and routing)."""
+    """True when a GET of ``url`` succeeds (2xx; redirects followed)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status < 500
-    except urllib.error.HTTPError as exc:
-        return exc.code < 500
-    except (OSError, ValueError):
+            return 200 <= response.status < 300
+    except (OSError, ValueError):  # HTTPError (4xx/5xx) is an OSError too
         return False
 
 
@@ -69,7 +67,7 @@ class ManagedProcess:
     ``timeout``: ``ready_log`` (a regex searched in what the child wrote since
     this start; a group named ``port``, or else the last group, sets
     :attr:`port`), ``port`` accepting TCP connections, ``ready_url`` answering
-    (``{port}`` is filled in), ``ready`` returning true. With none given, the
+    2xx (``{port}`` is filled in), ``ready`` returning true. With none given, the
     child is ready once started.
     """
 
@@ -87,6 +85,8 @@ class ManagedProcess:
         ready_url: str | None = None,
         ready: Callable[[ManagedProcess], bool] | None = None,
         stop_timeout: float = 10.0,
+        stop_signal: int = signal.SIGTERM,
+        cpus: set[int] | None = None,
         poll_interval: float = 0.02,
     ) -> None:
         self.argv = [str(a) for a in argv]
@@ -100,6 +100,8 @@ class ManagedProcess:
         self.ready_url = ready_url
         self.ready = ready
         self.stop_timeout = stop_timeout
+        self.stop_signal = stop_signal  # nginx: SIGQUIT is its graceful stop
+        self.cpus = set(cpus) if cpus else None  # pin the child (benchmarks: server on one core)
         self.poll_interval = poll_interval
         self.proc: subprocess.Popen | None = None
         self.match: re.Match[str] | None = None
@@ -145,8 +147,15 @@ class ManagedProcess:
         self._offset = self._log.tell()
         env = {**os.environ, **self.env} if self.inherit_env else dict(self.env)
         self.match = None
+        cpus = self.cpus
         self.proc = subprocess.Popen(
-            self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            self.argv,
+            cwd=self.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         try:
             self._wait_ready(time.monotonic() + timeout, timeout)
@@ -191,10 +200,13 @@ class ManagedProcess:
         )
 
     def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM, wait up to ``timeout`` (default ``stop_timeout``) s, then SIGKILL. Returns the exit code."""
+        """SIGTERM (``stop_signal``), wait up to ``timeout`` (default ``stop_timeout``) s, then SIGKILL.
+
+        Returns the exit code. Safe to call at any time, also twice or before ``start``.
+        """
         if self.running:
             self.send_signal(signal.SIGCONT)  # a stopped child cannot act on SIGTERM
-            self.send_signal(signal.SIGTERM)
+            self.send_signal(self.stop_signal)
             try:
                 self.proc.wait(self.stop_timeout if timeout is None else timeout)
             except subprocess.TimeoutExpired:
@@ -209,6 +221,7 @@ class ManagedProcess:
             self.proc.wait(10)
         elif self.proc is not None:
             self.proc.poll()  # reap
+        self._close_log()
 
     def pause(self, timeout: float = 5.0) -> None:
         """SIGSTOP: the process is frozen, its sockets stay open (a hung node).
@@ -238,6 +251,24 @@ class ManagedProcess:
                 os.kill(self.proc.pid, sig)
             except ProcessLookupError:
                 pass
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the child so far (Linux /proc; NaN when unknown)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the child now (Linux /proc; 0 when unknown)."""
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
 
     def wait(self, timeout: float) -> int:
         """Wait (bounded) for the child to exit by itself; its exit code."""
