@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -107,10 +108,16 @@ class ServerProcess:
 
 
 async def eventually(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll a condition with a bounded timeout (for state with no event to wait on)."""
+    """Poll a condition with a bounded timeout (for state with no event to wait on).
+
+    ``predicate`` may be a coroutine function (e.g. a Redis query). Real time:
+    for code on a ManualClock, ``await clock.advance(...)`` instead.
+    """
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if asyncio.get_running_loop().time() > deadline:
