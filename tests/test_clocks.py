@@ -133,3 +133,20 @@ async def test_system_clock_is_real_time():
     await asyncio.wait_for(fired.wait(), 5)
     with pytest.raises(TimeoutError):
         await wait_for(clock, asyncio.Event().wait(), 0.01)
+
+
+def test_create_app_builds_one_clock_and_hands_it_down(tmp_path):
+    from collab.app import create_app
+    from collab.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    clock = ManualClock()
+    core = create_app(settings, clock=clock).state.core
+    assert core.clock is clock
+    users = {ext.name: ext.clock for ext in core.extensions if hasattr(ext, "clock")}
+    assert set(users) >= {"presence", "locks"} and all(c is clock for c in users.values())
+    assert core.extensions[[e.name for e in core.extensions].index("presence")].registry.clock is clock
+    # Without one, a real clock, still one for everything.
+    core = create_app(Settings(data_dir=tmp_path)).state.core
+    assert isinstance(core.clock, SystemClock)
+    assert all(ext.clock is core.clock for ext in core.extensions if hasattr(ext, "clock"))
