@@ -108,6 +108,13 @@ class ManagedProcess:
         self._log: IO[bytes] | None = None
         self._offset = 0
 
+    @classmethod
+    def adopt(cls, proc: subprocess.Popen, *, log_path: str | Path, name: str | None = None) -> ManagedProcess:
+        """Take charge of a child started elsewhere (already running): stop, kill, pause it by PID like ours."""
+        child = cls(proc.args if isinstance(proc.args, list) else [str(proc.args)], log_path=log_path, name=name)
+        child.proc = proc
+        return child
+
     # ------------------------------------------------------------ state
 
     @property

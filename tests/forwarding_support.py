@@ -36,6 +36,11 @@ class BackendProcess:
     def proc(self) -> subprocess.Popen | None:
         return self.child.proc if self.child is not None else None
 
+    @proc.setter
+    def proc(self, popen) -> None:
+        """A subclass that starts the process itself hands over its Popen: still stopped (by PID) like ours."""
+        self.child = None if popen is None else ManagedProcess.adopt(popen, name="refbackend", log_path=self.log_path)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"

@@ -48,6 +48,11 @@ class RedisProcess:
     def proc(self):
         return self.child.proc if self.child is not None else None
 
+    @proc.setter
+    def proc(self, popen) -> None:
+        """A subclass that starts the process itself hands over its Popen: still stopped (by PID) like ours."""
+        self.child = None if popen is None else ManagedProcess.adopt(popen, name="redis-server", log_path=self.log_path)
+
     @property
     def pid(self) -> int:
         assert self.child is not None, "redis-server not started"

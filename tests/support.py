@@ -51,6 +51,11 @@ class ServerProcess:
     def proc(self) -> subprocess.Popen | None:
         return self.child.proc if self.child is not None else None
 
+    @proc.setter
+    def proc(self, popen) -> None:
+        """A subclass that starts the process itself hands over its Popen: still stopped (by PID) like ours."""
+        self.child = None if popen is None else ManagedProcess.adopt(popen, name="server", log_path=self.log_path)
+
     @property
     def pid(self) -> int:
         assert self.child is not None, "server not started"
