@@ -13,6 +13,7 @@ import pycrdt
 from clocks import ManualClock
 from codec import protocol as p
 from collab.auth import Identity
+from collab.extensions import control_handlers
 from collab.settings import Settings
 from locks.extension import LockExtension
 from locks.memory import MemoryLeaseManager
@@ -61,7 +62,7 @@ async def test_hooks_for_presence_and_forwarding(tmp_path):
     room = Room(
         "ws-ext",
         store,
-        control_handlers=ext.control_handlers(),
+        control_handlers=control_handlers([ext]),
         guards=ext.guards(),
         listeners=[*ext.listeners(), recorder],
         clock=clock,
@@ -134,7 +135,7 @@ async def test_forced_release_stops_renewal_and_is_told_once(tmp_path):
     room = Room(
         "ws-force",
         store,
-        control_handlers=ext.control_handlers(),
+        control_handlers=control_handlers([ext]),
         guards=ext.guards(),
         listeners=ext.listeners(),
         clock=clock,

@@ -16,6 +16,7 @@ import pytest
 from clocks import ManualClock
 from codec import protocol as p
 from collab.auth import Identity, color_for
+from collab.extensions import control_handlers
 from collab.settings import Settings
 from persistence.sqlite import SQLiteDocumentStore
 from presence.extension import PresenceExtension
@@ -93,7 +94,7 @@ async def env(tmp_path):
         ext = PresenceExtension(settings, registry, clock=clock)
         await ext.start(types.SimpleNamespace(authenticator=None))
         made.append(ext)
-        room = Room(WS, store, listeners=ext.listeners(), control_handlers=ext.control_handlers(), clock=clock)
+        room = Room(WS, store, listeners=ext.listeners(), control_handlers=control_handlers([ext]), clock=clock)
         await room.load()
         return ext, room
 
