@@ -150,3 +150,12 @@ def test_create_app_builds_one_clock_and_hands_it_down(tmp_path):
     core = create_app(Settings(data_dir=tmp_path)).state.core
     assert isinstance(core.clock, SystemClock)
     assert all(ext.clock is core.clock for ext in core.extensions if hasattr(ext, "clock"))
+
+
+@pytest.mark.parametrize("package", ["clocks", "procs"])
+def test_clocks_and_procs_sit_at_the_bottom_of_the_import_graph(package):
+    """Anything may use them (rooms, features, tests, loadtest); they import nothing of the project."""
+    from tests.test_extension_contract import ROOT, imports_of
+
+    ours = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()} - {package}
+    assert not {m for m in imports_of(package) if m.split(".")[0] in ours}
