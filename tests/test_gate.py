@@ -42,7 +42,10 @@ CALLERS: dict[str, dict] = {
     "no token": {"token": None},
     "junk token": {"token": "not-a-jwt"},
     "expired token": {"token": make_token("late", {"*": "admin"}, ttl=-120)},
-    "other workspace": {"token": make_token("stranger", {"elsewhere": "admin"}, ttl=DAY), "grants": {"elsewhere": "admin"}},
+    "other workspace": {
+        "token": make_token("stranger", {"elsewhere": "admin"}, ttl=DAY),
+        "grants": {"elsewhere": "admin"},
+    },
     "viewer": {"token": make_token("vic", {WORKSPACE: "viewer"}, ttl=DAY), "grants": {WORKSPACE: "viewer"}},
     "editor": {"token": make_token("eddie", {WORKSPACE: "editor"}, ttl=DAY), "grants": {WORKSPACE: "editor"}},
     "admin": {"token": make_token("ada", {WORKSPACE: "admin"}, ttl=DAY), "grants": {WORKSPACE: "admin"}},
@@ -207,8 +210,15 @@ def test_requirements_are_typed():
 
 
 # What may be public, and what changes state: a wrong declaration fails here.
-PUBLIC_ROUTES = {"/healthz", "/readyz", "/openapi.json", "/workspaces/{workspace_id}", "/presence/static/{path}",
-                 "/", "/docs/{name}"}  # the landing page (names no workspace or user) and the repository's docs
+PUBLIC_ROUTES = {
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+    "/workspaces/{workspace_id}",
+    "/presence/static/{path}",
+    "/",
+    "/docs/{name}",
+}  # the landing page (names no workspace or user) and the repository's docs
 
 
 def test_declarations_are_safe(gate_server):
