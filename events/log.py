@@ -157,7 +157,8 @@ class LogReader:
         # workspace after each commit, instead of one query per workspace and sink.
         self._tail = callable(getattr(store, "changes_after", None))
         self._tail_at: int | None = None
-        self._tail_dirty = True
+        self._touches = 1  # commits told of (touch); a tail read covers those before it started
+        self._tail_read = 0
         self._tail_lock = asyncio.Lock()
         self._buffers: dict[str, _Buffer] = {}
         self._tail_heads: dict[str, int] = {}  # workspaces seen in the tail since the last poll_tail
@@ -169,7 +170,7 @@ class LogReader:
 
     async def poll_tail(self) -> dict[str, int]:
         """Read the tail now; the newest audit id of each workspace seen in it since the last call."""
-        self._tail_dirty = True
+        self._touches += 1
         await self._refresh_tail()
         heads, self._tail_heads = self._tail_heads, {}
         return heads
@@ -177,14 +178,20 @@ class LogReader:
     def touch(self, workspace: str) -> None:
         """Something was committed in ``workspace``: what was read of it may be incomplete."""
         self._gen[workspace] = self._gen.get(workspace, 0) + 1
-        self._tail_dirty = True
+        self._touches += 1
 
     async def _refresh_tail(self) -> None:
-        """Read what every workspace committed since the last look (one query; one reader at a time)."""
+        """Read what every workspace committed since the last look (one query; one reader at a time).
+
+        A caller needs a read that started after the commits it was told of:
+        callers waiting behind a read that started later return with it
+        (twenty lanes woken by one commit cost one query, not twenty).
+        """
+        wanted = self._touches
         async with self._tail_lock:
-            if not self._tail_dirty:
+            if self._tail_read >= wanted:
                 return
-            self._tail_dirty = False
+            self._tail_read = self._touches
             if self._tail_at is None:
                 self._tail_at, _ = await self.store.changes_after(None, 0)
             while True:
