@@ -93,6 +93,29 @@ class HopWriter(FanoutWriter):
         _record(self, m, n)
 
 
+class FsyncRedis(Redis):
+    """The scale bench's redis-server (AOF on), with the fsync policy as a parameter."""
+
+    def __init__(self, workdir: Path, appendfsync: str = "always") -> None:
+        super().__init__(workdir)
+        self.appendfsync = appendfsync
+
+    def start(self) -> Redis:
+        real = subprocess.Popen
+
+        def popen(args, *a, **kw):  # the same command line, another --appendfsync
+            if "--appendfsync" in args:
+                args = list(args)
+                args[args.index("--appendfsync") + 1] = self.appendfsync
+            return real(args, *a, **kw)
+
+        subprocess.Popen = popen  # type: ignore[misc]
+        try:
+            return super().start()
+        finally:
+            subprocess.Popen = real  # type: ignore[misc]
+
+
 def pin(pid: int, cores: str) -> None:
     """Every thread of ``pid`` to ``cores`` (taskset -a)."""
     subprocess.run(["taskset", "-a", "-p", "-c", cores, str(pid)], check=True, stdout=subprocess.DEVNULL)
@@ -107,7 +130,7 @@ def percentiles(run: HopRun, same: bool) -> dict[str, Any]:
 
 
 async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    redis = Redis(tmp / "redis").start()
+    redis = FsyncRedis(tmp / "redis", args.appendfsync).start()
     nodes: list[ServerProcess] = []
     profiler: subprocess.Popen | None = None
     try:
@@ -198,6 +221,11 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for srv in nodes:
             srv.stop()
         redis.stop()
+        if args.keep_logs:
+            import shutil
+
+            for i in range(len(nodes)):
+                shutil.copy(tmp / f"node-{i}.log", Path(args.keep_logs) / f"node-{i}.log")
 
 
 async def main() -> None:
@@ -207,6 +235,7 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=10.0, help="writes per second per writer")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--appendfsync", default="always", help="Redis AOF fsync policy (always: durable acks)")
     parser.add_argument("--server-cores", default="0")
     parser.add_argument("--harness-cores", default="1")
     parser.add_argument("--env", action="append", default=[], help="K=V for both nodes (repeatable)")
@@ -214,6 +243,7 @@ async def main() -> None:
     parser.add_argument("--profile-out", default="/tmp/hop-profile.txt")
     parser.add_argument("--profile-format", default="raw", help="py-spy format: raw (collapsed stacks) or flamegraph")
     parser.add_argument("--label", default="")
+    parser.add_argument("--keep-logs", default=None, help="copy the nodes' logs to this directory")
     args = parser.parse_args()
     os.sched_setaffinity(0, {int(c) for c in args.harness_cores.split(",")})
     machine = {"nproc": os.cpu_count(), "cpu": _cpu(), "python": platform.python_version(),

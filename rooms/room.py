@@ -567,6 +567,9 @@ class Room:
             self._flush_handle = None
         self._last_flush = time.monotonic()
         self.stats["flushes"] += 1
+        if self.relay is not None and self.persist.updates:
+            # Other nodes: now (before the local sends wake their writers), not once durable.
+            self.relay.publish_updates(self, list(self.persist.updates))
         frames = []
         if self._outgoing:
             outgoing = self._outgoing
