@@ -58,6 +58,10 @@ log = logging.getLogger("collab.relay")
 AWARENESS_MAXLEN = 10_000
 LIVE_MAX_BYTES = 256 * 1024  # bigger updates (a state written back whole) come through the stream only
 LIVE_SEEN_MAX = 4096  # live updates remembered per room until the stream brings them
+LIVE_DRAIN_MAX = 256  # live messages taken in one go (their deltas leave in one flush per room)
+# While live messages keep up (every stream entry read was applied already), the
+# stream reader waits this long between reads, so each read returns a batch.
+STREAM_PACE_SECONDS = 0.02
 
 
 def live_channel(workspace: str) -> str:
@@ -86,6 +90,8 @@ class _Follow:
     aw_id: str
     # Updates applied from live messages, until the stream brings them (then only the seq advances).
     seen: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    # Updates the stream brought first, until their late live message comes (then it is dropped).
+    streamed: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
 
 
 class Relay:
@@ -119,6 +125,7 @@ class Relay:
         self._live_pending: dict[str, list[bytes]] = {}
         self._live_wake = asyncio.Event()
         self._by_channel: dict[bytes, str] = {}
+        self._live_connected = False
         self.stats = {
             "relayed_updates": 0,
             "relayed_awareness": 0,
@@ -126,6 +133,7 @@ class Relay:
             "reconnects": 0,
             "live_updates": 0,  # applied from live messages
             "live_skipped": 0,  # stream entries already applied live
+            "live_late": 0,  # live updates the stream had brought first
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -161,6 +169,11 @@ class Relay:
             await self.reader.aclose()
         if self.publisher is not None:
             await self.publisher.aclose()
+
+    @property
+    def live_connected(self) -> bool:
+        """Whether the live reader is subscribed (the stream reader paces itself meanwhile)."""
+        return self._live_connected
 
     # -------------------------------------------------------------- rooms
 
@@ -228,6 +241,7 @@ class Relay:
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.1
+            caught_up = self.live and self._live_connected and bool(response)
             for key, entries in response or []:
                 target = self._by_key.get(key if isinstance(key, bytes) else key.encode())
                 if target is None:
@@ -238,16 +252,23 @@ class Relay:
                     continue
                 try:
                     if kind == "u":
-                        await self._updates(follow, entries)
+                        if await self._updates(follow, entries):
+                            caught_up = False
                     else:
                         self._awareness(follow, entries)
+                        caught_up = False
                 except (RedisError, StoreError) as exc:
                     log.warning("relay of %s interrupted: %s", ws, exc)
                 except Exception:
                     log.exception("relay of %s failed", ws)
+            if caught_up:
+                # Live messages delivered all of it: the stream only confirms, so read it in batches.
+                await asyncio.sleep(STREAM_PACE_SECONDS)
 
-    async def _updates(self, follow: _Follow, entries: list) -> None:
+    async def _updates(self, follow: _Follow, entries: list) -> int:
+        """Apply stream entries in order; returns how many were news here (not applied live already)."""
         room = follow.room
+        news: list[bytes] = []
         for stream_id, fields in entries:
             seq = seq_of(stream_id)
             if seq <= follow.seq:
@@ -255,8 +276,9 @@ class Relay:
             if seq > follow.seq + 1:
                 ws = room.workspace_id
                 log.warning("relay of %s missed %d..%d (trimmed): reloading", ws, follow.seq + 1, seq - 1)
+                self._apply(room, news, follow.seq)
                 await self.resync(follow)
-                return
+                return len(news) + 1
             follow.seq = seq
             if fields[b"node"] == self._node_bytes:
                 continue
@@ -264,26 +286,29 @@ class Relay:
             seen = follow.seen
             if seen and data in seen:
                 del seen[data]  # applied from its live message already
-                room.durable_seq = max(room.durable_seq, seq)
                 self.stats["live_skipped"] += 1
                 continue
-            room.apply_remote(data, seq)
-            self.stats["relayed_updates"] += 1
+            news.append(data)
+            if self._live_connected:
+                follow.streamed[data] = None
+                if len(follow.streamed) > LIVE_SEEN_MAX:
+                    follow.streamed.popitem(last=False)
+        self._apply(room, news, follow.seq)
+        self.stats["relayed_updates"] += len(news)
+        return len(news)
 
-    def _awareness(self, follow: _Follow, entries: list) -> None:
-        cutoff = time.time() * 1000 - self.awareness_ttl * 1000
-        for stream_id, fields in entries:
-            text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
-            follow.aw_id = text
-            node = fields[b"node"].decode()
-            if node == self.node_id or int(text.split("-", 1)[0]) < cutoff:
-                continue
-            try:
-                parsed = [p.AwarenessEntry(int(c), int(k), s) for c, k, s in json.loads(fields[b"data"])]
-            except (ValueError, TypeError):
-                continue
-            follow.room.apply_remote_awareness(node, parsed)
-            self.stats["relayed_awareness"] += 1
+    @staticmethod
+    def _apply(room: Room, updates: list[bytes], seq: int | None = None) -> None:
+        """Apply relayed updates one by one; their deltas leave in the room's next flush, merged.
+
+        Not merged before applying: a merged update's intermediate values of a
+        key are collected at once, so peers would never see them, while the
+        room's own flush merge keeps every update's content.
+        """
+        for update in updates:
+            room.apply_remote(update)
+        if seq is not None and seq > room.durable_seq:
+            room.durable_seq = seq
 
     async def resync(self, follow: _Follow) -> None:
         """Reload a room's document from the store (after a gap, or Redis lost data)."""
@@ -369,17 +394,30 @@ class Relay:
                     if not subscribed:
                         await asyncio.sleep(0.2)
                         continue
+                    self._live_connected = True
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     delay = 0.1
-                    if message is not None and message.get("type") == "message":
-                        self._live(message["channel"], message["data"])
+                    batch: dict[str, list[bytes]] = {}
+                    taken = 0
+                    while message is not None and taken < LIVE_DRAIN_MAX:
+                        if message.get("type") == "message":
+                            self._live(message["channel"], message["data"], batch)
+                        taken += 1
+                        # What already arrived is applied with it, before the room's next flush.
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                    for ws, updates in batch.items():
+                        follow = self.follows.get(ws)
+                        if follow is not None:
+                            self._apply(follow.room, updates)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                self._live_connected = False
                 log.info("live relay interrupted (%s); the stream delivers meanwhile", exc)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
             except Exception:
+                self._live_connected = False
                 log.exception("live relay failed; restarting it")
                 await asyncio.sleep(1.0)
             finally:
@@ -389,7 +427,7 @@ class Relay:
                     except Exception:  # noqa: BLE001 - closing a broken connection
                         pass
 
-    def _live(self, channel: bytes, data: bytes) -> None:
+    def _live(self, channel: bytes, data: bytes, batch: dict[str, list[bytes]]) -> None:
         ws = self._by_channel.get(channel)
         follow = self.follows.get(ws) if ws is not None else None
         if follow is None:
@@ -401,13 +439,20 @@ class Relay:
             return
         if node == self._node_bytes:
             return
-        room, seen = follow.room, follow.seen
+        seen, streamed = follow.seen, follow.streamed
+        fresh = []
         for update in updates:
+            if streamed and update in streamed:
+                del streamed[update]  # the stream was faster this time
+                self.stats["live_late"] += 1
+                continue
             seen[update] = None
             if len(seen) > LIVE_SEEN_MAX:
                 seen.popitem(last=False)
-            room.apply_remote(update)
-        self.stats["live_updates"] += len(updates)
+            fresh.append(update)
+        if fresh:
+            batch.setdefault(follow.room.workspace_id, []).extend(fresh)
+            self.stats["live_updates"] += len(fresh)
 
     # ------------------------------------------------------------ awareness
 
