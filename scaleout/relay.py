@@ -310,6 +310,21 @@ class Relay:
         if seq is not None and seq > room.durable_seq:
             room.durable_seq = seq
 
+    def _awareness(self, follow: _Follow, entries: list) -> None:
+        cutoff = time.time() * 1000 - self.awareness_ttl * 1000
+        for stream_id, fields in entries:
+            text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+            follow.aw_id = text
+            node = fields[b"node"].decode()
+            if node == self.node_id or int(text.split("-", 1)[0]) < cutoff:
+                continue
+            try:
+                parsed = [p.AwarenessEntry(int(c), int(k), s) for c, k, s in json.loads(fields[b"data"])]
+            except (ValueError, TypeError):
+                continue
+            follow.room.apply_remote_awareness(node, parsed)
+            self.stats["relayed_awareness"] += 1
+
     async def resync(self, follow: _Follow) -> None:
         """Reload a room's document from the store (after a gap, or Redis lost data)."""
         room = follow.room
