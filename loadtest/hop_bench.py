@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -33,7 +34,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from loadtest.fanout import BUCKETS, HIST_LIMIT, BUCKET_US, RunState, FanoutClient, FanoutWriter, _percentiles
+from loadtest.fanout import BUCKET_US, BUCKETS, HIST_LIMIT, FanoutClient, FanoutWriter, RunState, _percentiles
 from loadtest.scale_bench import Redis, _cpu
 from tests.support import ServerProcess
 
@@ -101,19 +102,25 @@ class FsyncRedis(Redis):
         self.appendfsync = appendfsync
 
     def start(self) -> Redis:
-        real = subprocess.Popen
+        import redis as redis_lib
 
-        def popen(args, *a, **kw):  # the same command line, another --appendfsync
-            if "--appendfsync" in args:
-                args = list(args)
-                args[args.index("--appendfsync") + 1] = self.appendfsync
-            return real(args, *a, **kw)
-
-        subprocess.Popen = popen  # type: ignore[misc]
-        try:
-            return super().start()
-        finally:
-            subprocess.Popen = real  # type: ignore[misc]
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server is not installed")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", "",
+                "--appendonly", "yes", "--appendfsync", self.appendfsync,
+                "--logfile", str(self.workdir / "redis.log")]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis_lib.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return self
+            except redis_lib.RedisError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
 
 
 def pin(pid: int, cores: str) -> None:
@@ -222,8 +229,6 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             srv.stop()
         redis.stop()
         if args.keep_logs:
-            import shutil
-
             for i in range(len(nodes)):
                 shutil.copy(tmp / f"node-{i}.log", Path(args.keep_logs) / f"node-{i}.log")
 

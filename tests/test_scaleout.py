@@ -312,7 +312,7 @@ async def test_a_reconnecting_clients_step2_overlapping_relayed_updates_is_accep
             def publish_awareness(self, _room, _entries) -> None:
                 pass
 
-        room.relay = Relay()
+        room.attach_relay(Relay())
         peer = FakePeer("reconnected")
         ps = room.join(peer)
         client = pycrdt.Doc()
