@@ -208,6 +208,15 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         while received() < expected and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         got = [c.count_received(sent) for c in clients]
+        # Final state: every client holds every writer's last value (a room reloaded from a
+        # snapshot sends the state, not each intermediate value, so "lost" alone over-counts).
+        stale = 0
+        for c in clients:
+            last: dict[int, int] = {}
+            for fid in c.frame_ids:
+                for w, q in zip(run.markers[0][fid][0], run.markers[0][fid][1]):
+                    last[w] = max(last.get(w, -1), q)
+            stale += sum(1 for w, n in sent.items() if w != c.wid and last.get(w, -1) != n - 1)
         for c in clients:
             await c.close()
         if profiler is not None:
@@ -220,6 +229,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "delivered": sum(g[0] for g in got),
             "lost": expected - sum(g[0] for g in got),
             "duplicates": sum(g[1] for g in got),
+            "final_value_missing": stale,  # (client, writer) pairs whose last value never arrived
             "disconnects": run.disconnects,
         }
     finally:
@@ -228,6 +238,11 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for srv in nodes:
             srv.stop()
         redis.stop()
+        for i in range(len(nodes)):  # what the relay had to say (gaps, reloads, Redis errors)
+            lines = (tmp / f"node-{i}.log").read_text(errors="replace").splitlines()
+            notes = [line[:200] for line in lines if "collab.relay" in line]
+            if notes:
+                print(json.dumps({"node": i, "relay_log": notes[:20], "relay_log_lines": len(notes)}), flush=True)
         if args.keep_logs:
             for i in range(len(nodes)):
                 shutil.copy(tmp / f"node-{i}.log", Path(args.keep_logs) / f"node-{i}.log")
