@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
+from clocks import Clock, SystemClock
 from codec import protocol as p
 from collab import __version__, logs
 from collab.admin import AdminAPI
@@ -69,8 +70,10 @@ class App:
         store: DocumentStore | None = None,
         authenticator: Authenticator | None = None,
         extensions: list[Extension] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()  # the one clock of this server (clocks/)
         self.extensions: list[Extension] = list(extensions or [])
         self.authenticator: Authenticator = authenticator or authenticator_from_settings(settings)
         development = settings.auth_mode == "development"
@@ -156,6 +159,7 @@ class App:
             control_handlers=self._control_handlers,
             guards=self._guards,
             listeners=self._listeners,
+            clock=self.clock,
         )
         room.metrics = self.counters
         return room
@@ -396,18 +400,49 @@ def create_app(
     store: DocumentStore | None = None,
     authenticator: Authenticator | None = None,
     extensions: list[Extension] | None = None,
+    clock: Clock | None = None,
 ) -> Starlette:
-    """Build the Starlette application and everything it owns."""
+    """Build the Starlette application and everything it owns (``clock``: tests pass a ManualClock)."""
     settings = settings or Settings()
+    clock = clock or SystemClock()
     if extensions is None:
-        extensions = default_extensions(settings)
-    core = App(settings, store, authenticator, extensions)
-    app = Starlette(routes=core.routes(), lifespan=core.lifespan, exception_handlers={HTTPException: _http_error})
+        extensions = default_extensions(settings, clock=clock)
+    core = App(settings, store, authenticator, extensions, clock=clock)
+    app = CollabStarlette(
+        core, routes=core.routes(), lifespan=core.lifespan, exception_handlers={HTTPException: _http_error}
+    )
     app.state.core = core
     return app
 
 
-def default_extensions(settings: Settings, forwarding: Any = None) -> list[Extension]:
+class CollabStarlette(Starlette):
+    """Starlette, with a workspace's websocket handed straight to ``App.websocket``.
+
+    A websocket lives for hours; through Starlette's middleware and router it
+    would keep about ten suspended frames and closures alive for all that
+    time (about 5 KiB per connection). ``/ws/{workspace_id}`` is matched
+    here the way the router would (one path segment) and everything else goes
+    through Starlette as usual. The route stays declared (``GatedWebSocketRoute``)
+    for the route table and OpenAPI; ``App.websocket`` does its own checks.
+    """
+
+    def __init__(self, core: App, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._websocket = core.websocket
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            path: str = scope["path"]
+            workspace_id = path[4:]
+            if path.startswith("/ws/") and workspace_id and "/" not in workspace_id:
+                scope["app"] = self
+                scope["path_params"] = {"workspace_id": workspace_id}
+                await self._websocket(WebSocket(scope, receive, send))
+                return
+        await super().__call__(scope, receive, send)
+
+
+def default_extensions(settings: Settings, forwarding: Any = None, clock: Clock | None = None) -> list[Extension]:
     """The features a server built from settings runs with, in hook order.
 
     ``forwarding``: the ForwardingSettings (read from the environment when None).
@@ -420,11 +455,11 @@ def default_extensions(settings: Settings, forwarding: Any = None) -> list[Exten
     from presence.extension import PresenceExtension
 
     # Presence first: it stamps awareness states before anything else sees them.
-    extensions.append(PresenceExtension(settings))
+    extensions.append(PresenceExtension(settings, clock=clock))
     if settings.locks_enabled:
         from locks.extension import LockExtension
 
-        extensions.append(LockExtension(settings))
+        extensions.append(LockExtension(settings, clock=clock))
     from forwarding.extension import ForwardingExtension
 
     # Forwarding goes last: its validation guard sees what other guards (locks)
