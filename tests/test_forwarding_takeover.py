@@ -14,8 +14,6 @@ session's own changes back as the backend's).
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import httpx
 import pycrdt
@@ -95,8 +93,7 @@ async def test_a_node_frozen_mid_request_is_replaced_and_its_late_answer_is_harm
     assert held["seq"] >= 3
     owner = r.get(lease_key)
     assert owner is not None and owner.startswith(b"a/"), owner  # node a holds the lease, waiting
-    frozen = a.proc.pid
-    os.kill(frozen, signal.SIGSTOP)
+    a.pause()  # SIGSTOP: frozen with its request in flight
     try:
         # Node b takes the lease once it expires and delivers the claimed batch with the same key,
         # then changes made on b afterwards.
@@ -113,7 +110,7 @@ async def test_a_node_frozen_mid_request_is_replaced_and_its_late_answer_is_harm
         assert before_wake["version"] in (current["version"], str(current["version"]))
         backend.post("/admin/release", {})  # the held answer goes out, to a frozen node
     finally:
-        os.kill(frozen, signal.SIGCONT)
+        a.resume()  # SIGCONT
 
     # Node a wakes up, reads its (late) answer, and must drop it.
     def woke():
