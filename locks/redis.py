@@ -45,6 +45,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from persistence.redisconn import connect
 from locks.base import Lease, LockConflict, LockEvent, LockListener, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
 from rooms.config import overlaps
@@ -283,16 +284,12 @@ class RedisLeaseManager:
         """Set up the client; never fails (Redis may come up later)."""
         # A blocking pool: more concurrent requests than connections wait for
         # one (bounded by the timeout) instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self.redis = connect(
             self.url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
+            timeout=self.timeout,
             retry=Retry(NoBackoff(), 1),  # one reconnect for a stale pooled connection, then fail
             max_connections=self.max_connections,
-            timeout=self.timeout,
-            decode_responses=False,
         )
-        self.redis = aioredis.Redis(connection_pool=pool)
         for name, source in (
             ("acquire", ACQUIRE),
             ("renew", RENEW),

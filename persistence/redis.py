@@ -27,18 +27,40 @@ same guarantee as the SQLite transaction). ``collab:outbox:workspaces`` (a set
 outside any workspace slot) indexes workspaces with pending rows; it is
 written in the same round trip, right after the script.
 
+* ``{ws:X}:ap:<id>``   the result of one append, kept for the retry window:
+  an append retried after a lost reply returns it instead of appending twice.
+
 Durability is Redis's: with ``appendonly yes`` + ``appendfsync always`` an
-acknowledged write survives a crash of Redis; see docs/operations.md.
+acknowledged write survives a crash of Redis; with replicas, an append is
+acknowledged once ``WAIT`` saw it on ``COLLAB_REDIS_ACK_REPLICAS`` of them, so a
+failover loses nothing acknowledged. A Redis that does not answer (down,
+stalled, failing over) makes an append retry for ``COLLAB_REDIS_RETRY_SECONDS``
+before it fails; see docs/operations.md. Clients come from
+persistence/redisconn.py (single server, Cluster or Sentinel).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
+import time
+import uuid
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    MovedError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+
+from persistence.redisconn import ReplicaAcks, ReplicationShortfall, connect, parse_url, run_script
 
 from persistence.base import StoredDocument, StoreError
 from persistence.outbox import (
@@ -59,6 +81,10 @@ OUTBOX_INDEX = "collab:outbox:workspaces"
 TRIM_MARGIN = 200  # entries kept below a snapshot, so relay readers a little behind miss nothing
 
 _APPEND = """
+-- KEYS[8]: this append's id (a retry after a timeout must not append twice:
+-- the first try may have run while its reply was lost).
+local done = redis.call('GET', KEYS[8])
+if done then return cjson.decode(done) end
 local node = ARGV[1]
 local n = tonumber(ARGV[2])
 -- A workspace is seeded once: a second seeding record (a node whose seed claim
@@ -115,6 +141,7 @@ for r = 1, nrec do
   out[#out + 1] = seq
   out[#out + 1] = id
 end
+redis.call('SET', KEYS[8], cjson.encode(out), 'PX', ARGV[#ARGV])
 return out
 """
 
@@ -158,6 +185,18 @@ return 0
 """
 
 
+def _retryable(exc: BaseException) -> bool:
+    """Worth another try: Redis did not answer, is loading, failing over or short of replicas."""
+    if isinstance(exc, ReplicationShortfall | ReadOnlyError | BusyLoadingError | ClusterDownError | TryAgainError):
+        return True
+    if isinstance(exc, MovedError | AskError):
+        return True
+    if isinstance(exc, ResponseError):
+        text = str(exc)
+        return text.startswith(("MASTERDOWN", "NOREPLICAS", "LOADING", "READONLY", "CLUSTERDOWN"))
+    return True
+
+
 def tag(workspace: str) -> str:
     """Key prefix of a workspace: ``collab:ws:{W}`` (the hash tag ``{W}`` is the one locks and presence use)."""
     return "collab:ws:{" + workspace + "}"
@@ -191,30 +230,41 @@ def _f(value: bytes | None) -> float | None:
 class RedisDocumentStore:
     """DocumentStore + OutboxStore in Redis (see the module docstring)."""
 
-    def __init__(self, url: str, node_id: str, timeout: float = 2.0, trim_margin: int = TRIM_MARGIN) -> None:
+    def __init__(
+        self,
+        url: str,
+        node_id: str,
+        timeout: float = 2.0,
+        trim_margin: int = TRIM_MARGIN,
+        *,
+        ack_replicas: int | None = None,
+        ack_timeout_ms: int = 500,
+        retry_seconds: float = 30.0,
+    ) -> None:
         self.url = url
         self.node_id = node_id
         self.timeout = timeout
         self.trim_margin = trim_margin
-        self.client: aioredis.Redis | None = None
+        self.retry_seconds = retry_seconds
+        self.acks = ReplicaAcks(ack_replicas, ack_timeout_ms)
+        self.client: Any = None
+        self.mode = parse_url(url).mode
         self.path = f"redis {url.split('@')[-1]}"  # for logs (never the password)
+        self.stats = {"append_retries": 0, "replica_shortfalls": 0, "append_failures": 0}
 
     # ------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
         if self.client is not None:
             return
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self.client = connect(
             self.url,
-            max_connections=64,
             timeout=self.timeout,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
+            max_connections=64,
             # A connection idle for a second is pinged (and replaced) before use, so the
             # first append after Redis restarted does not fail on a stale socket.
             health_check_interval=1,
         )
-        self.client = aioredis.Redis(connection_pool=pool)
         self._append = self.client.register_script(_APPEND)
         self._compact = self.client.register_script(_COMPACT)
         self._lease = self.client.register_script(_LEASE)
@@ -231,7 +281,7 @@ class RedisDocumentStore:
             await self.client.aclose()
             self.client = None
 
-    def _r(self) -> aioredis.Redis:
+    def _r(self) -> Any:
         if self.client is None:
             raise StoreError("store is closed")
         return self.client
@@ -241,6 +291,31 @@ class RedisDocumentStore:
             return await coro_fn(*args)
         except RedisError as exc:
             raise StoreError(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def _retrying(self, fn, what: str):
+        """Run ``fn`` until it succeeds, for up to ``retry_seconds`` while Redis is
+        unreachable, stalled, failing over or short of replicas; then StoreError.
+
+        Only for idempotent work (appends carry their id)."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        logged = False
+        while True:
+            try:
+                return await fn()
+            except (RedisError, OSError) as exc:
+                if isinstance(exc, ReplicationShortfall):
+                    self.stats["replica_shortfalls"] += 1
+                    self.acks.forget()  # the primary may have lost its replicas (or be a new one)
+                if not _retryable(exc) or time.monotonic() + delay >= deadline:
+                    self.stats["append_failures"] += 1
+                    raise StoreError(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
+                if not logged:
+                    log.warning("%s not acknowledged yet (%s: %s); retrying for up to %gs", what, type(exc).__name__, exc, self.retry_seconds)
+                    logged = True
+                self.stats["append_retries"] += 1
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 1.0)
 
     # ----------------------------------------------------------- documents
 
@@ -315,19 +390,19 @@ class RedisDocumentStore:
                 ref,
             ]
         keys = [t + k for k in (":doc", ":updates", ":fwd", ":outbox", ":outbox:pending", ":audit", ":audit:byseq")]
+        keys.append(f"{t}:ap:{uuid.uuid4().hex}")
+        args.append(int((self.retry_seconds * 2 + 60) * 1000))
+        forward = any(r.forward for r in records)
 
         async def run():
-            forward = any(r.forward for r in records)
+            client = self._r()
+            replicas = await self.acks.wanted(client, keys[0])
+            result = await run_script(client, self._append, keys, args, replicas, self.acks.timeout_ms)
             if forward:
-                pipe = self._r().pipeline(transaction=False)
-                await self._append(keys=keys, args=args, client=pipe)
-                pipe.sadd(OUTBOX_INDEX, workspace_id)
-                result = (await pipe.execute())[0]
-            else:
-                result = await self._append(keys=keys, args=args)
+                await client.sadd(OUTBOX_INDEX, workspace_id)
             return result
 
-        result = await self._run(run)
+        result = await self._retrying(run, what=f"append to {workspace_id}")
         for i, rec in enumerate(records):
             seq, audit_id = int(result[1 + 2 * i]), int(result[2 + 2 * i])
             rec.seq, rec.audit_id = (seq if rec.forward else None), audit_id

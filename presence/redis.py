@@ -32,6 +32,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from persistence.redisconn import connect
 from presence.base import ENTRY_EXPIRY_FRACTION, HEARTBEATS_PER_TTL, ConnectionEntry, WorkspacePresence
 
 log = logging.getLogger("collab.presence")
@@ -125,15 +126,9 @@ class RedisPresenceRegistry:
             # A bounded pool that makes callers wait for a free connection: a poll
             # or a burst touching every workspace at once must not fail with
             # "Too many connections" (the default pool's limit is 100).
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=MAX_CONNECTIONS,
-                timeout=self.timeout,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                health_check_interval=10,
+            self._client = connect(
+                self.url, timeout=self.timeout, max_connections=MAX_CONNECTIONS, health_check_interval=10
             )
-            self._client = aioredis.Redis(connection_pool=pool)
         self._read_script = self._client.register_script(_READ)
         self._closed = False
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)

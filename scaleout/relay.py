@@ -31,13 +31,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from codec import protocol as p
 from collab.extensions import Extension
 from persistence.base import StoreError
 from persistence.redis import RedisDocumentStore, awareness_key, seq_of, updates_key
+from persistence.redisconn import connect, xread
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -63,8 +63,10 @@ class Relay:
         block_ms: int = 1000,
         awareness_ttl: float = 30.0,
         timeout: float = 2.0,
+        cluster_poll_ms: float = 10.0,
     ) -> None:
         self.store = store
+        self.cluster_poll_ms = cluster_poll_ms
         self.node_id = node_id
         self.block_ms = block_ms
         self.awareness_ttl = awareness_ttl
@@ -74,7 +76,7 @@ class Relay:
         self.healthy = True
         self.error: str | None = None
         self.app: App | None = None
-        self.reader: aioredis.Redis | None = None
+        self.reader: Any = None
         self._wake = asyncio.Event()
         self._aw_pending: dict[str, list[p.AwarenessEntry]] = {}
         self._aw_wake = asyncio.Event()
@@ -85,10 +87,12 @@ class Relay:
 
     async def start(self, app: App) -> None:
         self.app = app
-        self.reader = aioredis.Redis.from_url(
+        # Its own client: a blocking XREAD holds its connection for block_ms.
+        self.reader = connect(
             self.store.url,
+            timeout=self.timeout,
             socket_timeout=self.block_ms / 1000.0 + self.timeout,
-            socket_connect_timeout=self.timeout,
+            max_connections=4,
         )
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -157,7 +161,9 @@ class Relay:
             self._wake.clear()
             try:
                 assert self.reader is not None
-                response = await self.reader.xread(streams, count=1000, block=self.block_ms)
+                response = await xread(
+                    self.reader, streams, count=1000, block_ms=self.block_ms, poll_ms=self.cluster_poll_ms
+                )
                 if not self.healthy:
                     await self._recovered()
             except (RedisError, StoreError, OSError) as exc:
@@ -321,6 +327,7 @@ class RelayExtension(Extension):
             block_ms=int(s.relay_block_ms),
             awareness_ttl=s.relay_awareness_ttl_seconds,
             timeout=s.redis_timeout_seconds,
+            cluster_poll_ms=s.redis_cluster_poll_ms,
         )
         await self.relay.start(app)
         log.info("scale-out relay on %s as node %s", app.store.path, s.node_id)
