@@ -88,7 +88,10 @@ class Settings(BaseSettings):
         ),
     )
     redis_ack_timeout_ms: int = Field(
-        500, ge=1, le=60_000, description="one WAIT for replicas lasts at most this; short of replicas, the write is retried"
+        500,
+        ge=1,
+        le=60_000,
+        description="one WAIT for replicas lasts at most this; short of replicas, the write is retried",
     )
     redis_retry_seconds: float = Field(
         30.0,
@@ -106,7 +109,10 @@ class Settings(BaseSettings):
         2.0,
         gt=0,
         le=300,
-        description="with Redis: each node publishes its rooms, participants and locks this often (TTL 3x) for the cluster-wide admin API",
+        description=(
+            "with Redis: each node publishes its rooms, participants and locks this often (TTL 3x) "
+            "for the cluster-wide admin API"
+        ),
     )
     relay_block_ms: int = Field(1000, ge=10, le=30_000, description="XREAD BLOCK of the relay reader")
     relay_awareness_ttl_seconds: float = Field(
@@ -132,8 +138,10 @@ class Settings(BaseSettings):
     # Limits
     max_message_bytes: int = Field(1024 * 1024, ge=1024, description="larger frames close with 1009")
     peer_queue_frames: int = Field(
-        2048, ge=16, description="outgoing frames queued per peer before its TCP connection is dropped (the client "
-        "sees 1006; logged as 1013)"
+        2048,
+        ge=16,
+        description="outgoing frames queued per peer before its TCP connection is dropped (the client "
+        "sees 1006; logged as 1013)",
     )
     max_awareness_state_bytes: int = Field(64 * 1024, ge=64, description="larger awareness states are refused")
     max_awareness_clients_per_connection: int = Field(
@@ -145,9 +153,7 @@ class Settings(BaseSettings):
     )
     message_rate: float = Field(100.0, ge=0, description="messages per second per connection (0 = no limit)")
     message_burst: int = Field(300, ge=1, description="token-bucket size: messages a client may send at once")
-    byte_rate: int = Field(
-        512 * 1024, ge=0, description="bytes per second per connection, sustained (0 = no limit)"
-    )
+    byte_rate: int = Field(512 * 1024, ge=0, description="bytes per second per connection, sustained (0 = no limit)")
     byte_burst: int = Field(8 * 1024 * 1024, ge=1024, description="bytes a client may send at once")
     rate_limit_grace: float = Field(
         5.0, ge=0, description="seconds of sustained excess (reads throttled meanwhile) before close 1008"
@@ -190,8 +196,9 @@ class Settings(BaseSettings):
         "development mode, none (browsers refused) in jwt mode",
     )
     metrics_token: SecretStr | None = Field(
-        None, description="/metrics accepts 'Authorization: Bearer <this>'; without it /metrics needs a server-admin "
-        "token in jwt mode (open in development mode)"
+        None,
+        description="/metrics accepts 'Authorization: Bearer <this>'; without it /metrics needs a server-admin "
+        "token in jwt mode (open in development mode)",
     )
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted (uvicorn); '*' trusts all"
@@ -244,6 +251,7 @@ class Settings(BaseSettings):
     )
     awareness_rate: float = Field(40.0, gt=0, description="awareness states accepted per second per connection")
     awareness_burst: int = Field(80, ge=1, description="awareness states a connection may send at once")
+
     @field_validator("jwt_algorithms", "allowed_origins", mode="before")
     @classmethod
     def _lists(cls, value):

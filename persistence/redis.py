@@ -49,18 +49,16 @@ import time
 import uuid
 from typing import Any
 
+import pycrdt
 from redis.exceptions import (
     AskError,
     BusyLoadingError,
     ClusterDownError,
     MovedError,
     ReadOnlyError,
-    RedisError,
     ResponseError,
     TryAgainError,
 )
-
-from persistence.redisconn import ReplicaAcks, ReplicationShortfall, connect, parse_url, run_script
 
 from persistence.base import StoredDocument, StoreError
 from persistence.outbox import (
@@ -74,6 +72,7 @@ from persistence.outbox import (
     OutboxRow,
     group_dead_letters,
 )
+from persistence.redisconn import REDIS_ERRORS, ReplicaAcks, ReplicationShortfall, connect, parse_url, run_script
 
 log = logging.getLogger("collab.store.redis")
 
@@ -146,12 +145,16 @@ return out
 """
 
 _COMPACT = """
+-- ARGV[4]: the snapshot_seq the merged snapshot was built on (another compaction since: skip).
+-- Never past last_seq: a node whose history is ahead of Redis (a failover lost
+-- unacknowledged entries, and others may take their numbers) must not declare
+-- entries it never saw covered.
 local cur = tonumber(redis.call('HGET', KEYS[1], 'snapshot_seq') or '0')
 local upto = tonumber(ARGV[2])
-if upto <= cur then return 0 end
-redis.call('HSET', KEYS[1], 'snapshot', ARGV[1], 'snapshot_seq', upto)
+if upto <= cur or cur ~= tonumber(ARGV[4]) then return 0 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
-if upto > last then redis.call('HSET', KEYS[1], 'last_seq', upto) end
+if upto > last then return 0 end
+redis.call('HSET', KEYS[1], 'snapshot', ARGV[1], 'snapshot_seq', upto)
 local keep = upto - tonumber(ARGV[3])
 if keep > 0 then redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. (keep + 1)) end
 return 1
@@ -273,7 +276,7 @@ class RedisDocumentStore:
         # Not fatal: a node may start while Redis is down (readiness says so).
         try:
             await self.client.ping()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("Redis at %s not reachable yet: %s", self.path, exc)
 
     async def close(self) -> None:
@@ -289,7 +292,7 @@ class RedisDocumentStore:
     async def _run(self, coro_fn, *args):
         try:
             return await coro_fn(*args)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreError(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def _retrying(self, fn, what: str):
@@ -303,7 +306,7 @@ class RedisDocumentStore:
         while True:
             try:
                 return await fn()
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 if isinstance(exc, ReplicationShortfall):
                     self.stats["replica_shortfalls"] += 1
                     self.acks.forget()  # the primary may have lost its replicas (or be a new one)
@@ -311,7 +314,13 @@ class RedisDocumentStore:
                     self.stats["append_failures"] += 1
                     raise StoreError(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
                 if not logged:
-                    log.warning("%s not acknowledged yet (%s: %s); retrying for up to %gs", what, type(exc).__name__, exc, self.retry_seconds)
+                    log.warning(
+                        "%s not acknowledged yet (%s: %s); retrying for up to %gs",
+                        what,
+                        type(exc).__name__,
+                        exc,
+                        self.retry_seconds,
+                    )
                     logged = True
                 self.stats["append_retries"] += 1
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -345,6 +354,15 @@ class RedisDocumentStore:
         async def run():
             entries = await self._r().xrange(updates_key(workspace_id), f"0-{after_seq + 1}", "+")
             return [(seq_of(i), f[b"node"].decode(), f[b"data"]) for i, f in entries]
+
+        return await self._run(run)
+
+    async def entry_at(self, workspace_id: str, seq: int) -> dict | None:
+        """The fields of update stream entry ``seq`` (None if it is gone)."""
+
+        async def run():
+            entries = await self._r().xrange(updates_key(workspace_id), f"0-{seq}", f"0-{seq}", count=1)
+            return entries[0][1] if entries else None
 
         return await self._run(run)
 
@@ -409,10 +427,33 @@ class RedisDocumentStore:
         return int(result[0])
 
     async def compact(self, workspace_id: str, snapshot: bytes, upto_seq: int) -> None:
+        """Write a snapshot covering the stream up to ``upto_seq``.
+
+        The new snapshot merges the stored snapshot, the stored entries up to
+        ``upto_seq`` and the room's state: after a failover, Redis's entries
+        up to ``upto_seq`` may not be the ones this room saw (a promoted
+        replica missed some, new appends took their numbers), and a snapshot
+        of the room alone would then drop them.
+        """
         t = tag(workspace_id)
-        await self._run(
-            lambda: self._compact(keys=[t + ":doc", t + ":updates"], args=[snapshot, upto_seq, self.trim_margin])
-        )
+
+        async def run():
+            pipe = self._r().pipeline(transaction=True)
+            pipe.hmget(t + ":doc", "snapshot", "snapshot_seq", "last_seq")
+            pipe.xrange(t + ":updates", "-", f"0-{upto_seq}")
+            (stored, stored_seq, last), entries = await pipe.execute()
+            stored_seq, last = int(stored_seq or 0), int(last or 0)
+            if upto_seq <= stored_seq or upto_seq > last:
+                return
+            parts = [stored] if stored else []
+            parts += [fields[b"data"] for sid, fields in entries if seq_of(sid) > stored_seq]
+            parts.append(snapshot)
+            merged = pycrdt.merge_updates(*parts) if len(parts) > 1 else snapshot
+            await self._compact(
+                keys=[t + ":doc", t + ":updates"], args=[merged, upto_seq, self.trim_margin, stored_seq]
+            )
+
+        await self._run(run)
 
     async def check(self) -> None:
         await self._run(lambda: self._r().ping())
@@ -773,4 +814,3 @@ class RedisDocumentStore:
             return {"seeded_at": float(seeded_at), "status": _s(status) or None}
 
         return await self._run(run)
-

@@ -37,9 +37,22 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.cluster import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 SINGLE, CLUSTER, SENTINEL = "single", "cluster", "sentinel"
+
+# What a Redis call can raise when Redis is unreachable or failing over (the
+# cluster client's RedisClusterException is not a RedisError).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
 
 class ReplicationShortfall(RedisError):
@@ -69,7 +82,9 @@ def parse_url(url: str) -> RedisTarget:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme not in ("redis+cluster", "redis+sentinel"):
         if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"COLLAB_REDIS_URL: unknown scheme {scheme!r} (redis, rediss, unix, redis+cluster, redis+sentinel)")
+            raise ValueError(
+                f"COLLAB_REDIS_URL: unknown scheme {scheme!r} (redis, rediss, unix, redis+cluster, redis+sentinel)"
+            )
         return RedisTarget(SINGLE, url)
     parts = urlsplit(url)
     netloc = parts.netloc
@@ -156,6 +171,39 @@ def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 
 
+async def reset(client: Any) -> None:
+    """After a failed call: a cluster client drops its connections and reloads its
+    slot map on the next call (the way redis-py does itself after CLUSTERDOWN)."""
+    if is_cluster(client):
+        try:
+            await client.aclose()
+        except REDIS_ERRORS:
+            pass
+
+
+async def prepare(client: Any) -> None:
+    """Load a cluster client's slot map (pub/sub needs it before its first subscribe); no-op otherwise.
+
+    Raises RedisError when the cluster does not answer; callers that may
+    start before Redis call it again later."""
+    if is_cluster(client):
+        await client.initialize()
+
+
+def publish_in(pipe: Any, client: Any, channel: str, message: str) -> list[tuple[str, str]]:
+    """Queue a PUBLISH in ``pipe``; a cluster pipeline refuses PUBLISH, so there
+    it is returned for :func:`publish_after` instead."""
+    if is_cluster(client):
+        return [(channel, message)]
+    pipe.publish(channel, message)
+    return []
+
+
+async def publish_after(client: Any, pending: list[tuple[str, str]]) -> None:
+    for channel, message in pending:
+        await client.publish(channel, message)
+
+
 # ------------------------------------------------------------------ streams
 
 
@@ -233,7 +281,9 @@ class ReplicaAcks:
         self._auto.clear()
 
 
-async def run_script(client: Any, script: Any, keys: Sequence[Any], args: Sequence[Any], replicas: int, wait_ms: int) -> Any:
+async def run_script(
+    client: Any, script: Any, keys: Sequence[Any], args: Sequence[Any], replicas: int, wait_ms: int
+) -> Any:
     """Run a registered script, then (``replicas > 0``) ``WAIT`` on the same connection.
 
     WAIT counts the writes of its own connection, so both commands go down

@@ -559,7 +559,9 @@ def make_registry(settings: Settings) -> PresenceRegistry:
     if settings.redis_url:
         from presence.redis import RedisPresenceRegistry
 
-        return RedisPresenceRegistry(settings.redis_url, settings.node_id, ttl=ttl, timeout=settings.redis_timeout_seconds)
+        return RedisPresenceRegistry(
+            settings.redis_url, settings.node_id, ttl=ttl, timeout=settings.redis_timeout_seconds
+        )
     from presence.memory import MemoryPresenceRegistry
 
     return MemoryPresenceRegistry(settings.node_id, ttl=ttl)

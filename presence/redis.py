@@ -32,7 +32,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from persistence.redisconn import connect
+from persistence.redisconn import connect, prepare, publish_after, publish_in
 from presence.base import ENTRY_EXPIRY_FRACTION, HEARTBEATS_PER_TTL, ConnectionEntry, WorkspacePresence
 
 log = logging.getLogger("collab.presence")
@@ -130,6 +130,9 @@ class RedisPresenceRegistry:
                 self.url, timeout=self.timeout, max_connections=MAX_CONNECTIONS, health_check_interval=10
             )
         self._read_script = self._client.register_script(_READ)
+        with contextlib.suppress(Exception):  # Redis may come up later: the reader retries
+            async with asyncio.timeout(self.timeout):
+                await prepare(self._client)
         self._closed = False
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         # A private channel keeps the subscription (and so the reader) alive
@@ -155,13 +158,15 @@ class RedisPresenceRegistry:
             try:
                 async with asyncio.timeout(2):
                     pipe = self.redis.pipeline(transaction=False)
+                    later = []
                     for workspace_id, conn_ids in doomed.items():
                         prefix = entry_prefix(workspace_id)
                         for conn_id in conn_ids:
                             pipe.delete(prefix + conn_id)
                             pipe.srem(index_key(workspace_id), conn_id)
-                        pipe.publish(channel(workspace_id), self.node_id)
+                        later += publish_in(pipe, self.redis, channel(workspace_id), self.node_id)
                     await pipe.execute()
+                    await publish_after(self.redis, later)
             except Exception as exc:
                 log.warning("presence: could not remove this node's entries at shutdown (%s); they expire", exc)
         self._own.clear()
@@ -227,9 +232,10 @@ class RedisPresenceRegistry:
                 pipe.pexpire(index, ttl_ms)
             if locks is not None:
                 self._write_locks(pipe, workspace_id, locks)
-            pipe.publish(channel(workspace_id), self.node_id)
+            later = publish_in(pipe, self.redis, channel(workspace_id), self.node_id)
             try:
                 await pipe.execute()
+                await publish_after(self.redis, later)
             except BaseException:  # failed or cancelled (shutdown): close() still removes what was staged
                 # Put back what was not written unless something newer was staged meanwhile.
                 staged = self._staged.setdefault(workspace_id, {})
@@ -318,8 +324,9 @@ class RedisPresenceRegistry:
             for conn_id in conn_ids:
                 pipe.delete(entry_prefix(workspace_id) + conn_id)
                 pipe.srem(index_key(workspace_id), conn_id)
-            pipe.publish(channel(workspace_id), self.node_id)
+            later = publish_in(pipe, self.redis, channel(workspace_id), self.node_id)
             await pipe.execute()
+            await publish_after(self.redis, later)
         except Exception as exc:  # they expire anyway
             log.warning("presence: could not remove stale entries in %s: %s", workspace_id, exc)
 
@@ -360,6 +367,8 @@ class RedisPresenceRegistry:
                 backoff = min(backoff * 2, 2.0)
                 with contextlib.suppress(Exception):
                     await self._pubsub.reset()
+                with contextlib.suppress(Exception):
+                    await prepare(self._client)  # a cluster client that started before Redis needs its slot map
                 # Notifications may have been missed: re-read everything we serve.
                 for workspace_id in list(self._watched):
                     self._changed(workspace_id)

@@ -31,13 +31,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from codec import protocol as p
 from collab.extensions import Extension
 from persistence.base import StoreError
 from persistence.redis import RedisDocumentStore, awareness_key, seq_of, updates_key
-from persistence.redisconn import connect, xread
+from persistence.redisconn import REDIS_ERRORS, connect, reset, xread
 
 if TYPE_CHECKING:
     from collab.app import App
@@ -53,6 +54,14 @@ class _Follow:
     room: Room
     seq: int
     aw_id: str
+    tip: int | None = None  # fingerprint of the entry at ``seq``: a failover may renumber history
+
+
+def tip_of(fields: dict | None) -> int | None:
+    """A stream entry's fingerprint (origin and data)."""
+    if fields is None:
+        return None
+    return hash((fields.get(b"node"), fields.get(b"data")))
 
 
 class Relay:
@@ -87,12 +96,15 @@ class Relay:
 
     async def start(self, app: App) -> None:
         self.app = app
-        # Its own client: a blocking XREAD holds its connection for block_ms.
+        # Its own client: a blocking XREAD holds its connection for block_ms. No
+        # transparent retries: a failover must reach _recovered(), which checks that
+        # Redis still holds the history this node relayed.
         self.reader = connect(
             self.store.url,
             timeout=self.timeout,
             socket_timeout=self.block_ms / 1000.0 + self.timeout,
             max_connections=4,
+            retry=Retry(NoBackoff(), 0),
         )
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -142,7 +154,7 @@ class Relay:
                         assert self.reader is not None
                         await self.reader.ping()
                         await self._recovered()
-                    except (RedisError, StoreError, OSError) as exc:
+                    except (*REDIS_ERRORS, StoreError) as exc:
                         self.error = f"{type(exc).__name__}: {exc}"
                         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                         delay = min(delay * 2, 5.0)
@@ -166,10 +178,11 @@ class Relay:
                 )
                 if not self.healthy:
                     await self._recovered()
-            except (RedisError, StoreError, OSError) as exc:
+            except (*REDIS_ERRORS, StoreError) as exc:
                 if self.healthy:
                     log.error("Redis unreachable from the relay (%s); reconnecting with backoff", exc)
                 self.healthy, self.error = False, f"{type(exc).__name__}: {exc}"
+                await reset(self.reader)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
                 continue
@@ -187,7 +200,7 @@ class Relay:
                         await self._updates(follow, entries)
                     else:
                         self._awareness(follow, entries)
-                except (RedisError, StoreError) as exc:
+                except (*REDIS_ERRORS, StoreError) as exc:
                     log.warning("relay of %s interrupted: %s", ws, exc)
                 except Exception:
                     log.exception("relay of %s failed", ws)
@@ -204,6 +217,7 @@ class Relay:
                 await self.resync(follow)
                 return
             follow.seq = seq
+            follow.tip = tip_of(fields)
             if fields[b"node"].decode() == self.node_id:
                 continue
             room.apply_remote(fields[b"data"], seq)
@@ -243,6 +257,7 @@ class Relay:
         for update in stored.updates:
             room.apply_remote(update)
         follow.seq = stored.last_seq
+        follow.tip = None
         room.durable_seq = max(room.durable_seq, stored.last_seq)
 
     async def _recovered(self) -> None:
@@ -251,8 +266,15 @@ class Relay:
         self.healthy, self.error = True, None
         self.stats["reconnects"] += 1
         for follow in list(self.follows.values()):
-            last = await self.store.last_seq(follow.room.workspace_id)
+            ws = follow.room.workspace_id
+            last = await self.store.last_seq(ws)
             if last < follow.seq:
+                await self.resync(follow)
+            elif follow.tip is not None and tip_of(await self.store.entry_at(ws, follow.seq)) != follow.tip:
+                # A failover promoted a replica that missed our last entries, and new ones took
+                # their numbers: read the document again and write back what Redis lost.
+                log.error("Redis history of %s changed at %d (failover): reloading it", ws, follow.seq)
+                follow.room.restore_to_store()
                 await self.resync(follow)
 
     # ------------------------------------------------------------ awareness
@@ -278,7 +300,7 @@ class Relay:
                     pipe.xadd(key, {"node": self.node_id, "data": data}, maxlen=AWARENESS_MAXLEN, approximate=True)
                     pipe.pexpire(key, int(max(self.awareness_ttl, 60) * 10_000))
                 await pipe.execute()
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if time.monotonic() - last_error > 5:
                     last_error = time.monotonic()
                     log.warning("awareness not relayed (Redis: %s)", exc)

@@ -92,8 +92,18 @@ class RedisCluster:
         self.nodes = [
             ConfiguredRedis(
                 workdir / f"cluster-{i}",
-                ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", str(free_port()),
-                 "--cluster-node-timeout", str(node_timeout_ms), "--cluster-replica-validity-factor", "0"],
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    str(free_port()),
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ],
             )  # fmt: skip
             for i in range(primaries * 2)
         ]
