@@ -221,8 +221,10 @@ class SentinelGroup:
             node.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self.primary.client() as c:
-                linked = c.info("replication").get("connected_slaves", 0)
+            linked = 0
+            for replica in self.replicas:  # synced, not just connected
+                with replica.client() as c:
+                    linked += c.info("replication").get("master_link_status") == "up"
             known = 0
             for s in self.sentinels:
                 with s.client() as c:
