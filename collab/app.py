@@ -373,6 +373,8 @@ class App:
                 "rooms": len(self.rooms.rooms),
                 "addresses": len(self.limiter.per_ip),
                 "refused": dict(self.stats),
+                # For leak checks: every asyncio task of this process (writers, renewals, retries...).
+                "tasks": len(asyncio.all_tasks()),
             }
         )
 
