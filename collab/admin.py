@@ -9,7 +9,10 @@ list). In development mode the query string gives the identity
 
 What a node answers is about itself (its rooms and connections), except
 participants and locks, which come from the presence registry and the lock
-backend (every node's, when they are in Redis).
+backend (every node's, when they are in Redis). With Redis, answers are also
+cluster-wide: every node publishes a summary of itself (scaleout/nodes.py),
+and the room list (``cluster``), a room (``nodes``), its participants
+(``node``/``nodes``) and its locks (``node``) say which node holds what.
 """
 
 from __future__ import annotations
@@ -121,8 +124,35 @@ class AdminAPI:
                 "rooms": [self._room_summary(room) for room in rooms],
                 "loading": self.app.rooms.loading,
                 "peers": len(self.app.peers),
+                "cluster": await self._cluster(),
             }
         )
+
+    async def _node_summaries(self) -> list[dict[str, Any]] | str | None:
+        """Every node's published summary; None on one node without Redis; the error text if Redis fails."""
+        nodes = self._extension("nodes")
+        if nodes is None:
+            return None
+        try:
+            async with asyncio.timeout(2):
+                return await nodes.cluster()
+        except Exception as exc:
+            return f"error: {type(exc).__name__}: {exc}"
+
+    async def _cluster(self) -> dict[str, Any] | None:
+        """The rooms of every node: by node, and by room with the nodes holding it."""
+        summaries = await self._node_summaries()
+        if summaries is None or isinstance(summaries, str):
+            return None if summaries is None else {"error": summaries}
+        by_room: dict[str, list[dict[str, Any]]] = {}
+        for summary in summaries:
+            for room in summary["rooms"]:
+                entry = {"node": summary["node"], "peers": room["peers"], "users": room["users"]}
+                by_room.setdefault(room["workspace"], []).append(entry)
+        return {
+            "nodes": summaries,
+            "rooms": [{"workspace": ws, "nodes": nodes} for ws, nodes in sorted(by_room.items())],
+        }
 
     async def room(self, request: Request) -> JSONResponse:
         """``GET /api/admin/rooms/{id}``: peers on this node, participants and locks (every node's)."""
@@ -141,6 +171,25 @@ class AdminAPI:
         body["participants"] = await self._participants(workspace_id)
         locks = self._extension("locks")
         body["locks"] = await locks.current_locks(workspace_id) if locks is not None else []
+        summaries = await self._node_summaries()
+        if isinstance(summaries, list):
+            holder_node = {
+                lock["holder"]: summary["node"]
+                for summary in summaries
+                for room in summary["rooms"]
+                if room["workspace"] == workspace_id
+                for lock in room["locks"]
+            }
+            for lock in body["locks"]:
+                lock.setdefault("node", holder_node.get(lock.get("holder")))
+            body["nodes"] = [
+                {"node": summary["node"], **{k: room[k] for k in ("peers", "users", "locks")}}
+                for summary in summaries
+                for room in summary["rooms"]
+                if room["workspace"] == workspace_id
+            ]
+        elif isinstance(summaries, str):
+            body["nodes"] = {"error": summaries}
         return body
 
     async def _participants(self, workspace_id: str) -> list[dict[str, Any]] | None:

@@ -770,6 +770,10 @@ def default_extensions(settings: Settings, forwarding: Any = None) -> list[Exten
         from scaleout.relay import RelayExtension
 
         extensions.append(RelayExtension(settings))
+    if settings.redis_url:
+        from scaleout.nodes import NodeDirectory
+
+        extensions.append(NodeDirectory(settings))  # who holds what, for the cluster-wide admin API
     from presence.extension import PresenceExtension
 
     # Presence first: it stamps awareness states before anything else sees them.

@@ -238,6 +238,10 @@ class LockExtension(Extension):
     def room_summary(self, workspace_id: str) -> dict[str, Any]:
         return {"locks": len(self.locks(workspace_id))}
 
+    def holders_here(self) -> set[str]:
+        """Holder ids of this node's connections (the cluster-wide admin API says which node holds a lock)."""
+        return set(self._by_id)
+
     def locks(self, workspace: str) -> list[dict[str, Any]]:
         space = self._spaces.get(workspace)
         return [_record(lease) for lease in space.view.values()] if space else []
