@@ -56,9 +56,6 @@ class AdminAPI:
             GatedRoute(base + "/{workspace_id}", self.room, methods=["GET"], requires=admin),
             GatedRoute(base + "/{workspace_id}/config", self.config, methods=["GET"], requires=admin),
             GatedRoute(base + "/{workspace_id}/consistency", self.consistency, methods=["GET"], requires=admin),
-            GatedRoute(
-                base + "/{workspace_id}/locks/{path}/release", self.release_lock, methods=["POST"], requires=admin
-            ),
             GatedRoute(base + "/{workspace_id}/close", self.close_room, methods=["POST"], requires=admin),
         ]
 
@@ -123,13 +120,14 @@ class AdminAPI:
                 "node": self.app.settings.node_id,
                 "rooms": [self._room_summary(room) for room in rooms],
                 "loading": self.app.rooms.loading,
-                "peers": len(self.app.peers),
+                "peers": len(self.app.connections),
+                "features": self.node_features(),
                 "cluster": await self._cluster(),
             }
         )
 
     async def _node_summaries(self) -> list[dict[str, Any]] | str | None:
-        """Every node's published summary; None on one node without Redis; the error text if Redis fails."""
+        """Every node's published summary (the ``nodes`` feature); None without Redis; the error text if Redis fails."""
         nodes = self._extension("nodes")
         if nodes is None:
             return None
@@ -154,6 +152,13 @@ class AdminAPI:
             "rooms": [{"workspace": ws, "nodes": nodes} for ws, nodes in sorted(by_room.items())],
         }
 
+    def node_features(self) -> dict[str, Any]:
+        """What each feature reports of this node (``Extension.admin_summary``)."""
+        features: dict[str, Any] = {}
+        for ext in self.app.extensions:
+            features.update(ext.admin_summary())
+        return features
+
     async def room(self, request: Request) -> JSONResponse:
         """``GET /api/admin/rooms/{id}``: peers on this node, participants and locks (every node's)."""
         workspace_id = self._workspace(request)
@@ -168,44 +173,22 @@ class AdminAPI:
             body["peers"] = [self._peer(ps) for ps in room.peers.values()]
         else:
             body["peers"] = []
-        body["participants"] = await self._participants(workspace_id)
-        locks = self._extension("locks")
-        body["locks"] = await locks.current_locks(workspace_id) if locks is not None else []
+        body["participants"] = None  # filled in by the presence feature when it runs
+        body["locks"] = []
+        for ext in self.app.extensions:
+            body.update(await ext.room_report(workspace_id))
         summaries = await self._node_summaries()
         if isinstance(summaries, list):
-            holder_node = {
-                lock["holder"]: summary["node"]
-                for summary in summaries
-                for room in summary["rooms"]
-                if room["workspace"] == workspace_id
-                for lock in room["locks"]
-            }
+            held_by = [(summary["node"], room) for summary in summaries for room in summary["rooms"]]
+            held_by = [(node, room) for node, room in held_by if room["workspace"] == workspace_id]
+            holder_node = {lock["holder"]: node for node, room in held_by for lock in room["locks"]}
             for lock in body["locks"]:
-                lock.setdefault("node", holder_node.get(lock.get("holder")))
-            body["nodes"] = [
-                {"node": summary["node"], **{k: room[k] for k in ("peers", "users", "locks")}}
-                for summary in summaries
-                for room in summary["rooms"]
-                if room["workspace"] == workspace_id
-            ]
+                if isinstance(lock, dict):
+                    lock.setdefault("node", holder_node.get(lock.get("holder")))
+            body["nodes"] = [{"node": node, **{k: room[k] for k in ("peers", "users", "locks")}} for node, room in held_by]
         elif isinstance(summaries, str):
             body["nodes"] = {"error": summaries}
         return body
-
-    async def _participants(self, workspace_id: str) -> list[dict[str, Any]] | None:
-        presence = self._extension("presence")
-        if presence is None:
-            return None
-        from presence.base import build_roster
-
-        try:
-            async with asyncio.timeout(2):
-                state = await presence.registry.read(workspace_id)
-            roster = [part.to_json() for part in build_roster(state).values()]
-        except Exception:  # the registry is down: what this node last published
-            view = presence.views.get(workspace_id)
-            roster = list(view.roster.values()) if view is not None else []
-        return sorted(roster, key=lambda part: (part.get("joined_at", 0), part.get("user_id", "")))
 
     async def config(self, request: Request) -> JSONResponse:
         """``GET /api/admin/rooms/{id}/config``: the current configuration (secrets masked).
@@ -252,26 +235,6 @@ class AdminAPI:
             raise HTTPException(404, f"no document stored for workspace {workspace_id!r}")
         body["well_formed"] = not any(part["problems"] for part in (body.get("memory"), body.get("store")) if part)
         return JSONResponse(body)
-
-    async def release_lock(self, request: Request) -> JSONResponse:
-        """``POST /api/admin/rooms/{id}/locks/{path}/release``: force-release a lock."""
-        from locks.base import LockUnavailable
-
-        workspace_id = self._workspace(request)
-        locks = self._extension("locks")
-        if locks is None:
-            raise HTTPException(404, "locks are disabled on this server")
-        path = request.path_params["path"]
-        if not path or len(path) > 512:
-            raise HTTPException(400, "invalid lock path")
-        try:
-            released = await locks.force_release(workspace_id, path)
-        except LockUnavailable as exc:
-            raise HTTPException(503, f"lock service unavailable: {exc}") from None
-        if released is None:
-            raise HTTPException(404, f"nobody holds a lock on exactly {path!r}")
-        log.warning("admin force-released the lock on %s held by %s", path, released.get("user_id"))
-        return JSONResponse({"workspace": workspace_id, "released": released})
 
     async def close_room(self, request: Request) -> JSONResponse:
         """``POST /api/admin/rooms/{id}/close``: close every peer (1012 by default), then evict the room.

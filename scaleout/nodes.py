@@ -26,7 +26,7 @@ from collab.extensions import Extension
 from persistence.redisconn import REDIS_ERRORS, connect
 
 if TYPE_CHECKING:
-    from collab.app import App
+    from collab.extensions import Host
 
 log = logging.getLogger("collab.nodes")
 
@@ -47,10 +47,10 @@ class NodeDirectory(Extension):
         self.node_id = settings.node_id
         self.interval = settings.node_summary_seconds
         self.client: Any = None
-        self.app: App | None = None
+        self.app: Host | None = None
         self._task: asyncio.Task | None = None
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         self.app = app
         self.client = connect(self.settings.redis_url, timeout=self.settings.redis_timeout_seconds, max_connections=4)
         self._task = asyncio.get_running_loop().create_task(self._publish_loop(), name="node summaries")
@@ -86,7 +86,7 @@ class NodeDirectory(Extension):
                     if lock.get("holder") in here
                 ]
             rooms.append({"workspace": ws, "peers": len(room.peers), "users": users, "locks": held})
-        return {"node": self.node_id, "at": round(time.time(), 3), "rooms": rooms, "peers": len(self.app.peers)}
+        return {"node": self.node_id, "at": round(time.time(), 3), "rooms": rooms, "peers": sum(r["peers"] for r in rooms)}
 
     async def publish(self) -> None:
         ttl_ms = int(self.interval * 3 * 1000)

@@ -41,7 +41,7 @@ from persistence.redis import RedisDocumentStore, awareness_key, seq_of, updates
 from persistence.redisconn import REDIS_ERRORS, connect, reset, xread
 
 if TYPE_CHECKING:
-    from collab.app import App
+    from collab.extensions import Host
     from rooms.room import Room
 
 log = logging.getLogger("collab.relay")
@@ -84,7 +84,7 @@ class Relay:
         self._by_key: dict[bytes, tuple[str, str]] = {}
         self.healthy = True
         self.error: str | None = None
-        self.app: App | None = None
+        self.app: Host | None = None
         self.reader: Any = None
         self._wake = asyncio.Event()
         self._aw_pending: dict[str, list[p.AwarenessEntry]] = {}
@@ -94,7 +94,7 @@ class Relay:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         self.app = app
         # Its own client: a blocking XREAD holds its connection for block_ms. No
         # transparent retries: a failover must reach _recovered(), which checks that
@@ -123,7 +123,7 @@ class Relay:
     # -------------------------------------------------------------- rooms
 
     def attach(self, room: Room) -> None:
-        room.relay = self
+        room.attach_relay(self)
         since = int(time.time() * 1000 - self.awareness_ttl * 1000)
         ws = room.workspace_id
         self.follows[ws] = _Follow(room, room.loaded_seq, f"{max(0, since)}-0")
@@ -338,7 +338,7 @@ class RelayExtension(Extension):
     def listeners(self) -> list:
         return [self._hooks]
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         if not isinstance(app.store, RedisDocumentStore):
             log.warning("relay disabled: the document store is not Redis")
             return
