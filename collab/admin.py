@@ -185,7 +185,9 @@ class AdminAPI:
             for lock in body["locks"]:
                 if isinstance(lock, dict):
                     lock.setdefault("node", holder_node.get(lock.get("holder")))
-            body["nodes"] = [{"node": node, **{k: room[k] for k in ("peers", "users", "locks")}} for node, room in held_by]
+            body["nodes"] = [
+                {"node": node, **{k: room[k] for k in ("peers", "users", "locks")}} for node, room in held_by
+            ]
         elif isinstance(summaries, str):
             body["nodes"] = {"error": summaries}
         return body

@@ -86,7 +86,12 @@ class NodeDirectory(Extension):
                     if lock.get("holder") in here
                 ]
             rooms.append({"workspace": ws, "peers": len(room.peers), "users": users, "locks": held})
-        return {"node": self.node_id, "at": round(time.time(), 3), "rooms": rooms, "peers": sum(r["peers"] for r in rooms)}
+        return {
+            "node": self.node_id,
+            "at": round(time.time(), 3),
+            "rooms": rooms,
+            "peers": sum(r["peers"] for r in rooms),
+        }
 
     async def publish(self) -> None:
         ttl_ms = int(self.interval * 3 * 1000)
