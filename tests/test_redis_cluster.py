@@ -214,6 +214,27 @@ async def test_thirty_clients_converge_through_a_primary_failover(server_factory
 
         rooms = [httpx.get(f"{n.http_url}/api/admin/rooms/{ws}?user=ops&role=admin").text[:300] for n in nodes]
         missing = [sorted(set(expected.items()) - set(v.items())) for v in views]
+        from redis.cluster import ClusterNode as SyncNode
+        from redis.cluster import RedisCluster as SyncCluster
+
+        rc = SyncCluster(startup_nodes=[SyncNode("127.0.0.1", n.port) for n in redis_cluster.live()])
+        t = tag(ws)
+        doc_hash = rc.hgetall(t + ":doc")
+        entries = rc.xrange(t + ":updates", "-", "+")
+        d = pycrdt.Doc()
+        if doc_hash.get(b"snapshot"):
+            d.apply_update(doc_hash[b"snapshot"])
+        trace = []
+        extra = {k: v for _, _, diff in odd[:1] for k, (v, _) in diff.items()}
+        for sid, fields in entries:
+            d.apply_update(fields[b"data"])
+            have = dict(d.get("items", type=pycrdt.Map).to_py() or {})
+            for k, v in list(extra.items()):
+                if have.get(k) == v:
+                    trace.append((sid, fields[b"node"], k, v))
+                    del extra[k]
+        info = {k.decode(): v[:40] for k, v in doc_hash.items() if k != b"snapshot"}
+        print("DEBUG doc", info, "entries", len(entries), entries[0][0] if entries else None, "found", trace, "never", extra)
         raise AssertionError(f"not converged: missing={missing} odd={odd[:3]} rooms={rooms}") from None
     for node in nodes:
         assert await fresh_view(node, ws) == expected
