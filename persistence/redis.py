@@ -292,7 +292,7 @@ class RedisDocumentStore:
     async def _run(self, coro_fn, *args):
         try:
             return await coro_fn(*args)
-        except REDIS_ERRORS as exc:
+        except Exception as exc:  # Redis's errors, and what the cluster client lets through during a failover
             raise StoreError(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def _retrying(self, fn, what: str):
@@ -306,7 +306,13 @@ class RedisDocumentStore:
         while True:
             try:
                 return await fn()
-            except REDIS_ERRORS as exc:
+            except Exception as exc:
+                # Beyond Redis's own errors, the cluster client can let others through
+                # (e.g. a connection closed under a command during a failover): an
+                # append carries its id, so trying again is safe, and the room must
+                # get an answer (an ack or StoreError), never a dead task.
+                if not isinstance(exc, REDIS_ERRORS):
+                    log.warning("%s: unexpected %s from the Redis client: %s", what, type(exc).__name__, exc)
                 if isinstance(exc, ReplicationShortfall):
                     self.stats["replica_shortfalls"] += 1
                     self.acks.forget()  # the primary may have lost its replicas (or be a new one)

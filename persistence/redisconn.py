@@ -171,9 +171,21 @@ def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 
 
+async def refresh_slots(client: Any) -> None:
+    """A cluster client reloads its slot map (after a failover or a slot move),
+    leaving the connections other tasks are using alone; no-op otherwise."""
+    if is_cluster(client):
+        try:
+            await client.nodes_manager.initialize()
+        except REDIS_ERRORS:
+            pass
+
+
 async def reset(client: Any) -> None:
-    """After a failed call: a cluster client drops its connections and reloads its
-    slot map on the next call (the way redis-py does itself after CLUSTERDOWN)."""
+    """After a failed call on a client that one task owns (the relay reader): a
+    cluster client drops its connections and reloads its slot map on the next
+    call. Never on a shared client: other tasks' connections would be closed
+    under them."""
     if is_cluster(client):
         try:
             await client.aclose()
@@ -332,9 +344,9 @@ async def _cluster_script_wait(client: Any, script: Any, keys, args, replicas: i
     except BaseException:
         await conn.disconnect()
         node.release(conn)
-        await client.aclose()  # a failover or slot move: the next call reloads the slot map
+        await refresh_slots(client)  # a failover or a slot move: the next try goes to the new owner
         raise
     node.release(conn)
     if any(isinstance(r, (MovedError, AskError, ClusterDownError, TryAgainError)) for r in replies):
-        await client.aclose()
+        await refresh_slots(client)
     return replies[0], replies[1]

@@ -32,7 +32,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from persistence.redisconn import connect, is_cluster, prepare, publish_after, publish_in, reset
+from persistence.redisconn import connect, is_cluster, prepare, publish_after, publish_in, refresh_slots
 from presence.base import ENTRY_EXPIRY_FRACTION, HEARTBEATS_PER_TTL, ConnectionEntry, WorkspacePresence
 
 log = logging.getLogger("collab.presence")
@@ -370,8 +370,7 @@ class RedisPresenceRegistry:
                 if is_cluster(self._client):
                     # A cluster pub/sub stays on the node it first chose: start over on a live one.
                     with contextlib.suppress(Exception):
-                        await reset(self._client)
-                        await prepare(self._client)
+                        await refresh_slots(self._client)
                     self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 # Notifications may have been missed: re-read everything we serve.
                 for workspace_id in list(self._watched):

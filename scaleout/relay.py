@@ -178,7 +178,9 @@ class Relay:
                 )
                 if not self.healthy:
                     await self._recovered()
-            except (*REDIS_ERRORS, StoreError) as exc:
+            except Exception as exc:  # Redis's errors, and what its cluster client lets through in a failover
+                if not isinstance(exc, (*REDIS_ERRORS, StoreError)):
+                    log.warning("relay read failed: %s: %s", type(exc).__name__, exc)
                 if self.healthy:
                     log.error("Redis unreachable from the relay (%s); reconnecting with backoff", exc)
                 self.healthy, self.error = False, f"{type(exc).__name__}: {exc}"
@@ -270,12 +272,15 @@ class Relay:
             last = await self.store.last_seq(ws)
             if last < follow.seq:
                 await self.resync(follow)
-            elif follow.tip is not None and tip_of(await self.store.entry_at(ws, follow.seq)) != follow.tip:
+                continue
+            if follow.tip is not None and tip_of(await self.store.entry_at(ws, follow.seq)) != follow.tip:
                 # A failover promoted a replica that missed our last entries, and new ones took
-                # their numbers: read the document again and write back what Redis lost.
+                # their numbers: write back what Redis lost.
                 log.error("Redis history of %s changed at %d (failover): reloading it", ws, follow.seq)
                 follow.room.restore_to_store()
-                await self.resync(follow)
+            # Read the document again in any case: what this node relayed while Redis
+            # failed over may have been lost and written again under other numbers.
+            await self.resync(follow)
 
     # ------------------------------------------------------------ awareness
 

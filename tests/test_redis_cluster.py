@@ -212,7 +212,14 @@ async def test_thirty_clients_converge_through_a_primary_failover(server_factory
         ]
         import httpx
 
-        rooms = [httpx.get(f"{n.http_url}/api/admin/rooms/{ws}?user=ops&role=admin").text[:300] for n in nodes]
+        rooms = [
+            {
+                k: v
+                for k, v in httpx.get(f"{n.http_url}/api/admin/rooms/{ws}?user=ops&role=admin").json().items()
+                if k in ("node", "durable_seq", "stats")
+            }
+            for n in nodes
+        ]
         missing = [sorted(set(expected.items()) - set(v.items())) for v in views]
         from redis.cluster import ClusterNode as SyncNode
         from redis.cluster import RedisCluster as SyncCluster
@@ -226,6 +233,7 @@ async def test_thirty_clients_converge_through_a_primary_failover(server_factory
             d.apply_update(doc_hash[b"snapshot"])
         trace = []
         extra = {k: v for _, _, diff in odd[:1] for k, (v, _) in diff.items()}
+        extra.update({k: v for m in missing for k, v in m})
         for sid, fields in entries:
             d.apply_update(fields[b"data"])
             have = dict(d.get("items", type=pycrdt.Map).to_py() or {})
@@ -234,7 +242,30 @@ async def test_thirty_clients_converge_through_a_primary_failover(server_factory
                     trace.append((sid, fields[b"node"], k, v))
                     del extra[k]
         info = {k.decode(): v[:40] for k, v in doc_hash.items() if k != b"snapshot"}
-        print("DEBUG doc", info, "entries", len(entries), entries[0][0] if entries else None, "found", trace, "never", extra)
+        from rooms import ystructs
+
+        redis_sv = ystructs.state_vector(d.get_state())
+        for n in nodes:
+            async with CollabClient(n.ws_url, ws, query="user=fresh") as fc:
+                sv = ystructs.state_vector(fc.doc.get_state())
+            diff = {cid: (sv.get(cid), clock) for cid, clock in redis_sv.items() if sv.get(cid) != clock}
+            holders = []
+            for sid, fields in entries:
+                for cid, start, end in ystructs.block_ranges(fields[b"data"]):
+                    if cid in diff and end > (diff[cid][0] or 0):
+                        holders.append((sid, fields[b"node"], cid, start, end))
+            print("DEBUG sv", n.env["COLLAB_NODE_ID"], diff, "in entries", holders[:6])
+        print(
+            "DEBUG doc",
+            info,
+            "entries",
+            len(entries),
+            entries[0][0] if entries else None,
+            "found",
+            trace,
+            "never",
+            extra,
+        )
         raise AssertionError(f"not converged: missing={missing} odd={odd[:3]} rooms={rooms}") from None
     for node in nodes:
         assert await fresh_view(node, ws) == expected
