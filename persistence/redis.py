@@ -421,10 +421,8 @@ class RedisDocumentStore:
         async def run():
             client = self._r()
             replicas = await self.acks.wanted(client, keys[0])
-            result = await run_script(client, self._append, keys, args, replicas, self.acks.timeout_ms)
-            if forward:
-                await client.sadd(OUTBOX_INDEX, workspace_id)
-            return result
+            then = [("SADD", OUTBOX_INDEX, workspace_id)] if forward else []
+            return await run_script(client, self._append, keys, args, replicas, self.acks.timeout_ms, then)
 
         result = await self._retrying(run, what=f"append to {workspace_id}")
         for i, rec in enumerate(records):

@@ -294,7 +294,13 @@ class ReplicaAcks:
 
 
 async def run_script(
-    client: Any, script: Any, keys: Sequence[Any], args: Sequence[Any], replicas: int, wait_ms: int
+    client: Any,
+    script: Any,
+    keys: Sequence[Any],
+    args: Sequence[Any],
+    replicas: int,
+    wait_ms: int,
+    then: Sequence[tuple[Any, ...]] = (),
 ) -> Any:
     """Run a registered script, then (``replicas > 0``) ``WAIT`` on the same connection.
 
@@ -302,18 +308,27 @@ async def run_script(
     one connection (a pipeline; in a cluster, a connection of the slot's
     primary). Fewer replicas than asked within ``wait_ms`` raises
     :class:`ReplicationShortfall`: the write is on the primary but not
-    acknowledged.
+    acknowledged. ``then``: commands to send after it (in the same round trip
+    except on a cluster, where they may belong to other slots).
     """
-    if replicas <= 0:
-        return await script(keys=list(keys), args=list(args))
     for attempt in (0, 1):
         if is_cluster(client):
-            result, acked = await _cluster_script_wait(client, script, keys, args, replicas, wait_ms)
+            if replicas > 0:
+                result, acked = await _cluster_script_wait(client, script, keys, args, replicas, wait_ms)
+            else:
+                result, acked = await script(keys=list(keys), args=list(args)), 0
+            if not isinstance(result, Exception):
+                for command in then:
+                    await client.execute_command(*command)
         else:
             pipe = client.pipeline(transaction=False)
             pipe.evalsha(script.sha, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", replicas, wait_ms)
-            result, acked = await pipe.execute(raise_on_error=False)
+            if replicas > 0:
+                pipe.execute_command("WAIT", replicas, wait_ms)
+            for command in then:
+                pipe.execute_command(*command)
+            replies = await pipe.execute(raise_on_error=False)
+            result, acked = replies[0], (replies[1] if replicas > 0 else 0)
         if isinstance(result, NoScriptError) and attempt == 0:
             script.sha = await client.script_load(script.script)
             continue
