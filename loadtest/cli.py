@@ -51,6 +51,12 @@ def _add_run_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for late deliveries after the load")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds between handshake and load")
     p.add_argument("--query", default="", help="query string for every room URL (e.g. identity: user=lt)")
+    p.add_argument(
+        "--map",
+        default="config",
+        help="the Y.Map the writers edit (default %(default)s: validated, audited and outboxed; any other name "
+        "measures plain CRDT fan-out)",
+    )
     p.add_argument("--server-pid", type=int, help="server PID: report its CPU time per delivery (/proc/PID/stat)")
     p.add_argument("--json", type=Path, help="also write the results here")
     if sweep:
@@ -191,6 +197,7 @@ def _params(args: argparse.Namespace, interval: float) -> FanoutParams:
         server_pid=args.server_pid,
         query=args.query,
         progress=not args.quiet,
+        map_name=args.map,
     )
 
 
