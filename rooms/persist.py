@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("collab.room")
 
 
+def _declares_nowait(store: Any) -> bool:
+    return callable(getattr(type(store), "append_nowait", None))
+
+
 class _InFlight:
     """One submitted append: what its acks and records wait for."""
 
@@ -72,7 +76,9 @@ class PersistPipeline:
         self.failed: str | None = None
         self._tail: asyncio.Task | None = None  # the last append (acks chain on it)
         # A batching store takes appends without a task; they settle in order from here.
-        self._nowait = store.append_nowait if isinstance(store, BatchingStore) else None
+        # (Asked of the class: a wrapper that forwards unknown attributes to a
+        # batching store but wraps ``append`` itself must keep its ``append``.)
+        self._nowait = store.append_nowait if isinstance(store, BatchingStore) and _declares_nowait(store) else None
         self._inflight: deque[_InFlight] = deque()
         self._compacting = False
         self._compact_task: asyncio.Task | None = None

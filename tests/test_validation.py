@@ -197,7 +197,7 @@ async def test_outbox_rows_commit_in_the_same_transaction_as_the_update(tmp_path
     def broken(*args):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(sqlite_store, "write_records", broken)
+    monkeypatch.setattr(sqlite_store, "write_batch", broken)
     room.receive(ps, p.SyncUpdate(_update(doc, lambda c: c.__setitem__("name", "Sales"))))
     await room.drain()
     assert room.failed  # the store refused the append: neither the update nor its outbox row exists
