@@ -233,6 +233,18 @@ class DataSourceConfig(BaseModel):
     schedule: Schedule | None = None
     scan_rules: ScanRules | None = None
 
+    @classmethod
+    def validation_scope(cls, config: dict[str, Any], keys: set[str]) -> set[str] | None:
+        """The top-level keys a change of ``keys`` must be validated with (None: the whole configuration).
+
+        Every top-level value is valid or not on its own (its field, the
+        secret scan, blanks), except the completeness of an enabled data
+        source, which spans ``enabled`` and the required sections.
+        """
+        if config.get("enabled") and keys & _COMPLETENESS_KEYS:
+            return None
+        return keys
+
     @model_validator(mode="before")
     @classmethod
     def _drafts_and_secrets(cls, data: Any) -> Any:
@@ -289,6 +301,7 @@ def _blank_to_none(data: Any, depth: int) -> Any:
 
 
 _SECTIONS = {"connection", "credentials", "schedule", "scan_rules"}
+_COMPLETENESS_KEYS = frozenset({"enabled", *(path[0] for path in REQUIRED_WHEN_ENABLED)})
 
 
 def _find_secrets(node: Any, loc: tuple, errors: list[InitErrorDetails]) -> None:

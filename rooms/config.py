@@ -132,6 +132,37 @@ def overlaps(a: str, b: str) -> bool:
 # ------------------------------------------------ incremental configuration view
 
 
+class SectionCache:
+    """Something derived from each top-level value of the view, recomputed only for the values that changed.
+
+    The view is copy-on-write (``reread`` copies only the dicts along the
+    touched paths), so a top-level value that is the same object as last
+    time has the same content: what was derived from it still holds. A
+    change then costs the sections it touched, not the whole configuration.
+    ``derive(key, value)`` must be pure.
+    """
+
+    def __init__(self, derive: Callable[[str, Any], Any]) -> None:
+        self._derive = derive
+        self._memo: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, key: str, value: Any) -> Any:
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        derived = self._derive(key, value)
+        self._memo[key] = (value, derived)
+        return derived
+
+    def items(self, view: dict[str, Any]) -> list[tuple[str, Any]]:
+        """(key, derived) for every top-level key of ``view``, in its order."""
+        memo = self._memo
+        if len(memo) > 2 * len(view) + 16:  # keys removed from the view: forget them
+            for key in [k for k in memo if k not in view]:
+                del memo[key]
+        return [(key, self.get(key, value)) for key, value in view.items()]
+
+
 REREAD: Any = object()  # a touched path whose new value must be read from the document
 _SCALARS = (str, int, float, bool, type(None))
 
