@@ -120,9 +120,17 @@ class AdminAPI:
                 "node": self.app.settings.node_id,
                 "rooms": [self._room_summary(room) for room in rooms],
                 "loading": self.app.rooms.loading,
-                "peers": len(self.app.peers),
+                "peers": len(self.app.connections),
+                "features": self.node_features(),
             }
         )
+
+    def node_features(self) -> dict[str, Any]:
+        """What each feature reports of this node (``Extension.admin_summary``)."""
+        features: dict[str, Any] = {}
+        for ext in self.app.extensions:
+            features.update(ext.admin_summary())
+        return features
 
     async def room(self, request: Request) -> JSONResponse:
         """``GET /api/admin/rooms/{id}``: peers on this node, participants and locks (every node's)."""

@@ -24,18 +24,13 @@ from codec import protocol as p
 from collab import __version__, logs
 from collab.admin import AdminAPI
 from collab.auth import (
-    CLOSE_FORBIDDEN,
-    CLOSE_UNAUTHENTICATED,
     Authenticator,
-    AuthError,
     DevelopmentAuthenticator,
-    Identity,
     authenticator_from_settings,
-    has_role,
 )
-from collab.connection import WebSocketPeer
+from collab.connection import Connection, ConnectionRegistry, ConnectionServices
 from collab.console import Console
-from collab.extensions import Extension
+from collab.extensions import Extension, control_handlers
 from collab.gate import (
     PUBLIC,
     WORKSPACE_ID,
@@ -49,13 +44,13 @@ from collab.gate import (
     workspace_role,
 )
 from collab.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from collab.metrics import Metrics, close_kind
-from collab.security import ConnectionLimiter, OriginPolicy, RateExceeded, RateLimiter
+from collab.metrics import Metrics
+from collab.security import ConnectionLimiter, OriginPolicy
 from collab.settings import Settings
-from persistence.base import DocumentStore, StoreError
+from persistence.base import DocumentStore
 from persistence.sqlite import SQLiteDocumentStore
-from rooms.manager import RoomLimitReached, RoomManager
-from rooms.room import PeerState, Room, RoomTuning
+from rooms.manager import RoomManager
+from rooms.room import Room, RoomTuning
 
 log = logging.getLogger("collab.app")
 
@@ -63,52 +58,6 @@ __all__ = ["WORKSPACE_ID", "App", "create_app", "default_extensions"]
 
 # Who may open the websocket of a workspace: any role there (viewers read only).
 WEBSOCKET_REQUIRES = workspace_role("viewer")
-
-
-# Control messages that need a role, checked before any handler sees them (a
-# second line of defence: the lock extension checks roles too, and answers in
-# the same form). `lock.*force*` messages need admin.
-CONTROL_ROLES: dict[str, str] = {
-    "lock.acquire": "editor",
-    "lock.release": "editor",
-    "lock.renew": "editor",
-    "lock.force_release": "admin",
-}
-
-
-def required_role(control_type: str) -> str | None:
-    role = CONTROL_ROLES.get(control_type)
-    if role is None and control_type.startswith("lock.") and "force" in control_type.lower():
-        role = "admin"
-    return role
-
-
-class _Close(Exception):
-    """Close the websocket with this code and reason (before it joined a room)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-class _Session:
-    """Per-connection authentication state: the token may be refreshed."""
-
-    __slots__ = ("refreshed",)
-
-    def __init__(self) -> None:
-        self.refreshed = asyncio.Event()
-
-    async def wait_refresh(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a refresh; True if one came."""
-        try:
-            async with asyncio.timeout(max(0.0, timeout)):
-                await self.refreshed.wait()
-        except TimeoutError:
-            return False
-        self.refreshed.clear()
-        return True
 
 
 class App:
@@ -168,32 +117,45 @@ class App:
             room_factory=self._make_room,
             max_rooms=settings.max_rooms,
         )
-        self.peers: set[WebSocketPeer] = set()
-        self._no_peers = asyncio.Event()
-        self._no_peers.set()
-        self.accepting = False
+        # What every room gets from the extensions, composed once.
+        self._control_handlers = control_handlers(self.extensions)
+        self._guards = [guard for ext in self.extensions for guard in ext.guards()]
+        self._listeners = [listener for ext in self.extensions for listener in ext.listeners()]
+        self.connections = ConnectionRegistry()  # joined websocket connections
         self.metrics = Metrics(self)
         self.counters = self.metrics.counters
         self.gate = Gate(self.authenticator, settings)
+        self.connection_services = ConnectionServices(
+            settings=settings,
+            authenticator=self.authenticator,
+            gate=self.gate,
+            requires=WEBSOCKET_REQUIRES,
+            rooms=self.rooms,
+            counters=self.counters,
+            refusals=self.stats,
+            registry=self.connections,
+        )
         self.admin = AdminAPI(self)
         self.console = Console(self)  # the landing page (/) and the operator console (/admin)
         self._redis: Any = None  # client for the readiness check, when COLLAB_REDIS_URL is set
 
+    @property
+    def accepting(self) -> bool:
+        """True from startup until the shutdown begins."""
+        return self.connections.accepting
+
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self.connections.accepting = value
+
     def _make_room(self, workspace_id: str) -> Room:
-        handlers: dict = {}
-        guards: list = []
-        listeners: list = []
-        for ext in self.extensions:
-            handlers.update(ext.control_handlers())
-            guards.extend(ext.guards())
-            listeners.extend(ext.listeners())
         room = Room(
             workspace_id,
             self.store,
             self.room_tuning,
-            control_handlers=handlers,
-            guards=guards,
-            listeners=listeners,
+            control_handlers=self._control_handlers,
+            guards=self._guards,
+            listeners=self._listeners,
         )
         room.metrics = self.counters
         return room
@@ -278,18 +240,16 @@ class App:
         try:
             async with asyncio.timeout(timeout):
                 await self.rooms.close()
-                for peer in list(self.peers):
-                    peer.close(p.CLOSE_RESTART, "server restarting")
-                await self._no_peers.wait()
+                self.connections.close_all(p.CLOSE_RESTART, "server restarting")
+                await self.connections.wait_empty()
         except TimeoutError:
-            log.warning("%d connections still open after %.1fs; closing them abruptly", len(self.peers), timeout)
+            log.warning("%d connections still open after %.1fs; closing them abruptly", len(self.connections), timeout)
 
     async def shutdown(self) -> None:
         """Stop accepting, flush every room, tell clients to reconnect (1012)."""
         self.accepting = False
         await self.rooms.close()
-        for peer in list(self.peers):
-            peer.close(p.CLOSE_RESTART, "server restarting")
+        self.connections.close_all(p.CLOSE_RESTART, "server restarting")
         for ext in reversed(self.extensions):
             try:
                 await ext.stop()
@@ -364,7 +324,7 @@ class App:
         return JSONResponse(
             {
                 "connections": self.limiter.total,
-                "peers": len(self.peers),
+                "peers": len(self.connections),
                 "rooms": len(self.rooms.rooms),
                 "addresses": len(self.limiter.per_ip),
                 "refused": dict(self.stats),
@@ -395,117 +355,9 @@ class App:
             await self._deny(ws, 503, refusal)
             return
         try:
-            await self._serve(ws, workspace_id)
+            await Connection(ws, self.connection_services, workspace_id).run()
         finally:
             self.limiter.release(address)
-
-    async def _serve(self, ws: WebSocket, workspace_id: str) -> None:
-        await ws.accept()
-        logs.bind(workspace=workspace_id)  # every log line of this connection names its workspace
-        if not self.accepting:
-            await self._close(ws, p.CLOSE_RESTART, "server shutting down")
-            return
-        settings = self.settings
-        rate = (
-            RateLimiter(settings.message_rate, settings.message_burst, settings.rate_limit_grace),
-            RateLimiter(settings.byte_rate, settings.byte_burst, settings.rate_limit_grace, unit="bytes"),
-        )
-        try:
-            async with asyncio.timeout(settings.preauth_timeout):
-                identity = await self.authenticator.authenticate(ws, workspace_id)
-                pending: list[p.Message] = []
-                if identity is None:
-                    identity, pending = await self._authenticate_by_message(ws, workspace_id, rate)
-                if identity is not None:
-                    self.gate.authorize(identity, WEBSOCKET_REQUIRES, ws)
-        except GateError as exc:
-            self.stats["auth_failed"] += 1
-            await self._close(ws, exc.close_code, exc.reason)
-            return
-        except TimeoutError:
-            self.stats["auth_failed"] += 1
-            await self._close(ws, CLOSE_UNAUTHENTICATED, "authentication timeout")
-            return
-        except AuthError as exc:
-            self.stats["auth_failed"] += 1
-            await self._close(ws, exc.code, exc.reason)
-            return
-        except _Close as exc:
-            await self._close(ws, exc.code, exc.reason)
-            return
-        except Exception:  # a broken authenticator: refuse, never let the client in
-            log.exception("authenticator failed for %s", workspace_id)
-            await self._close(ws, p.CLOSE_INTERNAL_ERROR, "authentication failed")
-            return
-        if identity is None:
-            self.counters.closed(None, "client_closed")
-            return  # the client went away before authenticating
-        logs.bind(user=identity.user_id)
-        if not self.accepting:  # the shutdown began while it authenticated
-            await self._close(ws, p.CLOSE_RESTART, "server restarting")
-            return
-        try:
-            room = await self.rooms.open_room(workspace_id)
-        except RoomLimitReached:
-            await self._close(ws, p.CLOSE_TRY_AGAIN, "room limit reached on this server; try again or another node")
-            return
-        except StoreError as exc:
-            log.error("cannot load workspace %s: %s", workspace_id, exc)
-            await _close(ws, p.CLOSE_TRY_AGAIN, "storage unavailable; reconnect shortly")
-            return
-        except Exception:
-            log.exception("cannot load workspace %s", workspace_id)
-            await self._close(ws, p.CLOSE_INTERNAL_ERROR, "cannot load workspace")
-            return
-        client = ws.client
-        peer = WebSocketPeer(
-            ws,
-            settings.peer_queue_frames,
-            label=f"{workspace_id} {client.host}:{client.port}" if client else workspace_id,
-            counters=self.counters,
-        )
-        self.peers.add(peer)
-        self._no_peers.clear()
-        state = room.join(peer, identity)
-        session = _Session()
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self._read_loop(ws, peer, room, state, rate, pending, session))]
-        if getattr(identity, "expires_at", None) is not None:
-            tasks.append(loop.create_task(self._watch_expiry(peer, state, session)))
-        try:
-            await peer.closed
-        finally:
-            for task in tasks:
-                task.cancel()
-            room.leave(peer)
-            self.rooms.room_left(room)
-            try:
-                await peer.finish()
-            finally:
-                self.peers.discard(peer)
-                if not self.peers:
-                    self._no_peers.set()
-                log.info(
-                    "closed workspace=%s user=%s from %s: %s",
-                    workspace_id,
-                    identity.user_id,
-                    f"{client.host}:{client.port}" if client else "?",
-                    f"{peer.close_code} {peer.close_reason}" if peer.close_code is not None else "the client left",
-                )
-
-    async def _close(self, ws: WebSocket, code: int, reason: str) -> None:
-        """Close a connection that never joined a room (counted by close code)."""
-        kind = "room_limit" if code == p.CLOSE_TRY_AGAIN else close_kind(code)
-        self.counters.closed(code, kind)
-        log.info(
-            "refused workspace=%s user=%s from %s: %d %s",
-            logs.workspace_var.get() or "-",
-            logs.user_var.get() or "-",
-            ws.client.host if ws.client else "?",
-            code,
-            reason,
-        )
-        await _close(ws, code, reason)
 
     async def _deny(self, ws: WebSocket, status: int, reason: str) -> None:
         """Refuse the handshake with an HTTP status (no websocket is opened)."""
@@ -522,195 +374,6 @@ class App:
             self._last_refusal_log = now
             log.warning(message + " (refusals so far: %s)", *args, self.stats)
 
-    async def _authenticate_by_message(
-        self, ws: WebSocket, workspace_id: str, rate: tuple[RateLimiter, RateLimiter]
-    ) -> tuple[Identity | None, list[p.Message]]:
-        """No credentials in the handshake: the first control message must be ``auth``.
-
-        Other messages that come first (a stock client sends sync step 1 and
-        its awareness on open) are kept, up to COLLAB_PREAUTH_MAX_BYTES and
-        _MAX_FRAMES, and handled once the client is authenticated.
-        """
-        verify = getattr(self.authenticator, "authenticate_token", None)
-        if verify is None:
-            raise AuthError(CLOSE_UNAUTHENTICATED, "authentication required")
-        settings = self.settings
-        pending: list[p.Message] = []
-        buffered = 0
-        while True:
-            message = await ws.receive()
-            data = message.get("bytes")
-            if data is None:
-                if message["type"] == "websocket.disconnect":
-                    return None, []
-                raise _Close(p.CLOSE_UNSUPPORTED_DATA, "text frames are not supported; send binary")
-            self.counters.messages_in += 1
-            self.counters.bytes_in += len(data)
-            await self._throttle(rate, len(data))
-            if len(data) > settings.preauth_max_bytes:
-                raise _Close(p.CLOSE_TOO_BIG, "message too large before authentication")
-            try:
-                msg = p.decode_message(data)
-            except p.ProtocolError as exc:
-                raise _Close(exc.code, exc.reason) from None
-            if isinstance(msg, p.Control):
-                if msg.type != "auth":
-                    raise AuthError(CLOSE_UNAUTHENTICATED, "authentication required: send auth first")
-                return await verify(msg.body.get("token"), workspace_id), pending
-            buffered += len(data)
-            if buffered > settings.preauth_max_bytes or len(pending) >= settings.preauth_max_frames:
-                raise _Close(p.CLOSE_POLICY, "too much data before authentication")
-            pending.append(msg)
-
-    async def _throttle(self, rate: tuple[RateLimiter, RateLimiter], size: int) -> None:
-        """Take a message's tokens; wait for them if the client is over its rate (raises past the grace).
-
-        Messages and bytes are counted apart: CPU goes with both (decoding an
-        update costs about 1 s per MiB of small structs on one core).
-        """
-        try:
-            delay = max(rate[0].take(), rate[1].take(size))
-        except RateExceeded as exc:
-            self.stats["rate_limited"] += 1
-            raise _Close(p.CLOSE_POLICY, str(exc)) from None
-        if delay > 0:
-            await asyncio.sleep(delay)  # not reading is what slows the client down (TCP backpressure)
-
-    async def _read_loop(
-        self,
-        ws: WebSocket,
-        peer: WebSocketPeer,
-        room: Room,
-        state: PeerState,
-        rate: tuple[RateLimiter, RateLimiter],
-        pending: list[p.Message],
-        session: _Session,
-    ) -> None:
-        receive = ws.receive
-        max_bytes = self.settings.max_message_bytes
-        counters = self.counters
-        try:
-            for msg in pending:
-                await self._handle(peer, room, state, msg, session)
-                if peer.closed.done():
-                    return
-            pending.clear()
-            handled = 0
-            while True:
-                message = await receive()
-                data = message.get("bytes")
-                if data is None:
-                    if message["type"] == "websocket.disconnect":
-                        peer.disconnected()
-                        return
-                    peer.close(p.CLOSE_UNSUPPORTED_DATA, "text frames are not supported; send binary")
-                    return
-                counters.messages_in += 1
-                counters.bytes_in += len(data)
-                if len(data) > max_bytes:
-                    peer.close(p.CLOSE_TOO_BIG, f"message exceeds {max_bytes} bytes")
-                    return
-                await self._throttle(rate, len(data))
-                await self._handle(peer, room, state, p.decode_message(data), session)
-                if peer.closed.done():
-                    return
-                handled += 1
-                if handled % 4 == 0:
-                    # receive() doesn't suspend while uvicorn has messages queued: without
-                    # this, one client's burst (a TCP read can hold thousands of small
-                    # messages) would run to the end before any flush, ack or other
-                    # connection got a turn.
-                    await asyncio.sleep(0)
-        except p.ProtocolError as exc:
-            peer.close(exc.code, exc.reason)
-        except _Close as exc:
-            peer.close(exc.code, exc.reason)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug of ours: drop only this peer
-            log.exception("error handling message in %s", room.workspace_id)
-            peer.close(p.CLOSE_INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
-
-    async def _handle(
-        self, peer: WebSocketPeer, room: Room, state: PeerState, msg: p.Message, session: _Session
-    ) -> None:
-        if isinstance(msg, p.Control):
-            if msg.type == "auth":
-                await self._refresh(peer, room, state, msg, session)
-                return
-            role = required_role(msg.type)
-            if role is not None and state.wants_control and not has_role(state.identity, role):
-                body: dict[str, Any] = {
-                    "type": "lock.error" if msg.type.startswith("lock.") else "error",
-                    **({"id": msg.body["id"]} if "id" in msg.body else {}),
-                    "code": "forbidden",
-                    "message": f"{msg.type} needs the {role} role",
-                }
-                if isinstance(msg.body.get("path"), str):
-                    body["path"] = msg.body["path"]
-                state.control(body)
-                return
-        was_opted_in = state.wants_control
-        room.receive(state, msg)
-        if not was_opted_in and state.wants_control and getattr(state.identity, "expires_at", None) is not None:
-            self._send_auth_status(state)  # tells a token client when to refresh
-            expires_at = state.identity.expires_at
-            if expires_at - self.settings.token_refresh_window <= time.time():
-                # The warning fell due before this peer opted in (and was not
-                # sent to it then): ask for a fresh token now.
-                state.control({"type": "auth.expiring", "expires_at": expires_at})
-
-    def _send_auth_status(self, state: PeerState, request: p.Control | None = None) -> None:
-        identity = state.identity
-        body: dict[str, Any] = {"type": "auth.ok", "user": identity.public(), "expires_at": identity.expires_at}
-        if request is not None and "id" in request.body:
-            body["id"] = request.body["id"]
-        state.control(body)
-
-    async def _refresh(
-        self, peer: WebSocketPeer, room: Room, state: PeerState, msg: p.Control, session: _Session
-    ) -> None:
-        """A fresh token for the same user: new expiry (and role) for this connection."""
-        verify = getattr(self.authenticator, "authenticate_token", None)
-        try:
-            if verify is None:
-                raise AuthError(CLOSE_UNAUTHENTICATED, "this server does not accept tokens in messages")
-            fresh = await verify(msg.body.get("token"), room.workspace_id)
-            self.gate.authorize(fresh, WEBSOCKET_REQUIRES, peer.ws)  # the same rule as at the handshake
-        except AuthError as exc:
-            self.stats["auth_failed"] += 1
-            peer.close(exc.code, exc.reason)
-            return
-        except GateError as exc:
-            self.stats["auth_failed"] += 1
-            peer.close(exc.close_code, exc.reason)
-            return
-        if fresh.user_id != state.identity.user_id:
-            peer.close(CLOSE_FORBIDDEN, "the new token is for another user")
-            return
-        state.identity = fresh
-        session.refreshed.set()
-        self._send_auth_status(state, msg)
-
-    async def _watch_expiry(self, peer: WebSocketPeer, state: PeerState, session: _Session) -> None:
-        """Ask for a fresh token before the current one expires; close 4401 if none comes."""
-        window = self.settings.token_refresh_window
-        grace = self.settings.token_expiry_grace
-        while not peer.closed.done():
-            identity = state.identity
-            expires_at = identity.expires_at
-            if expires_at is None:
-                return
-            if await session.wait_refresh(expires_at - window - time.time()):
-                continue
-            if state.identity is identity:
-                state.control({"type": "auth.expiring", "expires_at": expires_at})
-            if await session.wait_refresh(expires_at + grace - time.time()):
-                continue
-            if state.identity is identity:
-                peer.close(CLOSE_UNAUTHENTICATED, "token expired")
-                return
-
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """HTTP errors as JSON: ``{"error": "..."}``."""
@@ -726,15 +389,6 @@ def _json_stderr_warning(message: str, *args: Any) -> None:
 
 def _stderr_warning(message: str, *args: Any) -> None:
     print(message % args, file=sys.stderr, flush=True)
-
-
-async def _close(ws: WebSocket, code: int, reason: str) -> None:
-    """Close a websocket that never joined a room; the client may be gone already."""
-    try:
-        async with asyncio.timeout(2):
-            await ws.close(code, reason[:120])
-    except Exception:
-        pass
 
 
 def create_app(

@@ -19,6 +19,7 @@ from collab.logs import announce
 from collab.logs import configure as configure_logging
 from collab.security import install_log_redaction
 from collab.settings import Settings
+from collab.wsserver import CollabWebSocketProtocol
 from forwarding.settings import ForwardingSettings
 
 
@@ -164,7 +165,9 @@ def serve(settings: Settings, forwarding: ForwardingSettings | None = None) -> i
         log_level=settings.log_level,
         # JSON lines: uvicorn's loggers propagate to our root handler instead of their own.
         **({"log_config": None} if settings.log_format == "json" else {}),
-        ws="websockets-sansio",
+        # uvicorn's websockets-sansio protocol plus a synchronous frame write
+        # (collab/wsserver.py): a flush writes to every peer without an ASGI send each.
+        ws=CollabWebSocketProtocol,
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,

@@ -119,7 +119,7 @@ class Console:
             "version": __version__,
             "now": now,
             "accepting": self.app.accepting,
-            "connections": len(self.app.peers),
+            "connections": len(self.app.connections),
             "rooms": reports,
             "forwarding": await self._forwarding([r.workspace_id for r in rooms], watched, now),
         }

@@ -200,56 +200,56 @@ class AppCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         app, c = self.app, self.c
-        yield _gauge("collab_info", "Server version and node id", 1, {"version": _version(), "node": _node(app)})
-        yield _gauge(
+        yield gauge("collab_info", "Server version and node id", 1, {"version": _version(), "node": _node(app)})
+        yield gauge(
             "collab_accepting", "1 while the server accepts connections (0 while shutting down)", int(app.accepting)
         )
         if self._redis_up is not None:
-            yield _gauge("collab_redis_up", "1 when the shared Redis answered a PING at this scrape (1 s bound)",
+            yield gauge("collab_redis_up", "1 when the shared Redis answered a PING at this scrape (1 s bound)",
                          self._redis_up)  # fmt: skip
 
         # Rooms and connections.
         rooms = app.rooms.rooms
-        yield _gauge("collab_rooms", "Rooms (workspaces) in memory on this node", len(rooms))
-        yield _gauge("collab_rooms_loading", "Rooms being loaded from the store", len(app.rooms.loading))
-        yield _gauge("collab_peers", "Connections joined to a room", len(app.peers))
-        yield _gauge(
+        yield gauge("collab_rooms", "Rooms (workspaces) in memory on this node", len(rooms))
+        yield gauge("collab_rooms_loading", "Rooms being loaded from the store", len(app.rooms.loading))
+        yield gauge("collab_peers", "Connections joined to a room", len(app.connections))
+        yield gauge(
             "collab_connections", "Open websocket connections, including unauthenticated ones", app.limiter.total
         )
         awareness = sum(1 for room in rooms.values() for rec in room.awareness.values() if rec.state is not None)
-        yield _gauge("collab_awareness_states", "Live awareness states across rooms", awareness)
+        yield gauge("collab_awareness_states", "Live awareness states across rooms", awareness)
 
         # Messages.
-        yield _counter("collab_messages_received", "Websocket frames received from clients", c.messages_in)
-        yield _counter("collab_received_bytes", "Bytes of websocket frames received", c.bytes_in)
-        yield _counter("collab_messages_sent", "Websocket frames written to clients", c.messages_out)
-        yield _counter("collab_sent_bytes", "Bytes of websocket frames written", c.bytes_out)
-        yield _counter("collab_updates_received", "CRDT updates received (sync step 2 and updates)", c.updates_in)
-        yield _counter("collab_updates_refused", "Updates refused and reverted (viewer, document too large)",
+        yield counter("collab_messages_received", "Websocket frames received from clients", c.messages_in)
+        yield counter("collab_received_bytes", "Bytes of websocket frames received", c.bytes_in)
+        yield counter("collab_messages_sent", "Websocket frames written to clients", c.messages_out)
+        yield counter("collab_sent_bytes", "Bytes of websocket frames written", c.bytes_out)
+        yield counter("collab_updates_received", "CRDT updates received (sync step 2 and updates)", c.updates_in)
+        yield counter("collab_updates_refused", "Updates refused and reverted (viewer, document too large)",
                        c.updates_refused)  # fmt: skip
-        yield _counter("collab_surrogate_splits",
+        yield counter("collab_surrogate_splits",
                        "Updates that cut a UTF-16 surrogate pair in text, integrated as Yjs does (U+FFFD)",
                        c.surrogate_splits)  # fmt: skip
-        yield _counter("collab_flushes", "Room flushes (one merged broadcast each)", c.flushes)
-        yield _counter("collab_frames_queued", "Frames handed to peers' outgoing queues by flushes", c.frames_queued)
-        yield _histogram(
+        yield counter("collab_flushes", "Room flushes (one merged broadcast each)", c.flushes)
+        yield counter("collab_frames_queued", "Frames handed to peers' outgoing queues by flushes", c.frames_queued)
+        yield histogram(
             "collab_fanout_latency_seconds",
             "From the first update received to the end of the flush that queued it for every peer",
             c.fanout,
         )
 
         # Queues.
-        depths = [peer.queued for peer in app.peers]
-        yield _gauge("collab_peer_queue_frames", "Frames waiting in peers' outgoing queues, summed", sum(depths))
-        yield _gauge("collab_peer_queue_frames_max", "Longest outgoing queue of a peer", max(depths, default=0))
-        yield _gauge("collab_peer_queue_limit_frames", "Queue length at which a peer is cut off",
+        depths = [conn.queued for conn in app.connections]
+        yield gauge("collab_peer_queue_frames", "Frames waiting in peers' outgoing queues, summed", sum(depths))
+        yield gauge("collab_peer_queue_frames_max", "Longest outgoing queue of a peer", max(depths, default=0))
+        yield gauge("collab_peer_queue_limit_frames", "Queue length at which a peer is cut off",
                      app.settings.peer_queue_frames)  # fmt: skip
         pending_store = sum(room.pending_store_updates for room in rooms.values())
-        yield _gauge("collab_store_pending_updates", "Updates waiting for the next flush to the store", pending_store)
+        yield gauge("collab_store_pending_updates", "Updates waiting for the next flush to the store", pending_store)
 
         # Store.
-        yield _histogram("collab_store_append_seconds", "Duration of one store append (one per flush)", c.store_append)
-        yield _counter("collab_store_errors", "Store appends that failed (the room was dropped)", c.store_errors)
+        yield histogram("collab_store_append_seconds", "Duration of one store append (one per flush)", c.store_append)
+        yield counter("collab_store_errors", "Store appends that failed (the room was dropped)", c.store_errors)
 
         # Connections closed and errors.
         closes = CounterMetricFamily(
@@ -265,23 +265,21 @@ class AppCollector(Collector):
         errors["origin_refused"] += refused.get("refused_origin", 0)
         errors["connection_limit"] += refused.get("refused_limit", 0)
         errors["storage"] += c.store_errors
-        fwd = self._forwarder()
-        if fwd is not None:
-            errors["forward_failed"] += fwd.stats.get("failures", 0)
-            errors["forward_refused"] += fwd.stats.get("refused", 0)
-            errors["forward_dead_letter"] += fwd.stats.get("dead", 0)
+        for ext in app.extensions:
+            for kind, count in ext.error_counts().items():
+                errors[kind] += count
         family = CounterMetricFamily("collab_errors", "Errors by kind (close codes by category, refusals, "
                                      "storage and forwarding failures)", labels=["kind"])  # fmt: skip
         for kind in sorted(errors):
             family.add_metric([kind], errors[kind])
         yield family
-        yield _counter("collab_auth_failures", "Failed authentications", refused.get("auth_failed", 0))
-        yield _counter(
+        yield counter("collab_auth_failures", "Failed authentications", refused.get("auth_failed", 0))
+        yield counter(
             "collab_rate_limited", "Connections closed for exceeding their rate", refused.get("rate_limited", 0)
         )
 
         # Forwarding.
-        yield _histogram("collab_forward_request_seconds", "Duration of one request to the data-source backend",
+        yield histogram("collab_forward_request_seconds", "Duration of one request to the data-source backend",
                          c.forward)  # fmt: skip
         results = CounterMetricFamily(
             "collab_forward_requests", "Requests to the data-source backend by outcome", labels=["outcome"]
@@ -289,62 +287,20 @@ class AppCollector(Collector):
         for outcome in ("2xx", "4xx", "5xx", "unreachable"):
             results.add_metric([outcome], c.forward_results.get(outcome, 0))
         yield results
-        if fwd is not None:
-            lanes = list(fwd.lanes.values())
-            yield _gauge("collab_forward_lanes", "Workspaces with changes being delivered",
-                         sum(1 for lane in lanes if lane.task is not None and not lane.task.done()))  # fmt: skip
-            yield _gauge("collab_forward_lanes_retrying", "Workspaces whose delivery is being retried",
-                         sum(1 for lane in lanes if lane.retrying))  # fmt: skip
-            yield _gauge("collab_forward_backend_down", "1 while the backend is unreachable (circuit open)",
-                         int(bool(getattr(fwd, "_down", False))))  # fmt: skip
         if self._outbox is not None:
-            yield _gauge("collab_outbox_pending", "Changes recorded and not yet delivered to the backend",
+            yield gauge("collab_outbox_pending", "Changes recorded and not yet delivered to the backend",
                          self._outbox.get("pending", 0))  # fmt: skip
-            yield _gauge("collab_outbox_dead_letters", "Changes in the dead-letter list", self._outbox.get("dead", 0))
+            yield gauge("collab_outbox_dead_letters", "Changes in the dead-letter list", self._outbox.get("dead", 0))
             oldest = self._outbox.get("oldest_pending_at")
             age = max(0.0, time.time() - oldest) if oldest else 0.0
-            yield _gauge("collab_outbox_oldest_pending_seconds", "Age of the oldest undelivered change (0: none)", age)
+            yield gauge("collab_outbox_oldest_pending_seconds", "Age of the oldest undelivered change (0: none)", age)
 
-        # Locks.
-        locks = self._extension("locks")
-        if locks is not None:
-            spaces = getattr(locks, "_spaces", {})
-            yield _gauge("collab_locks_held", "Locks held in the workspaces this node serves (any node's holders)",
-                         sum(len(space.view) for space in spaces.values()))  # fmt: skip
-            conns = getattr(locks, "_conns", {})
-            yield _gauge("collab_locks_held_local", "Locks held by this node's connections",
-                         sum(len(conn.leases) for conn in conns.values()))  # fmt: skip
-            yield _gauge("collab_lock_requests_pending", "Lock requests waiting on this node",
-                         sum(len(conn.pending) for conn in conns.values()))  # fmt: skip
-            events = CounterMetricFamily("collab_lock_events", "Lock events on this node", labels=["event"])
-            for event, count in sorted(getattr(locks, "stats", {}).items()):
-                events.add_metric([event], count)
-            yield events
-
-        # Participants.
-        presence = self._extension("presence")
-        if presence is not None:
-            views = getattr(presence, "views", {})
-            yield _gauge("collab_participants", "Participants (distinct users) in the rosters of the workspaces "
-                         "this node serves", sum(len(view.roster) for view in views.values()))  # fmt: skip
-            yield _gauge("collab_presence_streams", "Open participant event streams (SSE)",
-                         sum(len(view.streams) for view in views.values()))  # fmt: skip
-
-    def _extension(self, name: str) -> Any:
-        for ext in self.app.extensions:
-            if getattr(ext, "name", None) == name:
-                return ext
-        return None
-
-    def _forwarder(self) -> Any:
-        for ext in self.app.extensions:
-            forwarder = getattr(ext, "forwarder", None)
-            if forwarder is not None:
-                return forwarder
-        return None
+        # Features (locks, participants, forwarding...): each answers for itself.
+        for ext in app.extensions:
+            yield from ext.metrics()
 
 
-def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
+def gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
     if labels:
         family = GaugeMetricFamily(name, doc, labels=list(labels))
         family.add_metric(list(labels.values()), value)
@@ -352,11 +308,11 @@ def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = No
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
-def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
+def histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
     return HistogramMetricFamily(name, doc, buckets=hist.buckets(), sum_value=hist.sum)
 
 

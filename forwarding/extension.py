@@ -26,14 +26,17 @@ import logging
 import secrets
 import time
 import weakref
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import pycrdt
+from prometheus_client.core import Metric
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from collab.extensions import Extension
+from collab.extensions import ControlRoute, Extension
 from collab.gate import GatedRoute, service, workspace_role
+from collab.metrics import gauge
 from forwarding.backendsync import BackendSync, version_text
 from forwarding.forwarder import Forwarder, SeedError
 from forwarding.model import SECRET_KEYS
@@ -44,7 +47,7 @@ from persistence.outbox import ACCEPTED, REJECTED, SEEDED, ChangeRecord, OutboxS
 from rooms.config import MISSING, Changes, SectionCache, diff, to_prelim
 
 if TYPE_CHECKING:
-    from collab.app import App
+    from collab.extensions import Host
     from rooms.room import PeerState, Room
 
 log = logging.getLogger("collab.forwarding")
@@ -108,7 +111,7 @@ class ForwardingExtension(Extension):
         self.settings = settings or ForwardingSettings()
         model = load_model(self.settings.config_model)
         self.validator = ConfigValidator(model) if model is not None else None
-        self.app: App | None = None
+        self.app: Host | None = None
         self.store: Any = None
         self.recording = False  # the store keeps an outbox and an audit trail
         self.forwarder: Forwarder | None = None
@@ -131,8 +134,8 @@ class ForwardingExtension(Extension):
     def listeners(self) -> list:
         return [self.hooks]
 
-    def control_handlers(self) -> dict:
-        return {"forward.status": self._control_status}
+    def control_routes(self) -> list[ControlRoute]:
+        return [ControlRoute("forward.status", self._control_status)]
 
     def routes(self) -> list:
         base = "/api/workspaces/{workspace_id}"
@@ -154,7 +157,7 @@ class ForwardingExtension(Extension):
             *self.bulk.routes(),
         ]
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         self.app = app
         self.store = app.store
         gate = getattr(app, "gate", None)
@@ -237,6 +240,29 @@ class ForwardingExtension(Extension):
             status = await self.store.forward_status(workspace)
             self.seqs[workspace] = max(self.seqs.get(workspace, 0), status["recorded_seq"])
         return self.seqs[workspace]
+
+    def admin_summary(self) -> dict[str, Any]:
+        return {"forwarding": self.forwarder.summary()} if self.forwarder is not None else {}
+
+    def metrics(self) -> Iterable[Metric]:
+        if self.forwarder is None:
+            return
+        summary = self.forwarder.summary()
+        yield gauge("collab_forward_lanes", "Workspaces with changes being delivered", summary["lanes"])
+        yield gauge("collab_forward_lanes_retrying", "Workspaces whose delivery is being retried",
+                    summary["lanes_retrying"])  # fmt: skip
+        yield gauge("collab_forward_backend_down", "1 while the backend is unreachable (circuit open)",
+                    int(summary["backend_down"]))  # fmt: skip
+
+    def error_counts(self) -> dict[str, int]:
+        if self.forwarder is None:
+            return {}
+        stats = self.forwarder.stats
+        return {
+            "forward_failed": stats.get("failures", 0),
+            "forward_refused": stats.get("refused", 0),
+            "forward_dead_letter": stats.get("dead", 0),
+        }
 
     async def check(self) -> str | None:
         """Readiness: the data-source backend answers (when forwarding is on).

@@ -151,6 +151,20 @@ class Forwarder:
 
     # ------------------------------------------------------------ lifecycle
 
+    @property
+    def backend_down(self) -> bool:
+        """True while the backend is unreachable (the circuit is open)."""
+        return self._down
+
+    def summary(self) -> dict[str, Any]:
+        """Delivery state on this node (metrics and the admin API)."""
+        lanes = list(self.lanes.values())
+        return {
+            "lanes": sum(1 for lane in lanes if lane.task is not None and not lane.task.done()),
+            "lanes_retrying": sum(1 for lane in lanes if lane.retrying),
+            "backend_down": self._down,
+        }
+
     async def start(self) -> None:
         headers = {"User-Agent": "datasource-collab"}
         if self.settings.backend_token:

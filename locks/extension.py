@@ -30,24 +30,27 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import CounterMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from codec import protocol as p
-from collab.auth import has_role
-from collab.extensions import Extension
+from collab.extensions import ControlRoute, Extension
 from collab.gate import GatedRoute, server_role
+from collab.metrics import gauge
 from locks.base import Lease, LeaseManager, LockConflict, LockEvent, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
 from locks.memory import MemoryLeaseManager
 from rooms.config import Rejection, covers, overlaps
+from rooms.peer import Slot
 from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
-    from collab.app import App
+    from collab.extensions import Host
     from collab.settings import Settings
 
 log = logging.getLogger("collab.locks")
@@ -73,6 +76,8 @@ class _Conn:
     tokens: float = 0.0
     refilled: float = 0.0
 
+
+_CONN = Slot[_Conn]("locks")  # a connection's leases and pending requests, on its PeerState
 
 @dataclass(eq=False, slots=True)
 class _Space:
@@ -100,8 +105,7 @@ class LockExtension(Extension):
         self.roots = [r for r in settings.lockable_paths if r]
         self._node = secrets.token_hex(4)
         self._ids = itertools.count(1)
-        self._conns: dict[PeerState, _Conn] = {}
-        self._by_id: dict[str, _Conn] = {}
+        self._by_id: dict[str, _Conn] = {}  # this node's connections (their records are in _CONN slots)
         self.guard = _LockGuard(self)
         self._spaces: dict[str, _Space] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -112,13 +116,13 @@ class LockExtension(Extension):
 
     # ------------------------------------------------------------ extension
 
-    def control_handlers(self) -> dict:
-        return {
-            "lock.acquire": self._on_acquire,
-            "lock.release": self._on_release,
-            "lock.list": self._on_list,
-            "lock.force_release": self._on_force_release,
-        }
+    def control_routes(self) -> list[ControlRoute]:
+        return [
+            ControlRoute("lock.acquire", self._on_acquire, requires="editor", error_type="lock.error"),
+            ControlRoute("lock.release", self._on_release, requires="editor", error_type="lock.error"),
+            ControlRoute("lock.list", self._on_list, error_type="lock.error"),
+            ControlRoute("lock.force_release", self._on_force_release, requires="admin", error_type="lock.error"),
+        ]
 
     def guards(self) -> list:
         return [self.guard]
@@ -134,17 +138,17 @@ class LockExtension(Extension):
         return JSONResponse(
             {
                 "backend": getattr(self.manager, "name", None),
-                "connections": len(self._conns),
+                "connections": len(self._by_id),
                 "workspaces": len(self._spaces),
-                "held": sum(len(c.leases) for c in self._conns.values()),
-                "pending": sum(len(c.pending) for c in self._conns.values()),
+                "held": sum(len(c.leases) for c in self._by_id.values()),
+                "pending": sum(len(c.pending) for c in self._by_id.values()),
                 "pubsub_connected": getattr(self.manager, "pubsub_connected", None),
                 "events": self.stats,
                 "manager": getattr(self.manager, "stats", {}),
             }
         )
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         self._app = app
         if self.manager is None:
             fences = FenceKeeper(app.store, block=self.settings.lock_fence_block)
@@ -171,7 +175,7 @@ class LockExtension(Extension):
         if self._periodic is not None:
             self._periodic.cancel()
         releases = []
-        for conn in list(self._conns.values()):
+        for conn in list(self._by_id.values()):
             for task in conn.pending.values():
                 task.cancel()
             for held in conn.leases.values():
@@ -210,7 +214,7 @@ class LockExtension(Extension):
 
     def fence_for(self, room: Room, peer: PeerState, paths) -> int | None:
         """The highest fence among ``peer``'s leases covering any of ``paths``."""
-        conn = self._conns.get(peer)
+        conn = _CONN.get(peer)
         if conn is None:
             return None
         best = None
@@ -221,14 +225,14 @@ class LockExtension(Extension):
         return best
 
     def connection_id(self, peer: PeerState) -> str | None:
-        conn = self._conns.get(peer)
+        conn = _CONN.get(peer)
         return conn.id if conn else None
 
     def lease_with_token(self, workspace: str, path: str, token: str) -> dict[str, Any] | None:
         """The lease on exactly ``path`` held through this node, if ``token`` is its token (else None)."""
         if not token:
             return None
-        for conn in self._conns.values():
+        for conn in self._by_id.values():
             held = conn.leases.get(path)
             if held is not None and held.lease.workspace == workspace:
                 if secrets.compare_digest(held.lease.token.encode(), token.encode()):
@@ -237,6 +241,26 @@ class LockExtension(Extension):
 
     def room_summary(self, workspace_id: str) -> dict[str, Any]:
         return {"locks": len(self.locks(workspace_id))}
+
+    def admin_summary(self) -> dict[str, Any]:
+        return {
+            "locks": {
+                "held": sum(len(space.view) for space in self._spaces.values()),
+                "held_local": sum(len(conn.leases) for conn in self._by_id.values()),
+                "pending": sum(len(conn.pending) for conn in self._by_id.values()),
+            }
+        }
+
+    def metrics(self) -> Iterable[Metric]:
+        summary = self.admin_summary()["locks"]
+        yield gauge("collab_locks_held", "Locks held in the workspaces this node serves (any node's holders)",
+                    summary["held"])  # fmt: skip
+        yield gauge("collab_locks_held_local", "Locks held by this node's connections", summary["held_local"])
+        yield gauge("collab_lock_requests_pending", "Lock requests waiting on this node", summary["pending"])
+        events = CounterMetricFamily("collab_lock_events", "Lock events on this node", labels=["event"])
+        for event, count in sorted(self.stats.items()):
+            events.add_metric([event], count)
+        yield events
 
     def locks(self, workspace: str) -> list[dict[str, Any]]:
         space = self._spaces.get(workspace)
@@ -273,7 +297,7 @@ class LockExtension(Extension):
 
     def on_join(self, room: Room, ps: PeerState) -> None:
         conn = _Conn(f"{self._node}-{next(self._ids)}", ps, room)
-        self._conns[ps] = conn
+        _CONN.set(ps, conn)
         self._by_id[conn.id] = conn
         space = self._spaces.get(room.workspace_id)
         if space is None:
@@ -283,7 +307,7 @@ class LockExtension(Extension):
             space.room = room
 
     def on_leave(self, room: Room, ps: PeerState) -> None:
-        conn = self._conns.pop(ps, None)
+        conn = _CONN.pop(ps)
         if conn is not None:
             self._by_id.pop(conn.id, None)
             for task in conn.pending.values():
@@ -301,7 +325,7 @@ class LockExtension(Extension):
         space = self._spaces.get(room.workspace_id)
         if space is None or not space.view:
             return []
-        conn = self._conns.get(peer)
+        conn = _CONN.get(peer)
         mine = conn.id if conn is not None else None
         refused: dict[str, tuple[Lease, list[str]]] = {}
         for path in changes:
@@ -336,8 +360,6 @@ class LockExtension(Extension):
         path = body.get("path")
         if not self._valid_request(conn, path, ref):
             return
-        if not has_role(ps.identity, "editor"):
-            return self._error(conn, ref, "forbidden", "viewers cannot lock configuration", path)
         ttl = _number(body.get("ttl", self.default_ttl))
         wait = _number(body.get("wait", 0))
         if ttl is None or ttl <= 0:
@@ -390,8 +412,6 @@ class LockExtension(Extension):
         path = message.body.get("path")
         if not self._valid_request(conn, path, ref, check_lockable=False):
             return
-        if not has_role(ps.identity, "admin"):
-            return self._error(conn, ref, "forbidden", "only admins may force-release a lock", path)
         self._spawn(self._force_release(conn, path, ref))
 
     def _valid_request(self, conn: _Conn, path: Any, ref: dict, check_lockable: bool = True) -> bool:
@@ -458,7 +478,7 @@ class LockExtension(Extension):
             if conn.pending.get(path) is asyncio.current_task():
                 del conn.pending[path]
                 conn.pending_refs.pop(path, None)
-        if not conn.ps.alive or self._conns.get(conn.ps) is not conn or self._stopping:
+        if not conn.ps.alive or _CONN.get(conn.ps) is not conn or self._stopping:
             self._spawn(self._quiet_release(lease))  # the holder left while we waited
             return
         held = _Held(lease, ttl)
@@ -757,7 +777,7 @@ class LockExtension(Extension):
         space = self._spaces.get(ws)
         if space is None or space.room.peers:
             return
-        if any(conn.room.workspace_id == ws for conn in self._conns.values()):
+        if any(conn.room.workspace_id == ws for conn in self._by_id.values()):
             return
         if space.timer is not None:
             space.timer.cancel()
@@ -766,10 +786,11 @@ class LockExtension(Extension):
     # --------------------------------------------------------------- helpers
 
     def _conn(self, room: Room, ps: PeerState) -> _Conn:
-        conn = self._conns.get(ps)
+        conn = _CONN.get(ps)
         if conn is None:  # a room built without on_join (tests)
             self.on_join(room, ps)
-            conn = self._conns[ps]
+            conn = _CONN.get(ps)
+            assert conn is not None
         return conn
 
     def _spawn(self, coro) -> None:

@@ -30,24 +30,28 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import Metric
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
 from codec import protocol as p
-from collab.extensions import Extension
+from collab.extensions import ControlRoute, Extension
 from collab.gate import PUBLIC, GatedMount, GatedRoute, workspace_role
+from collab.metrics import gauge
 from presence.base import POLLS_PER_TTL, ConnectionEntry, PresenceRegistry, build_roster, roster_diff
 from rooms.awareness import AwarenessRejected
+from rooms.peer import Slot
 from rooms.room import PeerState, Room
 
 if TYPE_CHECKING:
-    from collab.app import App
+    from collab.extensions import Host
     from collab.settings import Settings
 
 log = logging.getLogger("collab.presence")
@@ -74,6 +78,9 @@ class ConnState:
     tokens: float = 0.0
     refilled: float = 0.0
     flood_reported: bool = False
+
+
+_CONN = Slot[ConnState]("presence")  # a connection's presence record, on its PeerState
 
 
 class Stream:
@@ -103,7 +110,7 @@ class Stream:
 @dataclass(eq=False, slots=True)
 class WorkspaceView:
     workspace_id: str
-    conns: dict[PeerState, ConnState] = field(default_factory=dict)
+    conns: set[ConnState] = field(default_factory=set)  # this node's connections to the workspace
     awaiting_snapshot: set[PeerState] = field(default_factory=set)
     streams: set[Stream] = field(default_factory=set)
     roster: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -126,6 +133,18 @@ class PresenceExtension(Extension):
         view = self.views.get(workspace_id)
         return {"participants": len(view.roster) if view is not None else None}
 
+    def admin_summary(self) -> dict[str, Any]:
+        return {
+            "participants": sum(len(view.roster) for view in self.views.values()),
+            "participant_streams": sum(len(view.streams) for view in self.views.values()),
+        }
+
+    def metrics(self) -> Iterable[Metric]:
+        summary = self.admin_summary()
+        yield gauge("collab_participants", "Participants (distinct users) in the rosters of the workspaces "
+                    "this node serves", summary["participants"])  # fmt: skip
+        yield gauge("collab_presence_streams", "Open participant event streams (SSE)", summary["participant_streams"])
+
     def __init__(self, settings: Settings, registry: PresenceRegistry | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -136,7 +155,7 @@ class PresenceExtension(Extension):
         self.rate = settings.awareness_rate
         self.burst = float(settings.awareness_burst)
         self.views: dict[str, WorkspaceView] = {}
-        self.app: App | None = None
+        self.app: Host | None = None
         self._serial = itertools.count(1)
         # Connection ids are unique across nodes and across restarts of one node id.
         self._boot = secrets.token_hex(4)
@@ -150,8 +169,8 @@ class PresenceExtension(Extension):
     def listeners(self) -> list[Any]:
         return [self]
 
-    def control_handlers(self) -> dict:
-        return {"presence.get": self._handle_get}
+    def control_routes(self) -> list[ControlRoute]:
+        return [ControlRoute("presence.get", self._handle_get)]
 
     def routes(self) -> list[BaseRoute]:
         viewer = workspace_role("viewer")
@@ -163,7 +182,7 @@ class PresenceExtension(Extension):
             GatedMount("/presence/static", StaticFiles(directory=STATIC_DIR), name="presence-static", requires=PUBLIC),
         ]
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         self.app = app
         self._stopping = False
         self.registry.on_change = self._remote_change
@@ -212,16 +231,18 @@ class PresenceExtension(Extension):
             last_active=now,
         )
         view = self._view(room.workspace_id)
-        view.conns[ps] = ConnState(
+        conn = ConnState(
             peer=ps, entry=entry, serial=next(self._serial), written_active=now, tokens=self.burst,
             refilled=time.monotonic(),
         )  # fmt: skip
+        _CONN.set(ps, conn)
+        view.conns.add(conn)
         self.registry.put(entry)
         self._mark(view)
 
     def on_hello(self, room: Room, ps: PeerState) -> None:
         view = self.views.get(room.workspace_id)
-        if view is None or ps not in view.conns:
+        if view is None or _CONN.get(ps) is None:
             return
         view.awaiting_snapshot.add(ps)
         self._mark(view)
@@ -230,16 +251,17 @@ class PresenceExtension(Extension):
         view = self.views.get(room.workspace_id)
         if view is None:
             return
-        conn = view.conns.pop(ps, None)
+        conn = _CONN.pop(ps)
         view.awaiting_snapshot.discard(ps)
         if conn is None:
             return
+        view.conns.discard(conn)
         self.registry.discard(room.workspace_id, conn.entry.conn_id)
         self._mark(view)
 
     def on_awareness(self, room: Room, ps: PeerState, client_id: int, state: str | None) -> None:
         view = self.views.get(room.workspace_id)
-        conn = view.conns.get(ps) if view is not None else None
+        conn = _CONN.get(ps) if view is not None else None
         if conn is None:
             return
         if state is None:
@@ -287,7 +309,7 @@ class PresenceExtension(Extension):
             # (or a claim on that client id, which the room reports).
             return state
         view = self.views.get(room.workspace_id)
-        conn = view.conns.get(ps) if view is not None else None
+        conn = _CONN.get(ps) if view is not None else None
         if conn is not None:
             self._take_token(conn)
         if not isinstance(state, dict):
@@ -344,10 +366,11 @@ class PresenceExtension(Extension):
     def _handle_get(self, room: Room, ps: PeerState, message: p.Control) -> None:
         """``presence.get``: the current roster, answered like the join snapshot."""
         view = self.views.get(room.workspace_id)
-        if view is None or ps not in view.conns:
+        conn = _CONN.get(ps)
+        if view is None or conn is None:
             return
         ref = {"id": message.body["id"]} if "id" in message.body else {}
-        if view.read_serial >= view.conns[ps].serial:
+        if view.read_serial >= conn.serial:
             ps.control({**self._snapshot(view), **ref})
         else:
             view.awaiting_snapshot.add(ps)  # not in the published roster yet: answered by the next refresh
@@ -428,7 +451,8 @@ class PresenceExtension(Extension):
             }
         snapshot = None
         snapshot_frame = diff_frame = b""
-        for ps, conn in list(view.conns.items()):
+        for conn in list(view.conns):
+            ps = conn.peer
             if not ps.wants_control or not ps.alive:
                 continue
             if ps in view.awaiting_snapshot:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from codec import protocol as p
 
@@ -16,6 +16,39 @@ class Peer(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection (idempotent)."""
+
+
+T = TypeVar("T")
+
+
+class Slot(Generic[T]):
+    """A typed place for one extension's state about one connection, kept on its ``PeerState``.
+
+    Each feature makes its slot once (``_LOCKS = Slot[LockConnection]("locks")``);
+    the state lives and dies with the connection's record instead of in a
+    side table keyed by it, and no feature can read another's by accident.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Slot({self.name!r})"
+
+    def get(self, ps: PeerState) -> T | None:
+        slots = ps.slots
+        return slots.get(self) if slots else None
+
+    def set(self, ps: PeerState, value: T) -> None:
+        if ps.slots is None:
+            ps.slots = {}
+        ps.slots[self] = value
+
+    def pop(self, ps: PeerState) -> T | None:
+        slots = ps.slots
+        return slots.pop(self, None) if slots else None
 
 
 @dataclass(eq=False, slots=True)
@@ -32,6 +65,7 @@ class PeerState:
     alive: bool = True
     last_seen: float = 0.0  # time.monotonic() of the last message received (liveness of lock holders)
     remote: str | None = None  # node id: stands for the clients of another node (scale-out relay)
+    slots: dict[Slot[Any], Any] | None = None  # each extension's state about this connection (see Slot)
 
     @property
     def read_only(self) -> bool:

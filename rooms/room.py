@@ -97,6 +97,19 @@ class RoomListener(Protocol):
         """The workspace's locks changed (sent by the locks extension through ``Room.notify``)."""
 
 
+class RoomRelay(Protocol):
+    """What a room asks of the scale-out relay (``scaleout/relay.py``) once attached with ``Room.attach_relay``.
+
+    Updates need no call: the relay reads them from the shared store's log.
+    Awareness is not stored, so the room hands over what its own peers sent;
+    the relay brings other nodes' in through ``apply_remote`` /
+    ``apply_remote_awareness``.
+    """
+
+    def publish_awareness(self, room: Room, entries: list[p.AwarenessEntry]) -> None:
+        """Send these awareness entries (from this node's peers) to the other nodes."""
+
+
 LISTENER_HOOKS = frozenset(name for name in vars(RoomListener) if name.startswith(("on_", "filter_")))
 
 
@@ -122,7 +135,7 @@ class Room:
         )
         self._applying_client_update = False
         self._applying_remote = False
-        self.relay: Any = None  # scale-out relay (scaleout/relay.py) when several nodes share Redis
+        self.relay: RoomRelay | None = None  # set by attach_relay when several nodes share Redis
         self.loaded_seq = 0  # the store's last sequence number when this room was loaded
         self._remote_peers: dict[str, PeerState] = {}
         self._refusing = False  # inside _refuse_update: doc events are not news
@@ -494,6 +507,10 @@ class Room:
             )
 
     # ------------------------------------------------------ scale-out relay
+
+    def attach_relay(self, relay: RoomRelay) -> None:
+        """Several nodes serve this workspace: updates are cut at the stored state, awareness goes to ``relay``."""
+        self.relay = relay
 
     def apply_remote(self, update: bytes, seq: int | None = None) -> None:
         """An update another node accepted and stored: apply and broadcast, nothing else.

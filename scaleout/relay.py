@@ -40,7 +40,7 @@ from persistence.base import StoreError
 from persistence.redis import RedisDocumentStore, awareness_key, seq_of, updates_key
 
 if TYPE_CHECKING:
-    from collab.app import App
+    from collab.extensions import Host
     from rooms.room import Room
 
 log = logging.getLogger("collab.relay")
@@ -73,7 +73,7 @@ class Relay:
         self._by_key: dict[bytes, tuple[str, str]] = {}
         self.healthy = True
         self.error: str | None = None
-        self.app: App | None = None
+        self.app: Host | None = None
         self.reader: aioredis.Redis | None = None
         self._wake = asyncio.Event()
         self._aw_pending: dict[str, list[p.AwarenessEntry]] = {}
@@ -83,7 +83,7 @@ class Relay:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         self.app = app
         self.reader = aioredis.Redis.from_url(
             self.store.url,
@@ -107,7 +107,7 @@ class Relay:
     # -------------------------------------------------------------- rooms
 
     def attach(self, room: Room) -> None:
-        room.relay = self
+        room.attach_relay(self)
         since = int(time.time() * 1000 - self.awareness_ttl * 1000)
         ws = room.workspace_id
         self.follows[ws] = _Follow(room, room.loaded_seq, f"{max(0, since)}-0")
@@ -310,7 +310,7 @@ class RelayExtension(Extension):
     def listeners(self) -> list:
         return [self._hooks]
 
-    async def start(self, app: App) -> None:
+    async def start(self, app: Host) -> None:
         if not isinstance(app.store, RedisDocumentStore):
             log.warning("relay disabled: the document store is not Redis")
             return

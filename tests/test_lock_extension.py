@@ -10,6 +10,7 @@ import pycrdt
 
 from codec import protocol as p
 from collab.auth import Identity
+from collab.extensions import control_handlers
 from collab.settings import Settings
 from locks.extension import LockExtension
 from locks.memory import MemoryLeaseManager
@@ -54,7 +55,7 @@ async def test_hooks_for_presence_and_forwarding(tmp_path):
     room = Room(
         "ws-ext",
         store,
-        control_handlers=ext.control_handlers(),
+        control_handlers=control_handlers([ext]),
         guards=ext.guards(),
         listeners=[*ext.listeners(), recorder],
     )
@@ -111,7 +112,7 @@ async def test_forced_release_stops_renewal_and_is_told_once(tmp_path):
     ext = LockExtension(Settings(lock_ttl_seconds=0.3, lock_min_ttl_seconds=0.1), manager=MemoryLeaseManager())
     await ext.start(SimpleNamespace(store=store))
     room = Room(
-        "ws-force", store, control_handlers=ext.control_handlers(), guards=ext.guards(), listeners=ext.listeners()
+        "ws-force", store, control_handlers=control_handlers([ext]), guards=ext.guards(), listeners=ext.listeners()
     )
     await room.load()
     alice_sink, admin_sink = Sink(), Sink()

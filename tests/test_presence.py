@@ -10,6 +10,7 @@ import pytest
 
 from codec import protocol as p
 from collab.auth import Identity, color_for
+from collab.extensions import control_handlers
 from collab.settings import Settings
 from persistence.sqlite import SQLiteDocumentStore
 from presence.extension import PresenceExtension
@@ -87,7 +88,7 @@ async def env(tmp_path):
         ext = PresenceExtension(settings, MemoryPresenceRegistry(node, ttl=30, backend=backend))
         await ext.start(types.SimpleNamespace(authenticator=None))
         made.append(ext)
-        room = Room(WS, store, listeners=ext.listeners(), control_handlers=ext.control_handlers())
+        room = Room(WS, store, listeners=ext.listeners(), control_handlers=control_handlers([ext]))
         await room.load()
         return ext, room
 

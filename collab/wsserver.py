@@ -1,0 +1,62 @@
+"""uvicorn's websocket protocol with one addition: a synchronous binary write.
+
+A flush sends the same frame to every peer of a room. Through ASGI that is
+one awaited ``send`` per peer, each a coroutine and, under load, a task
+wake-up. This protocol (the default ``ws`` of ``collab serve``; uvicorn takes
+a protocol class through its ``ws`` setting) puts ``write_binary`` in the
+scope's extensions under ``collab.write_binary``: the connection calls it to
+write a frame straight into the transport when the transport is not paused,
+and falls back to its queue and ASGI ``send`` otherwise. Everything else
+(handshake, pings, closes, reads) is uvicorn's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
+
+WRITE_BINARY = "collab.write_binary"
+
+# write_binary results
+WRITTEN = 1
+NOT_NOW = 0  # the transport is paused (its buffer is above the high-water mark): queue and wait
+GONE = -1  # closing or closed: nothing more can be written
+
+
+def binary_frame_header(length: int) -> bytes:
+    """The header of an unmasked, final, binary websocket frame (RFC 6455 §5.2), as a server sends it."""
+    if length < 126:
+        return bytes((0x82, length))
+    if length < 65536:
+        return bytes((0x82, 126)) + length.to_bytes(2, "big")
+    return bytes((0x82, 127)) + length.to_bytes(8, "big")
+
+
+class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol plus ``write_binary`` (see the module docstring)."""
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # the ASGI task is created but has not run yet
+            scope["extensions"][WRITE_BINARY] = self.write_binary
+
+    def write_binary(self, payload: bytes) -> int:
+        """Write one binary message now: ``WRITTEN``, ``NOT_NOW`` (paused) or ``GONE``."""
+        if self.close_sent or self.disconnected or self.initial_response is not None or not self.handshake_complete:
+            return GONE
+        if self.transport.is_closing():
+            return GONE
+        if not self.writable.is_set():
+            return NOT_NOW
+        if self.conn.extensions:  # permessage-deflate: the frame depends on this connection's compressor
+            try:
+                self.conn.send_binary(payload)
+            except InvalidState:
+                return GONE
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        else:
+            self.transport.write(binary_frame_header(len(payload)) + payload)
+        return WRITTEN
