@@ -239,11 +239,20 @@ class DataSourceConfig(BaseModel):
 
         Every top-level value is valid or not on its own (its field, the
         secret scan, blanks), except the completeness of an enabled data
-        source, which spans ``enabled`` and the required sections.
+        source, which spans ``enabled`` and the required sections. An empty
+        set: the change cannot be invalid.
         """
         if config.get("enabled") and keys & _COMPLETENESS_KEYS:
             return None
-        return keys
+        # An unknown top-level key holding a scalar can only be wrong by its name
+        # (a secret in clear): anything else there needs no validation at all.
+        return {
+            key
+            for key in keys
+            if key in cls.model_fields
+            or not isinstance(config.get(key), str | int | float | bool | None)
+            or (SECRET_KEYS.match(key) and config.get(key) not in (None, ""))
+        }
 
     @model_validator(mode="before")
     @classmethod

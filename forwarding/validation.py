@@ -111,6 +111,8 @@ class ConfigValidator:
         if self._scope is not None:
             keys = self._scope(new, {path.split(".", 1)[0] for path in changes})
             if keys is not None:
+                if not keys:
+                    return []
                 old = {k: old[k] for k in keys if k in old}
                 new = {k: new[k] for k in keys if k in new}
         errors = self.errors(new)
