@@ -250,7 +250,7 @@ class DataSourceConfig(BaseModel):
             key
             for key in keys
             if key in cls.model_fields
-            or not isinstance(config.get(key), str | int | float | bool | None)
+            or not isinstance(config.get(key), _SCALARS)
             or (SECRET_KEYS.match(key) and config.get(key) not in (None, ""))
         }
 
@@ -310,6 +310,7 @@ def _blank_to_none(data: Any, depth: int) -> Any:
 
 
 _SECTIONS = {"connection", "credentials", "schedule", "scan_rules"}
+_SCALARS = (str, int, float, bool, type(None))
 _COMPLETENESS_KEYS = frozenset({"enabled", *(path[0] for path in REQUIRED_WHEN_ENABLED)})
 
 
