@@ -514,9 +514,12 @@ class ConfigEncoder:
         return plain, _encode_json(str(key)) + ":" + _encode_json(plain)
 
     def encode(self, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        sections = self._sections.items(config)
-        plain = {str(key): section[0] for key, section in sections}
-        return plain, "{" + ",".join(section[1] for _key, section in sections) + "}"
+        plain: dict[str, Any] = {}
+        parts: list[str] = []
+        for key, (value, text) in self._sections.items(config):
+            plain[str(key)] = value
+            parts.append(text)
+        return plain, "{" + ",".join(parts) + "}"
 
 
 def _encode_json(value: Any) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import zoneinfo
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -249,7 +249,7 @@ class DataSourceConfig(BaseModel):
         return {
             key
             for key in keys
-            if key in cls.model_fields
+            if key in _field_names(cls)
             or not isinstance(config.get(key), _SCALARS)
             or (SECRET_KEYS.match(key) and config.get(key) not in (None, ""))
         }
@@ -283,6 +283,11 @@ class DataSourceConfig(BaseModel):
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
+
+
+@cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(model.model_fields)  # (a property that costs a dict copy per read)
 
 
 def _get(model: BaseModel, path: tuple[str, ...]) -> Any:

@@ -160,7 +160,13 @@ class SectionCache:
         if len(memo) > 2 * len(view) + 16:  # keys removed from the view: forget them
             for key in [k for k in memo if k not in view]:
                 del memo[key]
-        return [(key, self.get(key, value)) for key, value in view.items()]
+        out = []
+        for key, value in view.items():
+            hit = memo.get(key)
+            if hit is None or hit[0] is not value:
+                hit = memo[key] = (value, self._derive(key, value))
+            out.append((key, hit[1]))
+        return out
 
 
 REREAD: Any = object()  # a touched path whose new value must be read from the document
