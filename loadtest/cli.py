@@ -52,6 +52,12 @@ def _add_run_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds between handshake and load")
     p.add_argument("--query", default="", help="query string for every room URL (e.g. identity: user=lt)")
     p.add_argument(
+        "--protocol",
+        choices=["y-websocket", "hocuspocus"],
+        default="y-websocket",
+        help="the server's dialect (hocuspocus: loadtest/protocols.py adapts the same clients)",
+    )
+    p.add_argument(
         "--map",
         default="config",
         help="the Y.Map the writers edit (default %(default)s: validated, audited and outboxed; any other name "
@@ -197,12 +203,15 @@ def _params(args: argparse.Namespace, interval: float) -> FanoutParams:
         server_pid=args.server_pid,
         query=args.query,
         progress=not args.quiet,
-        map_name=args.map,
+        map_name=getattr(args, "map", "config"),
     )
 
 
 async def _fanout(args: argparse.Namespace) -> dict[str, Any]:
-    res = await run_fanout(_params(args, args.interval), allow_remote=args.allow_remote)
+    from loadtest.protocols import fanout_protocol
+
+    with fanout_protocol(getattr(args, "protocol", "y-websocket")):
+        res = await run_fanout(_params(args, args.interval), allow_remote=args.allow_remote)
     print_table([res])
     return {"scenario": "fanout", "result": res.to_dict()}
 
