@@ -53,9 +53,6 @@ class AdminAPI:
             GatedRoute(base + "/{workspace_id}", self.room, methods=["GET"], requires=admin),
             GatedRoute(base + "/{workspace_id}/config", self.config, methods=["GET"], requires=admin),
             GatedRoute(base + "/{workspace_id}/consistency", self.consistency, methods=["GET"], requires=admin),
-            GatedRoute(
-                base + "/{workspace_id}/locks/{path}/release", self.release_lock, methods=["POST"], requires=admin
-            ),
             GatedRoute(base + "/{workspace_id}/close", self.close_room, methods=["POST"], requires=admin),
         ]
 
@@ -146,25 +143,11 @@ class AdminAPI:
             body["peers"] = [self._peer(ps) for ps in room.peers.values()]
         else:
             body["peers"] = []
-        body["participants"] = await self._participants(workspace_id)
-        locks = self._extension("locks")
-        body["locks"] = await locks.current_locks(workspace_id) if locks is not None else []
+        body["participants"] = None  # filled in by the presence feature when it runs
+        body["locks"] = []
+        for ext in self.app.extensions:
+            body.update(await ext.room_report(workspace_id))
         return body
-
-    async def _participants(self, workspace_id: str) -> list[dict[str, Any]] | None:
-        presence = self._extension("presence")
-        if presence is None:
-            return None
-        from presence.base import build_roster
-
-        try:
-            async with asyncio.timeout(2):
-                state = await presence.registry.read(workspace_id)
-            roster = [part.to_json() for part in build_roster(state).values()]
-        except Exception:  # the registry is down: what this node last published
-            view = presence.views.get(workspace_id)
-            roster = list(view.roster.values()) if view is not None else []
-        return sorted(roster, key=lambda part: (part.get("joined_at", 0), part.get("user_id", "")))
 
     async def config(self, request: Request) -> JSONResponse:
         """``GET /api/admin/rooms/{id}/config``: the current configuration (secrets masked).
@@ -211,26 +194,6 @@ class AdminAPI:
             raise HTTPException(404, f"no document stored for workspace {workspace_id!r}")
         body["well_formed"] = not any(part["problems"] for part in (body.get("memory"), body.get("store")) if part)
         return JSONResponse(body)
-
-    async def release_lock(self, request: Request) -> JSONResponse:
-        """``POST /api/admin/rooms/{id}/locks/{path}/release``: force-release a lock."""
-        from locks.base import LockUnavailable
-
-        workspace_id = self._workspace(request)
-        locks = self._extension("locks")
-        if locks is None:
-            raise HTTPException(404, "locks are disabled on this server")
-        path = request.path_params["path"]
-        if not path or len(path) > 512:
-            raise HTTPException(400, "invalid lock path")
-        try:
-            released = await locks.force_release(workspace_id, path)
-        except LockUnavailable as exc:
-            raise HTTPException(503, f"lock service unavailable: {exc}") from None
-        if released is None:
-            raise HTTPException(404, f"nobody holds a lock on exactly {path!r}")
-        log.warning("admin force-released the lock on %s held by %s", path, released.get("user_id"))
-        return JSONResponse({"workspace": workspace_id, "released": released})
 
     async def close_room(self, request: Request) -> JSONResponse:
         """``POST /api/admin/rooms/{id}/close``: close every peer (1012 by default), then evict the room.

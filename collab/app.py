@@ -402,9 +402,38 @@ def create_app(
     if extensions is None:
         extensions = default_extensions(settings)
     core = App(settings, store, authenticator, extensions)
-    app = Starlette(routes=core.routes(), lifespan=core.lifespan, exception_handlers={HTTPException: _http_error})
+    app = CollabStarlette(
+        core, routes=core.routes(), lifespan=core.lifespan, exception_handlers={HTTPException: _http_error}
+    )
     app.state.core = core
     return app
+
+
+class CollabStarlette(Starlette):
+    """Starlette, with a workspace's websocket handed straight to ``App.websocket``.
+
+    A websocket lives for hours; through Starlette's middleware and router it
+    would keep about ten suspended frames and closures alive for all that
+    time (about 5 KiB per connection). ``/ws/{workspace_id}`` is matched
+    here the way the router would (one path segment) and everything else goes
+    through Starlette as usual. The route stays declared (``GatedWebSocketRoute``)
+    for the route table and OpenAPI; ``App.websocket`` does its own checks.
+    """
+
+    def __init__(self, core: App, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._websocket = core.websocket
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            path: str = scope["path"]
+            workspace_id = path[4:]
+            if path.startswith("/ws/") and workspace_id and "/" not in workspace_id:
+                scope["app"] = self
+                scope["path_params"] = {"workspace_id": workspace_id}
+                await self._websocket(WebSocket(scope, receive, send))
+                return
+        await super().__call__(scope, receive, send)
 
 
 def default_extensions(settings: Settings, forwarding: Any = None) -> list[Extension]:

@@ -132,7 +132,7 @@ class Connection:
         self.close_reason = ""
         self.overflowed = False
         self._closed = False
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes] | None = None  # made when a frame first has to wait
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._write_now = ws.scope.get("extensions", {}).get(WRITE_BINARY)
@@ -155,14 +155,14 @@ class Connection:
     @property
     def queued(self) -> int:
         """Frames waiting in the outgoing queue."""
-        return len(self._queue)
+        return len(self._queue) if self._queue else 0
 
     def send(self, frame: bytes) -> None:
         """Write ``frame`` now if the socket takes it, else queue it (never blocks)."""
         if self._closed:
             return
         queue = self._queue
-        if not queue and self._write_now is not None:
+        if not queue and self._write_now is not None:  # nothing waiting: this frame may go at once
             result = self._write_now(frame)
             if result == WRITTEN:
                 counters = self.services.counters
@@ -172,6 +172,8 @@ class Connection:
             if result == GONE:
                 self._gone()
                 return
+        if queue is None:
+            queue = self._queue = deque()
         if len(queue) >= self.services.settings.peer_queue_frames:
             self.overflowed = True
             self.close(p.CLOSE_TRY_AGAIN, "outgoing queue overflow; reconnect to resync")
@@ -509,6 +511,7 @@ class Connection:
         """Drain the queue through ASGI ``send`` (which waits while the transport is paused)."""
         send = self.ws.send_bytes
         queue, wake = self._queue, self._wake
+        assert queue is not None
         counters = self.services.counters
         assert wake is not None
         try:
@@ -543,7 +546,7 @@ class Connection:
                 pass
         if writer is not None:
             writer.cancel()
-        self._queue.clear()
+        self._queue = None
         if self.overflowed and abort_transport(self.ws):
             # It stopped reading: a close frame would wait behind megabytes in
             # the socket buffers, which stay allocated until then. Drop the TCP

@@ -133,6 +133,13 @@ class Extension:
         """What this feature adds to the admin API's summary of a room."""
         return {}
 
+    async def room_report(self, workspace_id: str) -> dict[str, Any]:
+        """What this feature adds to the admin API's full report on one room (``GET /api/admin/rooms/{id}``).
+
+        May ask its backend (bounded); answers what this node knows when that fails.
+        """
+        return {}
+
     def admin_summary(self) -> dict[str, Any]:
         """This feature's state on this node, for the admin API's node summary (``GET /api/admin/rooms``)."""
         return {}

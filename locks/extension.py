@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, Metric
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from codec import protocol as p
+from collab import logs
 from collab.extensions import ControlRoute, Extension
-from collab.gate import GatedRoute, server_role
+from collab.gate import GatedRoute, server_role, workspace_role
 from collab.metrics import gauge
 from locks.base import Lease, LeaseManager, LockConflict, LockEvent, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
@@ -131,7 +133,37 @@ class LockExtension(Extension):
         return [self]
 
     def routes(self) -> list:
-        return [GatedRoute("/admin/locks/stats", self._stats_endpoint, requires=server_role("admin"))]
+        return [
+            GatedRoute("/admin/locks/stats", self._stats_endpoint, requires=server_role("admin")),
+            GatedRoute(
+                "/api/admin/rooms/{workspace_id}/locks/{path}/release",
+                self._release_endpoint,
+                methods=["POST"],
+                requires=workspace_role("admin"),
+            ),
+        ]
+
+    async def room_report(self, workspace_id: str) -> dict[str, Any]:
+        return {"locks": await self.current_locks(workspace_id)}
+
+    async def _release_endpoint(self, request: Request) -> JSONResponse:
+        """``POST /api/admin/rooms/{id}/locks/{path}/release``: force-release a lock."""
+        workspace_id = request.state.workspace_id
+        logs.bind(workspace=workspace_id, user=request.state.identity.user_id)
+        path = request.path_params["path"]
+        if not path or len(path) > 512:
+            raise HTTPException(400, "invalid lock path")
+        try:
+            released = await self.force_release(workspace_id, path)
+        except LockUnavailable as exc:
+            raise HTTPException(503, f"lock service unavailable: {exc}") from None
+        if released is None:
+            raise HTTPException(404, f"nobody holds a lock on exactly {path!r}")
+        # Admin actions are logged together, under collab.admin, with who did them.
+        logging.getLogger("collab.admin").warning(
+            "admin force-released the lock on %s held by %s", path, released.get("user_id")
+        )
+        return JSONResponse({"workspace": workspace_id, "released": released})
 
     async def _stats_endpoint(self, request: Request) -> JSONResponse:
         """Counters for operators and benchmarks (no lock contents); admins only."""

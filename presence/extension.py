@@ -133,6 +133,18 @@ class PresenceExtension(Extension):
         view = self.views.get(workspace_id)
         return {"participants": len(view.roster) if view is not None else None}
 
+    async def room_report(self, workspace_id: str) -> dict[str, Any]:
+        """Every node's participants (from the registry); this node's last roster when the registry is down."""
+        try:
+            async with asyncio.timeout(2):
+                state = await self.registry.read(workspace_id)
+            roster = [part.to_json() for part in build_roster(state).values()]
+        except Exception:
+            view = self.views.get(workspace_id)
+            roster = list(view.roster.values()) if view is not None else []
+        roster.sort(key=lambda part: (part.get("joined_at", 0), part.get("user_id", "")))
+        return {"participants": roster}
+
     def admin_summary(self) -> dict[str, Any]:
         return {
             "participants": sum(len(view.roster) for view in self.views.values()),

@@ -1,8 +1,8 @@
 """A room: one workspace's document, its awareness states and its peers.
 
 The room knows nothing of sockets. A peer is any object with a non-blocking
-``send(frame)`` and ``close(code, reason)``; the websocket layer gives each
-peer a bounded queue and a writer task, so the room never awaits a peer.
+``send(frame)`` and ``close(code, reason)`` (``collab.connection.Connection``
+writes at once or queues), so the room never awaits a peer.
 
 Incoming updates are applied to the pycrdt document at once. Their effect
 (the document's own delta, so duplicates cost nothing) is broadcast at the
@@ -26,19 +26,12 @@ import pycrdt
 from codec import protocol as p
 from persistence.base import DocumentStore
 from rooms.awareness import AwarenessRecord, AwarenessTable
-from rooms.config import (
-    Changes,
-    Rejection,
-    UpdateGuard,
-    config_map,
-    config_snapshot,
-    diff,
-)
+from rooms.config import Changes, Rejection, UpdateGuard, config_map
 from rooms.document import RoomDocument, apply_checked
 from rooms.guarding import ConfigGuarding
 from rooms.peer import Peer, PeerState
 from rooms.persist import PersistPipeline
-from rooms.ystructs import state_vector
+from rooms.refusal import apply_and_revert
 
 log = logging.getLogger("collab.room")
 
@@ -318,18 +311,7 @@ class Room:
     # ------------------------------------------------------------ refusal
 
     def _refuse_update(self, ps: PeerState, update: bytes, reason: str) -> None:
-        """Apply an update and revert it at once, so that its author converges back.
-
-        A refused update can't just be dropped: its author already shows the
-        change, and only a server change that deletes what it inserted (and
-        re-inserts what it deleted) makes the author's copy converge back.
-        The update is applied in a transaction tracked by an UndoManager;
-        everything it inserted is deleted by id (this covers root types the
-        UndoManager could not scope), then the undo restores what it deleted.
-        The net effect, taken from the document after the garbage collector
-        dropped the refused content, is what peers receive and the store
-        keeps: the refused content never leaves the server.
-        """
+        """Apply and revert an update (``rooms/refusal.py``), so that its author converges back."""
         if ps.read_only:
             # A viewer's update must integrate completely, deletions included:
             # anything left pending would be completed later by someone else's
@@ -341,71 +323,24 @@ class Room:
                 return
         else:
             self.document.check(update)
-        config_before = config_snapshot(self.doc)
-        sv_before = self.doc.get_state()
-        undo = None
-        error: p.ProtocolError | None = None
-        self._refusing = True
+        self._refusing = True  # _on_doc_update stays quiet: the net effect is sent below
         try:
-            roots = self._undo_scopes()
-            undo_doc = self.doc
-            if roots:
-                undo = pycrdt.UndoManager(scopes=roots, capture_timeout_millis=0)
-                undo.include_origin(_REFUSED)
-            try:
-                update = self.document.prepare_text(update)
-                if undo is not None and self.doc is not undo_doc:
-                    # Breaking a surrogate pair rebuilt the document: track the new one.
-                    undo.clear()
-                    undo = pycrdt.UndoManager(scopes=self._undo_scopes(), capture_timeout_millis=0)
-                    undo.include_origin(_REFUSED)
-                with self.doc.transaction(origin=_REFUSED):
-                    apply_checked(self.doc, update)
-            except p.ProtocolError as exc:
-                error = exc  # pycrdt may have integrated part of it: revert that too, then drop the peer
-            paths = sorted(diff(config_before, config_snapshot(self.doc)))
-            inserted = _new_ranges(sv_before, self.doc.get_state())
-            if inserted:
-                with self.doc.transaction(origin="server"):
-                    self.doc.apply_update(_delete_set_update(inserted))
-            if undo is not None and undo.can_undo():
-                undo.undo()
+            reverted = apply_and_revert(self.document, update)
         finally:
             self._refusing = False
-            self.document.stale()
-            if undo is not None:
-                undo.clear()
-        net = self.doc.get_update(sv_before)
-        self._outgoing.append(net)
-        self.persist.updates.append(net)
-        self.document.grew(len(net))  # tombstones and re-inserted content
+        self._outgoing.append(reverted.net)
+        self.persist.updates.append(reverted.net)
+        self.document.grew(len(reverted.net))  # tombstones and re-inserted content
         if self.guarding.tracking:
             self.guarding.resync(self.doc)
-        self._tell_refused(ps, paths, reason)
+        self._tell_refused(ps, reverted.paths, reason)
         self._schedule_flush()
-        if error is not None:
-            raise error
+        if reverted.error is not None:
+            raise reverted.error
 
     def state_problems(self) -> list[str]:
         """Why the state this room hands out would not load in Yjs (empty: it would)."""
         return self.document.problems()
-
-    def _undo_scopes(self) -> list[Any]:
-        """Every root type, for an UndoManager's scope.
-
-        Roots that only clients have typed (created by their updates) come
-        back untyped; any type will do to name the branch for the scope, so
-        they are cast to Text (which changes nothing that is encoded).
-        """
-        scopes = []
-        for name, root in list(self.doc.items()):
-            if root is None:
-                try:
-                    root = self.doc.get(name, type=pycrdt.Text)
-                except Exception:
-                    continue
-            scopes.append(root)
-        return scopes
 
     def _tell_refused(self, ps: PeerState, paths: list[str], reason: str) -> None:
         if paths:  # for the audit trail: which paths and why, not the refused values
@@ -680,21 +615,6 @@ class _RemotePeer:
 
     def close(self, code: int, reason: str) -> None:
         pass
-
-
-_REFUSED = "refused"  # transaction origin of updates applied only to be reverted
-def _new_ranges(before: bytes, after: bytes) -> dict[int, tuple[int, int]]:
-    """Per client, the clock range [start, end) that ``after`` has beyond ``before``."""
-    old = state_vector(before)
-    return {c: (old.get(c, 0), clock) for c, clock in state_vector(after).items() if clock > old.get(c, 0)}
-
-
-def _delete_set_update(ranges: dict[int, tuple[int, int]]) -> bytes:
-    """A Yjs v1 update with no structs and a delete set covering ``ranges``."""
-    parts = [b"\x00", p.write_var_uint(len(ranges))]
-    for client, (start, end) in ranges.items():
-        parts += [p.write_var_uint(client), b"\x01", p.write_var_uint(start), p.write_var_uint(end - start)]
-    return b"".join(parts)
 
 
 def _ref(message: p.Control) -> dict[str, Any]:
