@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from rooms.config import Changes, Rejection, SectionCache, overlaps
+from rooms.config import MISSING, Changes, Rejection, SectionCache, overlaps
 
 log = logging.getLogger("collab.validation")
 
@@ -140,6 +140,11 @@ def count_fields(value: Any, limit: int) -> int:
     return 1
 
 
+def _may_grow(changes: Changes) -> bool:
+    """Whether the changes can add leaves (a path that appears, or a value that becomes a map)."""
+    return any(old is MISSING or isinstance(new, dict) for old, new in changes.values())
+
+
 class ValidationGuard:
     """rooms.config.UpdateGuard: an update that makes the configuration invalid is undone."""
 
@@ -154,7 +159,7 @@ class ValidationGuard:
 
     def check(self, room: Any, peer: Any, changes: Changes, config: dict[str, Any]) -> list[Rejection]:
         old = getattr(room, "config_view", {})  # the configuration before this update
-        if self.max_fields and len(changes) and self._count(config) > self.max_fields:
+        if self.max_fields and _may_grow(changes) and self._count(config) > self.max_fields:
             if count_fields(config, self.max_fields) > count_fields(old, self.max_fields):
                 return [
                     Rejection(

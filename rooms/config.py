@@ -9,7 +9,7 @@ clients included, receives like any other update.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -205,8 +205,10 @@ def touched_paths(events: list[Any], into: dict[str, Any]) -> None:
             into[prefix] = REREAD
 
 
-def _minimal(paths: Iterable[str]) -> list[str]:
+def _minimal(paths: Collection[str]) -> list[str]:
     """Drop paths whose ancestor is also listed (re-reading it covers them)."""
+    if len(paths) == 1:  # the usual single-path change
+        return list(paths)
     kept: list[str] = []
     for path in sorted(paths, key=lambda x: x.count(".")):
         if not any(covers(k, path) for k in kept):
@@ -263,7 +265,7 @@ def reread(
     return new
 
 
-def changes_at(old: dict[str, Any], new: dict[str, Any], touched: Iterable[str]) -> Changes:
+def changes_at(old: dict[str, Any], new: dict[str, Any], touched: Collection[str]) -> Changes:
     """Leaf-level changes between ``old`` and ``new`` below the touched paths."""
     changes: Changes = {}
     for path in _minimal(touched):
