@@ -10,6 +10,7 @@ locks        lock acquire/release under contention (loadtest/locks_bench.py, our
 compare      ours vs Hocuspocus vs the Yjs reference server (loadtest/compare.py)
 textfuzz     stock clients' random edits with real text, Yjs as the oracle (loadtest/textfuzz.py)
 serve        start our server pinned to a core (see loadtest/serve.py)
+roompath     the accepted-edit path without sockets: CPU per write (loadtest/roompath.py)
 
 join/connections/awareness take --protocol hocuspocus to talk to a Hocuspocus server.
 
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenario_args(sub)
     sub.add_parser("locks", help="lock acquire/release under contention (args: see locks --help)", add_help=False)
     sub.add_parser("textfuzz", help="stock clients vs the server with Yjs as oracle, many seeds", add_help=False)
+    sub.add_parser("roompath", help="the accepted-edit path without sockets: CPU per write", add_help=False)
     sub.add_parser(
         "compare", help="ours vs Hocuspocus vs the reference server (args: see compare --help)", add_help=False
     )
@@ -287,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.textfuzz import main as textfuzz_main
 
         return textfuzz_main(argv[1:])
+    if argv and argv[0] == "roompath":
+        from loadtest.roompath import main as roompath_main
+
+        return roompath_main(argv[1:])
     if argv and argv[0] in ("locks", "compare"):
         if argv[0] == "locks":
             from loadtest.locks_bench import main as locks_main
