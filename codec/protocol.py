@@ -244,6 +244,13 @@ def check_update_plausible(update: bytes) -> None:
         structs, pos = read_var_uint(update, pos)
         if structs > len(update) - pos:
             raise ProtocolError("update declares more structs than it holds")
+    else:
+        # Deletions only: the delete set's client count, each client taking at
+        # least two bytes (id, range count). pycrdt reads counts past 2^32
+        # truncated and would accept what Yjs refuses.
+        deleting, pos = read_var_uint(update, pos)
+        if deleting * 2 > len(update) - pos:
+            raise ProtocolError("delete set declares more clients than it holds")
 
 
 def decode_awareness_update(payload: bytes) -> tuple[AwarenessEntry, ...]:

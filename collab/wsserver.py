@@ -18,6 +18,9 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+from websockets.http11 import Request
+from websockets.protocol import Protocol
+from websockets.server import ServerProtocol
 
 WRITE_BINARY = "collab.write_binary"
 
@@ -72,6 +75,30 @@ class _ReceiveQueue:
         return self._items.popleft()
 
 
+class _LeanServerProtocol(ServerProtocol):
+    """websockets' server protocol, without the handshake request kept alive for the connection's life.
+
+    ``ServerProtocol.parse`` parses the request and then parses frames in the
+    same generator, whose frame keeps the request (and its headers, about
+    2.7 KiB) as a local until the connection ends. Once the request is parsed
+    and nothing else is buffered, this parser hands over to a fresh frame
+    parser at the same point of the stream.
+    """
+
+    def parse(self) -> Any:
+        inner = ServerProtocol.parse(self)
+        while True:
+            try:
+                next(inner)
+            except StopIteration:
+                return
+            if any(isinstance(event, Request) for event in self.events) and not self.reader.buffer:
+                inner.close()
+                yield from Protocol.parse(self)
+                return
+            yield
+
+
 class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol plus ``write_binary``, and lighter per connection.
 
@@ -83,6 +110,10 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _ReceiveQueue()  # type: ignore[assignment]
+        conn = self.conn
+        self.conn = _LeanServerProtocol(
+            extensions=conn.available_extensions, max_size=self.config.ws_max_size, logger=conn.logger
+        )
 
     async def send(self, message: Any) -> None:
         await super().send(message)

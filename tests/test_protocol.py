@@ -532,3 +532,12 @@ def test_parse_awareness_state_rejects_what_clients_cannot_parse(text):
     with pytest.raises(p.ProtocolError) as info:
         p.parse_awareness_state(text)
     assert info.value.code == p.CLOSE_INVALID_PAYLOAD
+
+
+@pytest.mark.parametrize("clients", [2**20, 2**32, 2**53 - 1])
+def test_a_deletions_only_update_declaring_more_clients_than_bytes_is_refused(clients):
+    """pycrdt reads a count of 2^32 as 0 and would accept it (hypothesis found it); Yjs refuses it."""
+    update = b"\x00" + p.write_var_uint(clients) + b"\x01\x01\x00\x01"
+    with pytest.raises(p.ProtocolError, match="delete set declares more clients"):
+        p.decode_message(p.encode_sync_update(update))
+    assert p.decode_message(p.encode_sync_update(b"\x00\x01\x05\x01\x00\x02")).update  # one honest client
