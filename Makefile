@@ -29,7 +29,12 @@ lock:
 js/node_modules/.package-lock.json: js/package-lock.json
 	cd js && npm ci --no-audit --no-fund --loglevel=error
 
-js: js/node_modules/.package-lock.json
+# The client package (js/sdk): its runtime deps plus what its checks use
+# (typescript, eslint, esbuild, react for the README example), from its own lockfile.
+js/sdk/node_modules/.package-lock.json: js/sdk/package-lock.json
+	cd js/sdk && npm ci --no-audit --no-fund --loglevel=error
+
+js: js/node_modules/.package-lock.json js/sdk/node_modules/.package-lock.json
 
 # What the tests run besides Python: redis-server, nginx (they start their own
 # instances on free loopback ports), node + npm (stock Yjs clients), chromium
@@ -99,4 +104,4 @@ bench-compare: $(STAMP) bench-peers
 	$(BIN)/python -m loadtest compare --json $(BENCH_OUT).json --markdown $(BENCH_OUT).md
 
 clean:
-	rm -rf $(VENV) js/node_modules loadtest/peers/node_modules data
+	rm -rf $(VENV) js/node_modules js/sdk/node_modules loadtest/peers/node_modules data

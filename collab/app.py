@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
+from clocks import Clock, SystemClock
 from codec import protocol as p
 from collab import __version__, logs
 from collab.admin import AdminAPI
@@ -69,8 +70,10 @@ class App:
         store: DocumentStore | None = None,
         authenticator: Authenticator | None = None,
         extensions: list[Extension] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()  # the one clock of this server (clocks/)
         self.extensions: list[Extension] = list(extensions or [])
         self.authenticator: Authenticator = authenticator or authenticator_from_settings(settings)
         development = settings.auth_mode == "development"
@@ -156,6 +159,7 @@ class App:
             control_handlers=self._control_handlers,
             guards=self._guards,
             listeners=self._listeners,
+            clock=self.clock,
         )
         room.metrics = self.counters
         return room
@@ -396,12 +400,14 @@ def create_app(
     store: DocumentStore | None = None,
     authenticator: Authenticator | None = None,
     extensions: list[Extension] | None = None,
+    clock: Clock | None = None,
 ) -> Starlette:
-    """Build the Starlette application and everything it owns."""
+    """Build the Starlette application and everything it owns (``clock``: tests pass a ManualClock)."""
     settings = settings or Settings()
+    clock = clock or SystemClock()
     if extensions is None:
-        extensions = default_extensions(settings)
-    core = App(settings, store, authenticator, extensions)
+        extensions = default_extensions(settings, clock=clock)
+    core = App(settings, store, authenticator, extensions, clock=clock)
     app = CollabStarlette(
         core, routes=core.routes(), lifespan=core.lifespan, exception_handlers={HTTPException: _http_error}
     )
@@ -436,7 +442,7 @@ class CollabStarlette(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def default_extensions(settings: Settings, forwarding: Any = None) -> list[Extension]:
+def default_extensions(settings: Settings, forwarding: Any = None, clock: Clock | None = None) -> list[Extension]:
     """The features a server built from settings runs with, in hook order.
 
     ``forwarding``: the ForwardingSettings (read from the environment when None).
@@ -449,11 +455,11 @@ def default_extensions(settings: Settings, forwarding: Any = None) -> list[Exten
     from presence.extension import PresenceExtension
 
     # Presence first: it stamps awareness states before anything else sees them.
-    extensions.append(PresenceExtension(settings))
+    extensions.append(PresenceExtension(settings, clock=clock))
     if settings.locks_enabled:
         from locks.extension import LockExtension
 
-        extensions.append(LockExtension(settings))
+        extensions.append(LockExtension(settings, clock=clock))
     from forwarding.extension import ForwardingExtension
 
     # Forwarding goes last: its validation guard sees what other guards (locks)

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +44,7 @@ from typing import Any
 
 from loadtest.protocols import fanout_protocol
 from loadtest.serve import PinnedServer
+from procs import ManagedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers"
@@ -68,7 +67,7 @@ OUR_ENV = {
     "COLLAB_MAX_CONNECTIONS": "0",
     "COLLAB_LOG_LEVEL": "warning",
 }
-_NODE_LISTENING = re.compile(r"listening on (\d+)")
+_NODE_LISTENING = r"listening on (?P<port>\d+)"
 
 
 class OurServer(PinnedServer):
@@ -79,19 +78,23 @@ class OurServer(PinnedServer):
 
 
 class NodeServer:
-    """A peer server (Node.js) pinned to one core; stopped by its PID."""
+    """A peer server (Node.js) pinned to one core; stopped by its PID (a procs.ManagedProcess)."""
 
     def __init__(self, script: str, cpu: int | None, log_path: Path) -> None:
         self.script = PEERS / script
         self.cpu = cpu
         self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
+        self.child: ManagedProcess | None = None
         self.port: int | None = None
 
     @property
+    def proc(self):
+        return self.child.proc if self.child is not None else None
+
+    @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.child is not None
+        return self.child.pid
 
     @property
     def ws_url(self) -> str:
@@ -109,31 +112,21 @@ class NodeServer:
             cmd = [prlimit, f"--nofile={NOFILE}:{NOFILE}", *cmd]
         if self.cpu is not None:
             cmd = ["taskset", "-c", str(self.cpu), *cmd]
-        log = open(self.log_path, "ab")
-        offset = log.tell()
-        env = {**os.environ, "HOST": "127.0.0.1", "PORT": "0", "NODE_ENV": "production"}
-        self.proc = subprocess.Popen(cmd, cwd=PEERS, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.script.name} exited with {self.proc.returncode}; see {self.log_path}")
-            m = _NODE_LISTENING.search(self.log_path.read_bytes()[offset:].decode(errors="replace"))
-            if m:
-                self.port = int(m.group(1))
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.script.name} did not listen within {timeout}s")
+        self.child = ManagedProcess(
+            cmd,
+            name=self.script.name,
+            log_path=self.log_path,
+            env={"HOST": "127.0.0.1", "PORT": "0", "NODE_ENV": "production"},
+            cwd=PEERS,
+            ready_log=_NODE_LISTENING,
+        )
+        self.child.start(timeout)
+        self.port = self.child.port
+        return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        if self.child is not None:
+            self.child.stop(timeout)
 
 
 def node_versions() -> dict[str, str | None]:

@@ -34,11 +34,8 @@ import asyncio
 import json
 import os
 import platform
-import re
-import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,53 +46,43 @@ import httpx
 import pycrdt
 
 from collab.client import CollabClient
+from procs import ManagedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class Proc:
+    """A server or backend we start for the run (a procs.ManagedProcess), optionally pinned to one CPU."""
+
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path, pattern: str, cpu: int | None):
         self.name, self.argv, self.env, self.log_path, self.cpu = name, argv, env, log, cpu
-        self.pattern = re.compile(pattern)
-        self.proc: subprocess.Popen | None = None
+        self.child = ManagedProcess(
+            argv,
+            name=name,
+            log_path=log,
+            env={"PYTHONUNBUFFERED": "1", **env},
+            cwd=ROOT,
+            ready_log=pattern,
+            cpus={cpu} if cpu is not None else None,
+            stop_timeout=15,
+        )
+        self.argv = self.child.argv  # the same list: the caller edits it to restart on the same port
         self.port: int | None = None
 
+    @property
+    def proc(self):
+        return self.child.proc
+
     def start(self, timeout: float = 30.0) -> Proc:
-        log = open(self.log_path, "ab")
-        offset = log.tell()
-        cpu = self.cpu
-        self.proc = subprocess.Popen(
-            self.argv,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
-            match = self.pattern.search(self.log_path.read_bytes()[offset:].decode(errors="replace"))
-            if match:
-                self.port = int(match.group(1))
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not start: {self.log_path.read_text()[-3000:]}")
+        self.child.start(timeout)
+        self.port = self.child.port
+        return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        self.child.stop()
 
     def cpu_seconds(self) -> float:
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return self.child.cpu_seconds()
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -34,7 +34,6 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ import msgpack
 import websockets
 
 from codec import protocol as p
+from procs import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,34 +52,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pin(cmd: list[str], cpus: str | None) -> list[str]:
     if cpus and shutil.which("taskset"):
         return ["taskset", "-c", cpus, *cmd]
     return cmd
-
-
-class Proc:
-    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> None:
-        self.log = log
-        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -91,43 +67,27 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
-def start_redis(workdir: Path, cpus: str | None) -> tuple[Proc, str]:
-    import redis
-
-    port = _free_port()
+def start_redis(workdir: Path, cpus: str | None) -> tuple[ManagedProcess, str]:
+    port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = Proc(_pin(cmd + ["--dir", str(workdir)], cpus))
-    client = redis.Redis(port=port, socket_timeout=1)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.02)
-    client.close()
-    return proc, f"redis://127.0.0.1:{port}/0"
+    proc = ManagedProcess(_pin(cmd + ["--dir", str(workdir)], cpus), name="redis-server",
+                          log_path=workdir / "redis.log", port=port)  # fmt: skip
+    return proc.start(10), f"redis://127.0.0.1:{port}/0"
 
 
-def start_server(data: Path, env: dict[str, str], cpus: str | None) -> tuple[Proc, int]:
-    import httpx
-
-    port = _free_port()
+def start_server(data: Path, env: dict[str, str], cpus: str | None) -> tuple[ManagedProcess, int]:
+    port = free_port()
     cmd = [sys.executable, "-m", "collab", "serve", "--port", str(port), "--data-dir", str(data)]
-    proc = Proc(_pin(cmd, cpus), {"COLLAB_LOG_LEVEL": "warning", **env}, data.parent / f"{data.name}.log")
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        if proc.proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"server did not start; see {proc.log}")
-        time.sleep(0.05)
+    proc = ManagedProcess(
+        _pin(cmd, cpus),
+        name="server",
+        log_path=data.parent / f"{data.name}.log",
+        env={"COLLAB_LOG_LEVEL": "warning", **env},
+        port=port,
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+    )
+    return proc.start(20), port
 
 
 # ------------------------------------------------------------------ client
@@ -373,7 +333,7 @@ async def bench_backend(backend: str, args: argparse.Namespace, workdir: Path) -
     base = f"ws://127.0.0.1:{port}/ws"
     try:
         result: dict[str, Any] = {"backend": backend}
-        pids = {"server": server.proc.pid, **({"redis": redis_proc.proc.pid} if redis_proc else {})}
+        pids = {"server": server.pid, **({"redis": redis_proc.pid} if redis_proc else {})}
         result["latency"] = await latency_phase(
             base, args.holders, args.workspaces, args.duration, args.hold, args.ttl, pids
         )

@@ -34,12 +34,8 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,96 +44,47 @@ from typing import Any
 
 from codec import protocol as p
 from collab.client import CollabClient
+from procs import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+_LISTENING = r"listening on http://[\d.]+:(?P<port>\d+)"
 
 
 # ------------------------------------------------------------------ processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Child:
-    """A child process we started; ended by its PID only."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log_path = log
-        self._log = open(log, "ab")
-        self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._log.close()
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-
-def start_redis(workdir: Path) -> tuple[Child, str]:
+def start_redis(workdir: Path) -> tuple[ManagedProcess, str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(workdir), "--daemonize", "no"]  # fmt: skip
-    child = Child(args, dict(os.environ), workdir / "redis.log")
-    url = f"redis://127.0.0.1:{port}/0"
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                child.stop()
-                raise SystemExit("redis-server did not start") from None
-            time.sleep(0.05)
-    client.close()
-    return child, url
+    child = ManagedProcess(args, name="redis-server", log_path=workdir / "redis.log", port=port, stop_timeout=15)
+    try:
+        child.start(10)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    return child, f"redis://127.0.0.1:{port}/0"
 
 
-def start_server(workdir: Path, env: dict[str, str], cpu: int | None) -> tuple[Child, str]:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLLAB_LOG_LEVEL": "warning", **env}
-    log = workdir / "server.log"
+def start_server(workdir: Path, env: dict[str, str], cpu: int | None) -> tuple[ManagedProcess, str]:
     args = [sys.executable, "-m", "collab", "serve", "--port", "0", "--data-dir", str(workdir / "data")]
-    child = Child(args, full_env, log)
-    if cpu is not None:
-        os.sched_setaffinity(child.pid, {cpu})
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
-        match = _LISTENING.search(log.read_text(errors="replace"))
-        if match:
-            return child, f"ws://127.0.0.1:{match.group(2)}/ws"
-        time.sleep(0.02)
-    child.stop()
-    raise SystemExit("server did not start")
+    child = ManagedProcess(
+        args,
+        name="server",
+        log_path=workdir / "server.log",
+        env={"PYTHONUNBUFFERED": "1", "COLLAB_LOG_LEVEL": "warning", **env},
+        cwd=ROOT,
+        ready_log=_LISTENING,
+        cpus={cpu} if cpu is not None else None,
+        stop_timeout=15,
+    )
+    try:
+        child.start(20)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    return child, f"ws://127.0.0.1:{child.port}/ws"
 
 
 # -------------------------------------------------------------------- clients
@@ -247,7 +194,7 @@ def ms(seconds: float) -> str:
 
 
 async def fanout(
-    urls: list[str], servers: list[Child], participants: int, changes: int, interval: float
+    urls: list[str], servers: list[ManagedProcess], participants: int, changes: int, interval: float
 ) -> dict[str, Any]:
     """With several URLs (nodes), participants are dealt round-robin across them."""
     relay = Tracker()
@@ -291,7 +238,7 @@ async def fanout(
 
 
 async def scale(
-    url: str, server: Child, rooms: int, per_room: int, period: float, duration: float, redis_url: str | None
+    url: str, server: ManagedProcess, rooms: int, per_room: int, period: float, duration: float, redis_url: str | None
 ) -> dict[str, Any]:
     tracker = Tracker()
     by_room = {

@@ -28,9 +28,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -38,44 +35,15 @@ from pathlib import Path
 import pycrdt
 
 from collab.client import CollabClient
-from tests.support import ServerProcess, free_port
+from tests.redis_support import RedisProcess
+from tests.support import ServerProcess
 
 
-class Redis:
+class Redis(RedisProcess):
+    """redis-server with an fsync-always AOF (what a deployment runs), stopped by its PID."""
+
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> Redis:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server is not installed")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", "",
-                "--appendonly", "yes", "--appendfsync", "always",
-                "--logfile", str(self.workdir / "redis.log")]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis as redis_lib
-
-        client = redis_lib.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return self
-            except redis_lib.RedisError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
+        super().__init__(workdir, appendonly=True)
 
 
 def pct(values: list[float], q: float) -> float:

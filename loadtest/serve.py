@@ -10,17 +10,16 @@ commands. The server's log goes to a file (a pipe nobody reads would stall it).
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-_LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+from procs import ManagedProcess
+
+_LISTENING = r"listening on http://[\d.]+:(?P<port>\d+)"
 
 
 class PinnedServer:
@@ -42,12 +41,16 @@ class PinnedServer:
         self.requested_port = port
         self.port: int | None = None
         self.env = env or {}
-        self.proc: subprocess.Popen | None = None
+        self.child: ManagedProcess | None = None
+
+    @property
+    def proc(self):
+        return self.child.proc if self.child is not None else None
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.child is not None
+        return self.child.pid
 
     @property
     def ws_url(self) -> str:
@@ -66,36 +69,24 @@ class PinnedServer:
 
     def start(self, timeout: float = 30.0) -> PinnedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        log = open(self.log_path, "ab")
-        offset = log.tell()
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
-            match = _LISTENING.search(self.log_path.read_bytes()[offset:].decode(errors="replace"))
-            if match:
-                self.port = int(match.group(2))
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"server did not report listening within {timeout}s; see {self.log_path}")
+        self.child = ManagedProcess(
+            self.command(),
+            name="server",
+            log_path=self.log_path,
+            env={"PYTHONUNBUFFERED": "1", **self.env},
+            ready_log=_LISTENING,
+        )
+        self.child.start(timeout)
+        self.port = self.child.port
+        return self
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM our child (by PID), SIGKILL if it does not exit in time."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        code = self.child.stop(timeout) if self.child is not None else None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-        return self.proc.returncode if self.proc else None
+        return code
 
     def __enter__(self) -> PinnedServer:
         return self.start()

@@ -25,12 +25,8 @@ import asyncio
 import base64
 import json
 import os
-import re
-import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,30 +35,24 @@ from pathlib import Path
 import pycrdt
 
 from collab.client import CollabClient
+from procs import ManagedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_server(data_dir: Path, env: dict[str, str], cpu: int | None = None) -> tuple[subprocess.Popen, int]:
-    log = open(data_dir / "server.log", "wb")
-    pin = ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
-    proc = subprocess.Popen(
-        [*pin, sys.executable, "-m", "collab", "serve", "--port", "0", "--data-dir", str(data_dir / "data")],
+def start_server(data_dir: Path, env: dict[str, str], cpu: int | None = None) -> tuple[ManagedProcess, int]:
+    child = ManagedProcess(
+        [sys.executable, "-m", "collab", "serve", "--port", "0", "--data-dir", str(data_dir / "data")],
+        name="server",
+        log_path=data_dir / "server.log",
+        env={"PYTHONUNBUFFERED": "1", "COLLAB_LOG_LEVEL": "info", **env},
         cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLLAB_LOG_LEVEL": "info", **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        ready_log=r"listening on http://[\d.]+:(?P<port>\d+)",
+        cpus={cpu} if cpu is not None else None,
+        stop_timeout=15,
     )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        match = re.search(rb"listening on http://[\d.]+:(\d+)", (data_dir / "server.log").read_bytes())
-        if match:
-            return proc, int(match.group(1))
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError((data_dir / "server.log").read_text(errors="replace"))
+    child.start(20)
+    return child, child.port
 
 
 def stuck_client(port: int, path: str) -> socket.socket:
@@ -198,13 +188,7 @@ async def run(args: argparse.Namespace) -> dict:
     finally:
         for reader in readers:
             await reader.close()
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        proc.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

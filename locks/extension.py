@@ -29,7 +29,6 @@ import logging
 import math
 import re
 import secrets
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from clocks import Clock, SystemClock, Timer
 from codec import protocol as p
 from collab import logs
 from collab.extensions import ControlRoute, Extension
@@ -89,7 +89,7 @@ class _Space:
     view: dict[str, Lease] = field(default_factory=dict)  # path -> lease (token blank unless ours)
     version: int = 0  # bumped by every local change; a re-read started before one is stale
     hints: dict[tuple[str, int], str] = field(default_factory=dict)  # (path, fence) -> why it ended
-    timer: asyncio.TimerHandle | None = None
+    timer: Timer | None = None
     refresh_task: asyncio.Task | None = None
     dirty: bool = False
 
@@ -97,9 +97,12 @@ class _Space:
 class LockExtension(Extension):
     name = "locks"
 
-    def __init__(self, settings: Settings, manager: LeaseManager | None = None) -> None:
+    def __init__(self, settings: Settings, manager: LeaseManager | None = None, clock: Clock | None = None) -> None:
         self.settings = settings
         self.manager: LeaseManager | None = manager
+        # Renewals, liveness, expiry timers and rate limits; give a manager built
+        # outside the same clock (tests: a ManualClock for both).
+        self.clock: Clock = clock or SystemClock()
         self.default_ttl = settings.lock_ttl_seconds
         self.min_ttl = min(settings.lock_min_ttl_seconds, settings.lock_max_ttl_seconds)
         self.max_ttl = settings.lock_max_ttl_seconds
@@ -192,9 +195,10 @@ class LockExtension(Extension):
                     fences,
                     timeout=self.settings.lock_redis_timeout_seconds,
                     poll_interval=min(0.5, max(0.05, self.default_ttl / 10)),
+                    clock=self.clock,
                 )
             else:
-                self.manager = MemoryLeaseManager(fences)
+                self.manager = MemoryLeaseManager(fences, clock=self.clock)
         await self.manager.start()
         self.manager.subscribe(self._on_backend_event)
         if getattr(self.manager, "name", "") != "memory":
@@ -467,7 +471,7 @@ class LockExtension(Extension):
         return True
 
     def _rate_ok(self, conn: _Conn, ref: dict) -> bool:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         rate = self.settings.lock_rate_per_second
         burst = self.settings.lock_rate_burst
         if conn.refilled == 0.0:
@@ -586,18 +590,18 @@ class LockExtension(Extension):
         ttl = held.ttl
         interval = ttl / 3
         while True:
-            await asyncio.sleep(interval)
+            await self.clock.sleep(interval)
             interval = ttl / 3
             lease = held.lease
             if conn.leases.get(lease.path) is not held:
                 return
             # A holder that said nothing for a TTL is gone or frozen: its lease
             # lasts exactly until TTL after its last message, not a moment more.
-            left = conn.ps.last_seen + ttl - time.monotonic()
+            left = conn.ps.last_seen + ttl - self.clock.monotonic()
             if left < 0.01:
-                if time.time() >= lease.expires_at:
+                if self.clock.now() >= lease.expires_at:
                     return  # lapsed; the view's timer reports it as expired
-                interval = max(0.01, lease.expires_at - time.time())
+                interval = max(0.01, lease.expires_at - self.clock.now())
                 continue
             try:
                 renewed = await self.manager.renew(lease, min(ttl, left))
@@ -607,13 +611,13 @@ class LockExtension(Extension):
                     self._local_change(lease.workspace, removed=lease, kind="lost", reason=exc.reason)
                 return
             except LockUnavailable:
-                if time.time() >= lease.expires_at - 0.05:
+                if self.clock.now() >= lease.expires_at - 0.05:
                     # We cannot know we still hold it: tell everyone it is lost.
                     if conn.leases.get(lease.path) is held:
                         del conn.leases[lease.path]
                         self._local_change(lease.workspace, removed=lease, kind="lost", reason="unavailable")
                     return
-                interval = min(interval, max(0.05, (lease.expires_at - time.time()) / 4))
+                interval = min(interval, max(0.05, (lease.expires_at - self.clock.now()) / 4))
                 continue
             self.stats["renewed"] += 1
             if conn.leases.get(lease.path) is held:
@@ -699,7 +703,7 @@ class LockExtension(Extension):
             return "released", "release"
         if hint == "lost":
             return "lost", "gone"
-        if hint == "expired" or time.time() >= lease.expires_at - 0.05:
+        if hint == "expired" or self.clock.now() >= lease.expires_at - 0.05:
             return "expired", None
         conn = self._by_id.get(lease.holder)
         if conn is not None and (held := conn.leases.get(lease.path)) is not None and held.lease.fence == lease.fence:
@@ -739,8 +743,8 @@ class LockExtension(Extension):
             space.timer.cancel()
             space.timer = None
         if space.view:
-            delay = max(0.0, min(lease.expires_at for lease in space.view.values()) - time.time())
-            space.timer = asyncio.get_running_loop().call_later(delay + 0.002, self._refresh, ws)
+            delay = max(0.0, min(lease.expires_at for lease in space.view.values()) - self.clock.now())
+            space.timer = self.clock.call_later(delay + 0.002, self._refresh, ws)
 
     def _refresh(self, ws: str) -> None:
         """Re-read a workspace's leases from the backend (coalesced)."""
@@ -759,7 +763,7 @@ class LockExtension(Extension):
                 await self._reread(ws)
             except LockUnavailable:
                 # Keep enforcing what we knew; drop only what has certainly lapsed.
-                now = time.time()
+                now = self.clock.now()
                 lapsed = [lease for lease in space.view.values() if lease.expires_at <= now]
                 if lapsed:
                     self._apply(ws, [lease for lease in space.view.values() if lease.expires_at > now])
@@ -767,7 +771,7 @@ class LockExtension(Extension):
                     self._arm(ws, space)
                 # Try again soon.
                 if space.timer is None and space.view:
-                    space.timer = asyncio.get_running_loop().call_later(0.5, self._refresh, ws)
+                    space.timer = self.clock.call_later(0.5, self._refresh, ws)
             if not space.dirty or self._spaces.get(ws) is not space:
                 return
 
@@ -801,7 +805,7 @@ class LockExtension(Extension):
         """Lost pub/sub messages cost at most this long (Redis backend only)."""
         interval = min(10.0, max(1.0, self.default_ttl / 3))
         while True:
-            await asyncio.sleep(interval)
+            await self.clock.sleep(interval)
             for ws in list(self._spaces):
                 self._refresh(ws)
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from clocks import Clock, SystemClock, Timer, wait_for
 from locks.base import Lease, LockConflict, LockEvent, LockListener, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
 from rooms.config import overlaps
@@ -36,15 +35,15 @@ class _Waiter:
 class _Space:
     leases: dict[str, Lease] = field(default_factory=dict)
     waiters: list[_Waiter] = field(default_factory=list)
-    timer: asyncio.TimerHandle | None = None
+    timer: Timer | None = None
 
 
 class MemoryLeaseManager:
     name = "memory"
 
-    def __init__(self, fences: FenceKeeper | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, fences: FenceKeeper | None = None, clock: Clock | None = None) -> None:
         self.fences = fences or FenceKeeper()
-        self.clock = clock
+        self.clock = clock or SystemClock()  # expiry, the expiry timer and wait timeouts all read this one
         self._spaces: dict[str, _Space] = {}
         self._counters: dict[str, int] = {}  # fence counters (kept while the process lives)
         self._listeners: list[LockListener] = []
@@ -89,7 +88,7 @@ class MemoryLeaseManager:
         await self._seed(workspace)
         space = self._space(workspace)
         self._expire(workspace, space)
-        now = self.clock()
+        now = self.clock.now()
         own = space.leases.get(path)
         if own is not None and own.holder == holder:
             renewed = own.with_expiry(now + ttl, ttl)
@@ -107,7 +106,9 @@ class MemoryLeaseManager:
         )
         space.waiters.append(waiter)
         try:
-            await asyncio.wait([waiter.future], timeout=wait)
+            await wait_for(self.clock, asyncio.shield(waiter.future), wait)
+        except TimeoutError:
+            pass
         except asyncio.CancelledError:
             self._abandon(workspace, waiter)
             raise
@@ -127,7 +128,7 @@ class MemoryLeaseManager:
         if current.token != lease.token:
             raise LockNotHeld(f"{lease.path!r} is held under another lease now", "taken")
         ttl = lease.ttl if ttl is None else ttl
-        renewed = current.with_expiry(self.clock() + ttl, ttl)
+        renewed = current.with_expiry(self.clock.now() + ttl, ttl)
         space.leases[lease.path] = renewed
         self._arm(lease.workspace, space)
         return renewed
@@ -205,7 +206,7 @@ class MemoryLeaseManager:
     ) -> Lease:
         fence = self._counters[workspace] + 1
         self._counters[workspace] = fence
-        lease = Lease(workspace, path, holder, user_id, fence, self.clock() + ttl, token, name, ttl)
+        lease = Lease(workspace, path, holder, user_id, fence, self.clock.now() + ttl, token, name, ttl)
         space.leases[path] = lease
         self._arm(workspace, space)
         self._emit(LockEvent(workspace, "acquired", path, holder, lease.fence))
@@ -259,7 +260,7 @@ class MemoryLeaseManager:
                 waiter.future.set_result(lease)
 
     def _expire(self, workspace: str, space: _Space) -> None:
-        now = self.clock()
+        now = self.clock.now()
         expired = [lease for lease in space.leases.values() if lease.expires_at <= now]
         if not expired:
             return
@@ -274,8 +275,8 @@ class MemoryLeaseManager:
             space.timer.cancel()
             space.timer = None
         if space.leases:
-            delay = max(0.0, min(lease.expires_at for lease in space.leases.values()) - self.clock())
-            space.timer = asyncio.get_running_loop().call_later(delay + 0.001, self._on_timer, workspace)
+            delay = max(0.0, min(lease.expires_at for lease in space.leases.values()) - self.clock.now())
+            space.timer = self.clock.call_later(delay + 0.001, self._on_timer, workspace)
 
     def _on_timer(self, workspace: str) -> None:
         space = self._spaces.get(workspace)

@@ -35,7 +35,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -45,6 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from clocks import Clock, SystemClock
 from locks.base import Lease, LockConflict, LockEvent, LockListener, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
 from rooms.config import overlaps
@@ -232,7 +232,7 @@ class _Keys:
         return f"{self.prefix}l:{path}"
 
 
-def _parse(workspace: str, path: str, value: bytes, pttl_ms: int, ttl: float = 0.0) -> Lease:
+def _parse(workspace: str, path: str, value: bytes, pttl_ms: int, ttl: float = 0.0, *, now: float) -> Lease:
     fence, token, holder, meta = value.decode().split("\n", 3)
     info = json.loads(meta) if meta else {}
     return Lease(
@@ -241,7 +241,7 @@ def _parse(workspace: str, path: str, value: bytes, pttl_ms: int, ttl: float = 0
         holder=holder,
         user_id=info.get("user_id", ""),
         fence=int(fence),
-        expires_at=time.time() + max(0, int(pttl_ms)) / 1000.0,
+        expires_at=now + max(0, int(pttl_ms)) / 1000.0,
         token=token,
         name=info.get("name", ""),
         ttl=ttl,
@@ -259,8 +259,12 @@ class RedisLeaseManager:
         timeout: float = 0.5,
         poll_interval: float = 0.5,
         max_connections: int = 64,
+        clock: Clock | None = None,
     ) -> None:
         self.url = url
+        # Wall time for the expiry a lease reports (Redis keeps the TTL itself, in real time:
+        # this manager is given the real clock outside tests of bookkeeping alone).
+        self.clock = clock or SystemClock()
         self.fences = fences or FenceKeeper()
         self.timeout = timeout
         self.poll_interval = poll_interval
@@ -382,19 +386,19 @@ class RedisLeaseManager:
                     await self._seed(workspace, keys)
                     continue
                 if kind == b"own":
-                    return _parse(workspace, path, result[1], int(result[2]), ttl)
+                    return _parse(workspace, path, result[1], int(result[2]), ttl, now=self.clock.now())
                 if kind == b"ok":
-                    lease = _parse(workspace, path, result[1], int(result[2]), ttl)
+                    lease = _parse(workspace, path, result[1], int(result[2]), ttl, now=self.clock.now())
                     queued = False  # the grant took the ticket off the queue
                     self.stats["grants"] += 1
                     await self._cover(lease, keys)
                     self._emit(LockEvent(workspace, "acquired", path, holder, lease.fence))
                     return lease
                 if kind == b"held":
-                    blocker = _parse(workspace, result[1].decode(), result[2], int(result[3]))
+                    blocker = _parse(workspace, result[1].decode(), result[2], int(result[3]), now=self.clock.now())
                     conflict = LockConflict(path, blocker)
                     seq = int(result[4]) if len(result) > 4 else 0
-                    sleep_cap = max(0.0, blocker.expires_at - time.time()) + 0.005
+                    sleep_cap = max(0.0, blocker.expires_at - self.clock.now()) + 0.005
                 else:
                     conflict = LockConflict(path, None, result[1].decode())
                     seq = int(result[2]) if len(result) > 2 else 0
@@ -437,7 +441,7 @@ class RedisLeaseManager:
             raise LockNotHeld(f"lease on {lease.path!r} is gone", "gone")
         if status < 0:
             raise LockNotHeld(f"{lease.path!r} is held under another lease now", "taken")
-        return lease.with_expiry(time.time() + ttl, ttl)
+        return lease.with_expiry(self.clock.now() + ttl, ttl)
 
     async def release(self, lease: Lease) -> None:
         keys = self._keys_for(lease.workspace)
@@ -458,7 +462,7 @@ class RedisLeaseManager:
         flat = await self._run(self._scripts["list"](keys=[keys.idx], args=[keys.prefix]))
         leases = []
         for i in range(0, len(flat), 3):
-            lease = _parse(workspace, flat[i].decode(), flat[i + 1], int(flat[i + 2]))
+            lease = _parse(workspace, flat[i].decode(), flat[i + 1], int(flat[i + 2]), now=self.clock.now())
             leases.append(replace(lease, token=""))
         return leases
 
@@ -469,7 +473,7 @@ class RedisLeaseManager:
         )
         if not value:
             return None
-        lease = _parse(workspace, path, value, 0)
+        lease = _parse(workspace, path, value, 0, now=self.clock.now())
         self._on_event(LockEvent(workspace, "forced", path, lease.holder, lease.fence))
         return replace(lease, token="")
 

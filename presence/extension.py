@@ -29,7 +29,6 @@ import itertools
 import json
 import logging
 import secrets
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
+from clocks import Clock, SystemClock
 from codec import protocol as p
 from collab.extensions import ControlRoute, Extension
 from collab.gate import PUBLIC, GatedMount, GatedRoute, workspace_role
@@ -157,11 +157,16 @@ class PresenceExtension(Extension):
                     "this node serves", summary["participants"])  # fmt: skip
         yield gauge("collab_presence_streams", "Open participant event streams (SSE)", summary["participant_streams"])
 
-    def __init__(self, settings: Settings, registry: PresenceRegistry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, registry: PresenceRegistry | None = None, clock: Clock | None = None
+    ) -> None:
         self.settings = settings
         self.node_id = settings.node_id
+        # Join and activity times, rate limits, coalescing and polls; a registry
+        # built outside should get the same clock.
+        self.clock: Clock = clock or SystemClock()
         if registry is None:
-            registry = make_registry(settings)
+            registry = make_registry(settings, self.clock)
         self.registry = registry
         self.coalesce = settings.presence_coalesce_ms / 1000.0
         self.rate = settings.awareness_rate
@@ -230,7 +235,7 @@ class PresenceExtension(Extension):
         identity = ps.identity
         if identity is None or self._stopping:
             return
-        now = round(time.time(), 3)
+        now = round(self.clock.now(), 3)
         entry = ConnectionEntry(
             workspace_id=room.workspace_id,
             conn_id=f"{self.node_id}/{self._boot}/{next(self._conn_ids)}",
@@ -245,7 +250,7 @@ class PresenceExtension(Extension):
         view = self._view(room.workspace_id)
         conn = ConnState(
             peer=ps, entry=entry, serial=next(self._serial), written_active=now, tokens=self.burst,
-            refilled=time.monotonic(),
+            refilled=self.clock.monotonic(),
         )  # fmt: skip
         _CONN.set(ps, conn)
         view.conns.add(conn)
@@ -291,7 +296,7 @@ class PresenceExtension(Extension):
                     focus = parsed["focus"] or None
             conn.focus_by_client.pop(client_id, None)
             conn.focus_by_client[client_id] = focus  # most recent last
-        now = round(time.time(), 3)
+        now = round(self.clock.now(), 3)
         focus = next(reversed(conn.focus_by_client.values()), None) if conn.focus_by_client else None
         entry = conn.entry
         if focus == entry.focus and now - conn.written_active < ACTIVITY_RESOLUTION:
@@ -358,7 +363,7 @@ class PresenceExtension(Extension):
         return {**state, "user": stamped}
 
     def _take_token(self, conn: ConnState) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         conn.tokens = min(self.burst, conn.tokens + (now - conn.refilled) * self.rate)
         conn.refilled = now
         if conn.tokens >= self.burst:
@@ -411,12 +416,11 @@ class PresenceExtension(Extension):
             while view.dirty and not self._stopping:
                 # Leading edge: the first change after a quiet window goes out on the
                 # next loop turn; changes within the window wait for its end.
-                loop = asyncio.get_running_loop()
-                delay = view.last_refresh + self.coalesce - loop.time()
+                delay = view.last_refresh + self.coalesce - self.clock.monotonic()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    await self.clock.sleep(delay)
                 view.dirty = False
-                view.last_refresh = loop.time()
+                view.last_refresh = self.clock.monotonic()
                 try:
                     await self._refresh(view)
                 except asyncio.CancelledError:
@@ -443,7 +447,7 @@ class PresenceExtension(Extension):
             view.dirty = True
         state = await self.registry.read(ws)
         self.stats["refreshes"] += 1
-        roster = {uid: part.to_json() for uid, part in build_roster(state).items()}
+        roster = {uid: part.to_json() for uid, part in build_roster(state, self.clock.now()).items()}
         joins, leaves, updates = roster_diff(view.roster, roster)
         changed = bool(joins or leaves or updates)
         if changed:
@@ -523,11 +527,11 @@ class PresenceExtension(Extension):
         while True:
             views = list(self.views.values())
             if not views:
-                await asyncio.sleep(interval)
+                await self.clock.sleep(interval)
                 continue
             step = interval / len(views)
             for view in views:
-                await asyncio.sleep(step)
+                await self.clock.sleep(step)
                 if self.views.get(view.workspace_id) is view:
                     self._mark(view)
 
@@ -540,7 +544,7 @@ class PresenceExtension(Extension):
             state = await self.registry.read(workspace_id)
         except Exception as exc:
             return JSONResponse({"error": f"presence registry unavailable: {exc}"}, status_code=503)
-        roster = {uid: part.to_json() for uid, part in build_roster(state).items()}
+        roster = {uid: part.to_json() for uid, part in build_roster(state, self.clock.now()).items()}
         return JSONResponse(
             {"workspace": workspace_id, "node": self.node_id, "participants": _ordered(roster.values())},
             headers={"Cache-Control": "no-store"},
@@ -590,12 +594,12 @@ def _ordered(participants) -> list[dict[str, Any]]:
     return sorted(participants, key=lambda part: (part["joined_at"], part["user_id"]))
 
 
-def make_registry(settings: Settings) -> PresenceRegistry:
+def make_registry(settings: Settings, clock: Clock | None = None) -> PresenceRegistry:
     ttl = settings.presence_ttl_seconds
     if settings.redis_url:
         from presence.redis import RedisPresenceRegistry
 
-        return RedisPresenceRegistry(settings.redis_url, settings.node_id, ttl=ttl)
+        return RedisPresenceRegistry(settings.redis_url, settings.node_id, ttl=ttl, clock=clock)
     from presence.memory import MemoryPresenceRegistry
 
-    return MemoryPresenceRegistry(settings.node_id, ttl=ttl)
+    return MemoryPresenceRegistry(settings.node_id, ttl=ttl, clock=clock)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
+from clocks import Clock, SystemClock
 from presence.base import ENTRY_EXPIRY_FRACTION, HEARTBEATS_PER_TTL, ConnectionEntry, WorkspacePresence
 
 log = logging.getLogger("collab.presence")
@@ -50,9 +50,13 @@ class MemoryBackend:
 class MemoryPresenceRegistry:
     """A :class:`presence.base.PresenceRegistry` kept in this process."""
 
-    def __init__(self, node_id: str, ttl: float = 30.0, backend: MemoryBackend | None = None) -> None:
+    def __init__(
+        self, node_id: str, ttl: float = 30.0, backend: MemoryBackend | None = None, clock: Clock | None = None
+    ) -> None:
         self.node_id = node_id
         self.ttl = ttl
+        # Entry expiry and the heartbeat; registries sharing a backend share a clock.
+        self.clock = clock or SystemClock()
         self.backend = backend or MemoryBackend()
         self.on_change: Callable[[str], None] | None = None
         self._own: dict[str, dict[str, ConnectionEntry]] = {}
@@ -90,7 +94,7 @@ class MemoryPresenceRegistry:
         if self._closed:
             return
         self._own.setdefault(entry.workspace_id, {})[entry.conn_id] = entry
-        expires = time.monotonic() + self.entry_expiry
+        expires = self.clock.monotonic() + self.entry_expiry
         self.backend.entries.setdefault(entry.workspace_id, {})[entry.conn_id] = (entry, expires)
 
     def discard(self, workspace_id: str, conn_id: str) -> None:
@@ -116,7 +120,7 @@ class MemoryPresenceRegistry:
     # -------------------------------------------------------------- reads
 
     async def read(self, workspace_id: str) -> WorkspacePresence:
-        entries = self.backend.live(workspace_id, time.monotonic())
+        entries = self.backend.live(workspace_id, self.clock.monotonic())
         own = self._own.get(workspace_id, {})
         leftovers = [e.conn_id for e in entries if e.node == self.node_id and e.conn_id not in own]
         if leftovers:  # our node id, not our connections: an earlier run of this node left them
@@ -140,7 +144,7 @@ class MemoryPresenceRegistry:
     # ---------------------------------------------------------- liveness
 
     async def heartbeat(self) -> None:
-        expires = time.monotonic() + self.entry_expiry
+        expires = self.clock.monotonic() + self.entry_expiry
         for workspace_id, own in self._own.items():
             table = self.backend.entries.setdefault(workspace_id, {})
             for conn_id, entry in own.items():
@@ -149,7 +153,7 @@ class MemoryPresenceRegistry:
     async def _heartbeat_loop(self) -> None:
         interval = self.ttl / HEARTBEATS_PER_TTL
         while True:
-            await asyncio.sleep(interval)
+            await self.clock.sleep(interval)
             try:
                 await self.heartbeat()
             except Exception:  # pragma: no cover - nothing here does I/O

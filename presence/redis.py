@@ -26,12 +26,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from clocks import Clock, SystemClock
 from presence.base import ENTRY_EXPIRY_FRACTION, HEARTBEATS_PER_TTL, ConnectionEntry, WorkspacePresence
 
 log = logging.getLogger("collab.presence")
@@ -88,8 +88,12 @@ class RedisPresenceRegistry:
         ttl: float = 30.0,
         client: aioredis.Redis | None = None,
         timeout: float = 2.0,
+        clock: Clock | None = None,
     ) -> None:
         self.url = url
+        # The heartbeat, the lock list's expiry and the remote-entry cache; Redis
+        # expires entries itself, in real time (so tests give it the real clock).
+        self.clock = clock or SystemClock()
         self.timeout = timeout  # seconds per Redis command before it counts as failed
         self.node_id = node_id
         self.ttl = ttl
@@ -231,7 +235,7 @@ class RedisPresenceRegistry:
             if ops:
                 pipe.pexpire(index, ttl_ms)
             if locks is not None:
-                self._write_locks(pipe, workspace_id, locks)
+                self._write_locks(pipe, workspace_id, locks, self.clock.now())
             pipe.publish(channel(workspace_id), self.node_id)
             try:
                 await pipe.execute()
@@ -245,7 +249,7 @@ class RedisPresenceRegistry:
                 raise
 
     @staticmethod
-    def _write_locks(pipe: Any, workspace_id: str, locks: list[dict[str, Any]]) -> None:
+    def _write_locks(pipe: Any, workspace_id: str, locks: list[dict[str, Any]], now: float) -> None:
         key = locks_key(workspace_id)
         if not locks:
             pipe.delete(key)
@@ -253,7 +257,7 @@ class RedisPresenceRegistry:
         expiries = [lock.get("expires_at") for lock in locks]
         if all(isinstance(x, int | float) for x in expiries):
             # Stale lock lists disappear once the last lock in them has expired.
-            px = max(1000, int((max(expiries) - time.time()) * 1000) + 1000)
+            px = max(1000, int((max(expiries) - now) * 1000) + 1000)
             pipe.set(key, json.dumps(locks, default=str), px=px)
         else:
             pipe.set(key, json.dumps(locks, default=str))
@@ -271,7 +275,7 @@ class RedisPresenceRegistry:
                 log.warning("presence: cannot read %s from Redis (%s); serving this node's entries", workspace_id, exc)
                 self._failing = True
             cached = self._remote_cache.get(workspace_id)
-            if cached is not None and time.monotonic() - cached[0] < self.entry_expiry:
+            if cached is not None and self.clock.monotonic() - cached[0] < self.entry_expiry:
                 return WorkspacePresence(entries=cached[1].entries + own, locks=cached[1].locks)
             return WorkspacePresence(entries=own, locks=[])
         self._failing = False
@@ -312,7 +316,7 @@ class RedisPresenceRegistry:
         if self._staged_locks.get(workspace_id) is not None:
             locks = self._staged_locks[workspace_id]
         if workspace_id in self._watched:
-            self._remote_cache[workspace_id] = (time.monotonic(), WorkspacePresence(remote, locks))
+            self._remote_cache[workspace_id] = (self.clock.monotonic(), WorkspacePresence(remote, locks))
         return WorkspacePresence(entries=remote + own, locks=locks)
 
     async def _purge(self, workspace_id: str, conn_ids: list[str]) -> None:
@@ -410,7 +414,7 @@ class RedisPresenceRegistry:
     async def _heartbeat_loop(self) -> None:
         interval = self.ttl / HEARTBEATS_PER_TTL
         while True:
-            await asyncio.sleep(interval)
+            await self.clock.sleep(interval)
             try:
                 await self.heartbeat()
             except asyncio.CancelledError:

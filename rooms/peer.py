@@ -63,7 +63,7 @@ class PeerState:
     updates_received: int = 0
     updates_acked: int = 0
     alive: bool = True
-    last_seen: float = 0.0  # time.monotonic() of the last message received (liveness of lock holders)
+    last_seen: float = 0.0  # room.clock.monotonic() of the last message received (liveness of lock holders)
     remote: str | None = None  # node id: stands for the clients of another node (scale-out relay)
     slots: dict[Slot[Any], Any] | None = None  # each extension's state about this connection (see Slot)
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import pycrdt
 
+from clocks import Clock, SystemClock
 from codec import protocol as p
 from persistence.base import DocumentStore
 from rooms.awareness import AwarenessRecord, AwarenessTable
@@ -115,9 +116,11 @@ class Room:
         control_handlers: Mapping[str, ControlHandler] | None = None,
         guards: list[UpdateGuard] | None = None,
         listeners: list[Any] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.store = store
+        self.clock = clock or SystemClock()  # peers' last_seen: lock holders' liveness (locks/extension.py)
         self.tuning = tuning or RoomTuning()
         self.control_handlers = dict(control_handlers or {})
         self.guards = list(guards or [])
@@ -191,7 +194,7 @@ class Room:
         """Register a peer and send it our step 1 and the known awareness."""
         assert self.loaded, "join before load"
         self._epoch += 1
-        ps = PeerState(peer=peer, epoch=self._epoch, identity=identity, last_seen=time.monotonic())
+        ps = PeerState(peer=peer, epoch=self._epoch, identity=identity, last_seen=self.clock.monotonic())
         self.peers[peer] = ps
         self.last_active = time.monotonic()
         # Our step 1 makes the client send what we lack (its offline edits).
@@ -223,7 +226,7 @@ class Room:
 
     def receive(self, ps: PeerState, message: p.Message) -> None:
         """Handle one decoded message. Raises ProtocolError to drop the peer."""
-        ps.last_seen = time.monotonic()
+        ps.last_seen = self.clock.monotonic()
         if isinstance(message, p.SyncUpdate | p.SyncStep2):
             self._receive_update(ps, message.update)
         elif isinstance(message, p.SyncStep1):

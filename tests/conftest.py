@@ -37,7 +37,16 @@ _KINDS = {
     "browser": ("playwright", "chromium"),
     "node": ("node_clients", "NODE", ".mjs"),
     "redis": ("redis_server", "redis_factory", "redis-server", "RedisProcess"),
-    "server": ("server_factory", "ServerProcess", "(server", "server)", "spawn-server", "spawn_server", "_server("),
+    "server": (
+        "server_factory",
+        "ServerProcess",
+        "(server",
+        "server)",
+        "spawn-server",
+        "spawn_server",
+        "_server(",
+        "ManagedProcess(",
+    ),
 }
 _module_kinds: dict[str, list[str]] = {}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
+from clocks import ManualClock  # noqa: F401  (time for tests: see docs/testing.md)
 from codec import protocol as p
 from collab.auth import Identity
 from rooms.peer import PeerState
@@ -60,9 +61,9 @@ def peer_state(user: str = "alice", epoch: int = 1, role: str = "editor", hello:
     return PeerState(peer=FakePeer(user), epoch=epoch, identity=identity(user, role), wants_control=hello)
 
 
-async def open_room(store, workspace: str = "ds-1", **tuning) -> Room:
-    """A loaded room over ``store`` (a real store), tuned by keyword."""
-    room = Room(workspace, store, RoomTuning(**tuning))
+async def open_room(store, workspace: str = "ds-1", clock=None, **tuning) -> Room:
+    """A loaded room over ``store`` (a real store), tuned by keyword; ``clock``: e.g. a clocks.ManualClock."""
+    room = Room(workspace, store, RoomTuning(**tuning), clock=clock)
     await asyncio.wait_for(room.load(), 10)
     return room
 

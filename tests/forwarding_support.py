@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +9,8 @@ from typing import Any
 
 import httpx
 
-from tests.support import ServerProcess, spawn_listening
+from procs import ManagedProcess
+from tests.support import LISTENING, ROOT, ServerProcess
 
 # Short delivery timings for tests (the defaults are 500 ms / 5 s / 0.5 s..30 s).
 FAST_FORWARDING = {
@@ -25,26 +24,38 @@ FAST_FORWARDING = {
 
 
 class BackendProcess:
-    """``python -m refbackend`` in a child process we own (and only that)."""
+    """``python -m refbackend`` in a child process we own (a procs.ManagedProcess)."""
 
     def __init__(self, db: Path, log_path: Path, port: int = 0) -> None:
         self.db = db
         self.log_path = log_path
         self.port = port
-        self.proc: subprocess.Popen | None = None
+        self.child: ManagedProcess | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.child.proc if self.child is not None else None
+
+    @proc.setter
+    def proc(self, popen) -> None:
+        """A subclass that starts the process itself hands over its Popen: still stopped (by PID) like ours."""
+        self.child = None if popen is None else ManagedProcess.adopt(popen, name="refbackend", log_path=self.log_path)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> BackendProcess:
-        self.proc, self._log, self.port = spawn_listening(
+        self.child = ManagedProcess(
             [sys.executable, "-m", "refbackend", "--port", str(self.port), "--db", str(self.db)],
-            self.log_path,
-            {**os.environ, "PYTHONUNBUFFERED": "1"},
-            timeout,
-            "refbackend",
+            name="refbackend",
+            log_path=self.log_path,
+            env={"PYTHONUNBUFFERED": "1"},
+            cwd=ROOT,
+            ready_log=LISTENING,
         )
+        self.child.start(timeout)
+        self.port = self.child.port
         return self
 
     def restart(self) -> BackendProcess:
@@ -52,23 +63,24 @@ class BackendProcess:
         return self.start()
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+        return self.child.log_tail(4000) if self.child is not None else ""
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.child is not None:
+            self.child.kill()
+
+    def pause(self) -> None:
+        """SIGSTOP: a backend that accepts connections and never answers."""
+        if self.child is not None:
+            self.child.pause()
+
+    def resume(self) -> None:
+        if self.child is not None:
+            self.child.resume()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.child is not None:
+            self.child.stop(timeout)
 
     # ------------------------------------------------------------ admin API
 

@@ -1,53 +1,32 @@
-"""Test helpers: real server processes on free loopback ports."""
+"""Test helpers: real server processes on free loopback ports (each a procs.ManagedProcess)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import socket
+import inspect
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import IO
 
-import httpx
+from procs import ManagedProcess, free_port  # noqa: F401  (free_port: re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LISTENING = r"listening on http://[\d.]+:(?P<port>\d+)"
 
 
 def spawn_listening(
     argv: list[str], log_path: Path, env: dict[str, str], timeout: float, name: str
-) -> tuple[subprocess.Popen, object, int]:
+) -> tuple[subprocess.Popen, IO[bytes] | None, int]:
     """Start a child whose output goes to ``log_path``; wait for its "listening on" line.
 
-    Returns the process, the open log file and the port it printed (so port 0
-    works). Kills the child and raises with its log if it exits or stays silent.
+    Kept for older callers: prefer ``ManagedProcess(..., ready_log=LISTENING)``,
+    which also stops the child. Returns the Popen, None and the port it printed.
     """
-    log = open(log_path, "ab")
-    offset = log.tell()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-8000:]
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
-        match = _LISTENING.search(log_path.read_bytes()[offset:].decode(errors="replace"))
-        if match:
-            return proc, log, int(match.group(2))
-        time.sleep(0.02)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    raise RuntimeError(f"{name} did not start within {timeout}s:\n{log_path.read_text(errors='replace')[-8000:]}")
+    child = ManagedProcess(argv, name=name, log_path=log_path, env=env, inherit_env=False, cwd=ROOT,
+                           ready_log=LISTENING)  # fmt: skip
+    child.start(timeout)
+    return child.proc, None, child.port
 
 
 class ServerProcess:
@@ -66,7 +45,21 @@ class ServerProcess:
         self.env = env or {}
         self.port = port
         self.args = list(args or [])  # more `collab serve` arguments, e.g. ["--config", "x.toml"]
-        self.proc: subprocess.Popen | None = None
+        self.child: ManagedProcess | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.child.proc if self.child is not None else None
+
+    @proc.setter
+    def proc(self, popen) -> None:
+        """A subclass that starts the process itself hands over its Popen: still stopped (by PID) like ours."""
+        self.child = None if popen is None else ManagedProcess.adopt(popen, name="server", log_path=self.log_path)
+
+    @property
+    def pid(self) -> int:
+        assert self.child is not None, "server not started"
+        return self.child.pid
 
     @property
     def http_url(self) -> str:
@@ -77,48 +70,42 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        env.setdefault("COLLAB_LOG_LEVEL", "info")
-        deadline = time.monotonic() + timeout
-        self.proc, self._log, self.port = spawn_listening(
+        """Start (port 0: any free port, read from its log) and wait until /healthz answers."""
+        env = {"PYTHONUNBUFFERED": "1", "COLLAB_LOG_LEVEL": "info", **self.env}
+        self.child = ManagedProcess(
             [sys.executable, "-m", "collab", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
             + self.args,
-            self.log_path,
-            env,
-            timeout,
-            "server",
+            name="server",
+            log_path=self.log_path,
+            env=env,
+            cwd=ROOT,
+            ready_log=LISTENING,  # printed after startup; /healthz must answer too
+            ready_url="http://127.0.0.1:{port}/healthz",
         )
-        # Listening is printed after startup; /healthz must answer too.
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.http_url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"/healthz never answered:\n{self.log()}")
+        self.child.start(timeout)
+        self.port = self.child.port
+        return self
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
+        return self.child.log_tail() if self.child is not None else ""
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks, no flush."""
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.child is not None:
+            self.child.kill()
+
+    def pause(self) -> None:
+        """SIGSTOP: a hung node (sockets open, nothing answers)."""
+        if self.child is not None:
+            self.child.pause()
+
+    def resume(self) -> None:
+        if self.child is not None:
+            self.child.resume()
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM and wait; SIGKILL if it does not exit in time."""
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode if self.proc else None
+        return self.child.stop(timeout) if self.child is not None else None
 
     def restart(self) -> ServerProcess:
         """Start again on the same port and data directory."""
@@ -126,10 +113,16 @@ class ServerProcess:
 
 
 async def eventually(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll a condition with a bounded timeout (for state with no event to wait on)."""
+    """Poll a condition with a bounded timeout (for state with no event to wait on).
+
+    ``predicate`` may be a coroutine function (e.g. a Redis query). Real time:
+    for code on a ManualClock, ``await clock.advance(...)`` instead.
+    """
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if asyncio.get_running_loop().time() > deadline:

@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -28,6 +27,7 @@ import pycrdt
 import pytest
 
 from collab.client import CollabClient
+from procs import ManagedProcess
 from tests.support import ROOT, ServerProcess, eventually, free_port
 from tests.test_js_client import NODE, NodeClient
 
@@ -43,7 +43,7 @@ class Nginx:
         self.workdir = workdir
         self.node_ports = node_ports
         self.port = free_port()
-        self.proc: subprocess.Popen | None = None
+        self.child: ManagedProcess | None = None
 
     def render(self) -> Path:
         site = (DEPLOY / "nginx.conf").read_text()
@@ -77,34 +77,23 @@ class Nginx:
         check = subprocess.run([NGINX, "-t", "-p", str(self.workdir), "-c", str(main), "-e", "stderr"],
                                capture_output=True, text=True, timeout=30)  # fmt: skip
         assert check.returncode == 0, check.stderr
-        self.proc = subprocess.Popen(
+        self.child = ManagedProcess(
             [NGINX, "-p", str(self.workdir), "-c", str(main), "-e", "stderr"],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "stderr.log", "ab"),
+            name="nginx",
+            log_path=self.workdir / "stderr.log",
+            ready_url=f"{self.url}/healthz",
+            stop_signal=signal.SIGQUIT,  # graceful: the master ends its workers
         )
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, (self.workdir / "stderr.log").read_text()
-            time.sleep(0.05)
-        raise RuntimeError("nginx did not answer /healthz")
+        self.child.start(WAIT)
+        return self
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGQUIT)  # graceful: the master ends its workers
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        if self.child is not None:
+            self.child.stop(10)
 
 
 def node_of(nodes: dict[str, ServerProcess], workspace: str, user: str) -> str | None:
@@ -307,8 +296,9 @@ async def test_systemd_unit_starts_ready_and_stops_gracefully(tmp_path):
         return command.replace(venv, bin_dir).replace("/etc/collab/collab.toml", str(toml)).split()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAB_")}
-    log = open(tmp_path / "unit.log", "wb")
-    proc = subprocess.Popen(argv(start), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Started as systemd would (no readiness wait here: ExecStartPost is what waits).
+    unit_proc = ManagedProcess(argv(start), name="unit", log_path=tmp_path / "unit.log", env=env, inherit_env=False,
+                               cwd=tmp_path).start()  # fmt: skip
     try:
         waited = await asyncio.to_thread(
             subprocess.run, argv(ready), env=env, capture_output=True, text=True, timeout=90
@@ -318,17 +308,14 @@ async def test_systemd_unit_starts_ready_and_stops_gracefully(tmp_path):
         client = await CollabClient(f"ws://127.0.0.1:{port}/ws", "ds-unit", hello=True).connect(timeout=WAIT)
         client.doc.get("config", type=pycrdt.Map)["name"] = "kept"
         await client.wait_saved(WAIT)
-        os.kill(proc.pid, getattr(signal, unit["KillSignal"]))
+        unit_proc.send_signal(getattr(signal, unit["KillSignal"]))
         await client.wait_closed(WAIT)
         assert client.close_code == 1012, (client.close_code, client.close_reason)
         # uvicorn re-raises the signal once it has shut down; systemd counts death by
         # SIGTERM as a clean stop (SuccessExitStatus includes it by default).
-        assert await asyncio.to_thread(proc.wait, float(unit["TimeoutStopSec"])) in (0, -signal.SIGTERM)
+        assert await asyncio.to_thread(unit_proc.wait, float(unit["TimeoutStopSec"])) in (0, -signal.SIGTERM)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
+        unit_proc.kill()
     # Not ready: wait-ready gives up with the reason.
     failed = subprocess.run(
         argv(ready.replace("--timeout 60", "--timeout 1")), env=env, capture_output=True, text=True, timeout=30

@@ -35,16 +35,21 @@ PATH_VALUES = {
     "job": "0123456789abcdef",
 }
 
-# Who calls: the token it presents and what that token grants.
+# Who calls: the token it presents and what that token grants. Made at import
+# (collection), so they must outlive a whole suite run on a slow machine.
+DAY = 86400.0
 CALLERS: dict[str, dict] = {
     "no token": {"token": None},
     "junk token": {"token": "not-a-jwt"},
     "expired token": {"token": make_token("late", {"*": "admin"}, ttl=-120)},
-    "other workspace": {"token": make_token("stranger", {"elsewhere": "admin"}), "grants": {"elsewhere": "admin"}},
-    "viewer": {"token": make_token("vic", {WORKSPACE: "viewer"}), "grants": {WORKSPACE: "viewer"}},
-    "editor": {"token": make_token("eddie", {WORKSPACE: "editor"}), "grants": {WORKSPACE: "editor"}},
-    "admin": {"token": make_token("ada", {WORKSPACE: "admin"}), "grants": {WORKSPACE: "admin"}},
-    "server admin": {"token": make_token("root", {"*": "admin"}), "grants": {"*": "admin"}},
+    "other workspace": {
+        "token": make_token("stranger", {"elsewhere": "admin"}, ttl=DAY),
+        "grants": {"elsewhere": "admin"},
+    },
+    "viewer": {"token": make_token("vic", {WORKSPACE: "viewer"}, ttl=DAY), "grants": {WORKSPACE: "viewer"}},
+    "editor": {"token": make_token("eddie", {WORKSPACE: "editor"}, ttl=DAY), "grants": {WORKSPACE: "editor"}},
+    "admin": {"token": make_token("ada", {WORKSPACE: "admin"}, ttl=DAY), "grants": {WORKSPACE: "admin"}},
+    "server admin": {"token": make_token("root", {"*": "admin"}, ttl=DAY), "grants": {"*": "admin"}},
     "metrics service": {"token": METRICS_TOKEN, "service": "metrics"},
 }
 
@@ -205,8 +210,15 @@ def test_requirements_are_typed():
 
 
 # What may be public, and what changes state: a wrong declaration fails here.
-PUBLIC_ROUTES = {"/healthz", "/readyz", "/openapi.json", "/workspaces/{workspace_id}", "/presence/static/{path}",
-                 "/", "/docs/{name}"}  # the landing page (names no workspace or user) and the repository's docs
+PUBLIC_ROUTES = {
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+    "/workspaces/{workspace_id}",
+    "/presence/static/{path}",
+    "/",
+    "/docs/{name}",
+}  # the landing page (names no workspace or user) and the repository's docs
 
 
 def test_declarations_are_safe(gate_server):
@@ -259,7 +271,7 @@ def test_metrics_in_jwt_mode_without_a_metrics_token_needs_a_server_admin(server
     assert httpx.get(url, timeout=5).status_code == 401
     editor = make_token("eddie", {"*": "editor"})
     assert httpx.get(url, headers={"Authorization": f"Bearer {editor}"}, timeout=5).status_code == 403
-    root = make_token("root", {"*": "admin"})
+    root = make_token("root", {"*": "admin"}, ttl=DAY)
     reply = httpx.get(url, headers={"Authorization": f"Bearer {root}"}, timeout=5)
     assert reply.status_code == 200 and "collab_" in reply.text
     # /openapi.json stays public (it describes the API, nothing about this deployment).

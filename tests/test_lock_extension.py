@@ -1,13 +1,16 @@
 """The lock extension inside a Room, without a server: the hooks other features
-rely on (``on_locks_changed`` for presence, ``fence_for`` for forwarding)."""
+rely on (``on_locks_changed`` for presence, ``fence_for`` for forwarding), and
+lease timing driven by a ManualClock shared by the room, the extension and the
+lease manager -- a 30 s lease is renewed, kept and lapses at exact instants,
+however loaded the machine is."""
 
 from __future__ import annotations
 
-import asyncio
 from types import SimpleNamespace
 
 import pycrdt
 
+from clocks import ManualClock
 from codec import protocol as p
 from collab.auth import Identity
 from collab.extensions import control_handlers
@@ -46,10 +49,14 @@ async def until(predicate, timeout: float = 5.0) -> None:
     await eventually(predicate, timeout, interval=0.005)
 
 
+TTL = 30.0
+
+
 async def test_hooks_for_presence_and_forwarding(tmp_path):
     store = SQLiteDocumentStore(tmp_path / "db.sqlite3")
     await store.open()
-    ext = LockExtension(Settings(lock_ttl_seconds=0.5, lock_min_ttl_seconds=0.1), manager=MemoryLeaseManager())
+    clock = ManualClock()
+    ext = LockExtension(Settings(lock_ttl_seconds=TTL), manager=MemoryLeaseManager(clock=clock), clock=clock)
     await ext.start(SimpleNamespace(store=store))
     recorder = Recorder()
     room = Room(
@@ -58,6 +65,7 @@ async def test_hooks_for_presence_and_forwarding(tmp_path):
         control_handlers=control_handlers([ext]),
         guards=ext.guards(),
         listeners=[*ext.listeners(), recorder],
+        clock=clock,
     )
     await room.load()
     alice_sink, bob_sink, stock_sink = Sink(), Sink(), Sink()
@@ -97,8 +105,20 @@ async def test_hooks_for_presence_and_forwarding(tmp_path):
     # that came with it stays -- see rooms/config.py.)
     assert "host" not in (room.doc.get("config", type=pycrdt.Map).to_py() or {}).get("connection", {})
 
-    # Alice goes silent: the lease lapses TTL after her last message.
-    await until(lambda: bob_sink.controls("lock.expired"), timeout=3)
+    assert granted["expires_at"] == clock.now() + TTL
+
+    # While Alice talks, her lease is renewed (every TTL/3) and outlives its first TTL many times over.
+    for _ in range(12):
+        await clock.advance(TTL / 6)
+        room.receive(alice, p.Control("ping", {"type": "ping"}))
+    assert ext.fence_for(room, alice, ["connection"]) == granted["fence"]
+    assert bob_sink.controls("lock.expired") == [] and ext.stats["renewed"] >= 5
+    # Alice goes silent: the lease lapses exactly TTL after her last message, not a moment later.
+    await clock.advance(TTL - 0.01)
+    assert bob_sink.controls("lock.expired") == [] and recorder.calls[-1] != []
+    await clock.advance(0.02)
+    expired = bob_sink.controls("lock.expired")
+    assert [(m["path"], m["fence"]) for m in expired] == [("connection", granted["fence"])]
     assert recorder.calls[-1] == []
     assert ext.fence_for(room, alice, ["connection"]) is None
     await ext.stop()
@@ -109,10 +129,16 @@ async def test_hooks_for_presence_and_forwarding(tmp_path):
 async def test_forced_release_stops_renewal_and_is_told_once(tmp_path):
     store = SQLiteDocumentStore(tmp_path / "db.sqlite3")
     await store.open()
-    ext = LockExtension(Settings(lock_ttl_seconds=0.3, lock_min_ttl_seconds=0.1), manager=MemoryLeaseManager())
+    clock = ManualClock()
+    ext = LockExtension(Settings(lock_ttl_seconds=TTL), manager=MemoryLeaseManager(clock=clock), clock=clock)
     await ext.start(SimpleNamespace(store=store))
     room = Room(
-        "ws-force", store, control_handlers=control_handlers([ext]), guards=ext.guards(), listeners=ext.listeners()
+        "ws-force",
+        store,
+        control_handlers=control_handlers([ext]),
+        guards=ext.guards(),
+        listeners=ext.listeners(),
+        clock=clock,
     )
     await room.load()
     alice_sink, admin_sink = Sink(), Sink()
@@ -125,10 +151,11 @@ async def test_forced_release_stops_renewal_and_is_told_once(tmp_path):
     room.receive(admin, p.Control("lock.force_release", {"type": "lock.force_release", "path": "tags", "id": 1}))
     await until(lambda: admin_sink.controls("lock.release.ok"))
     assert ext.fence_for(room, alice, ["tags"]) is None  # at once, not at the next renewal
-    # Alice keeps talking (so she is alive) past several renewal periods.
+    # Alice keeps talking (so she is alive) past several renewal periods and TTLs.
     for _ in range(8):
         room.receive(alice, p.Control("ping", {"type": "ping"}))
-        await asyncio.sleep(0.05)
+        await clock.advance(TTL / 2)
+    assert ext.stats["renewed"] == 0  # the renewal task ended with the forced release
     ends = [m for m in alice_sink.controls() if m["type"] in ("lock.released", "lock.lost", "lock.expired")]
     assert [(m["type"], m.get("reason")) for m in ends] == [("lock.released", "forced")]
     assert ext.fence_for(room, alice, ["tags"]) is None

@@ -3,22 +3,80 @@
 Every test in the first part runs against both implementations (real
 redis-server processes on free ports, started by the test). The last part
 covers what only a shared backend has: several nodes, and Redis faults.
+
+Time: the in-process manager runs on a ManualClock, so "the lease lapses at
+its TTL" is checked at exact instants (just before: held; just after: gone)
+and a 5 s wait costs nothing. Redis keeps TTLs itself, in real time, so the
+Redis manager runs on the real clock: there ``timeline.elapse`` really waits,
+TTLs are a few tenths of a second, and what only an exact instant could show
+is checked on the manual clock alone (``timeline.manual``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import redis.asyncio as aioredis
 
+from clocks import Clock, ManualClock, SystemClock
 from locks.base import Lease, LockConflict, LockEvent, LockNotHeld, LockUnavailable
 from locks.fence import FenceKeeper, MemoryMetaStore
 from locks.memory import MemoryLeaseManager
-from locks.redis import RedisLeaseManager
+from locks.redis import PREFIX, RedisLeaseManager
+from tests.fakes import eventually
 
 WS = "ds-contract"
+
+
+class Timeline:
+    """How a contract test lets time pass and waits for a waiter to queue, for either manager."""
+
+    def __init__(self, kind: str, clock: Clock, state: dict) -> None:
+        self.kind = kind
+        self.clock = clock
+        self.manual = isinstance(clock, ManualClock)
+        self._state = state
+        self._queued = 0
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    async def elapse(self, seconds: float) -> None:
+        """Let ``seconds`` pass: advance the manual clock (exact, instant), or really wait (Redis TTLs)."""
+        if self.manual:
+            await self.clock.advance(seconds)
+        else:
+            await asyncio.sleep(seconds)  # real time is what Redis expires by: not a synchronisation
+
+    async def queued(self, waiting: asyncio.Task, count: int = 1) -> None:
+        """Return once ``count`` more waiters wait (bounded): the ones just started are in the queue."""
+        if self.manual:
+            # Each waiting acquire sleeps on the clock until its wait ends.
+            await self.clock.sleepers(self.clock.pending + count)
+        else:
+            # Each queued waiter draws the next arrival number from the workspace's queue
+            # counter (a fresh Redis per test: it counts this test's waiters).
+            self._queued += count
+            client = aioredis.from_url(self._state["redis"].url)
+            try:
+                key = f"{PREFIX}{{{WS}}}:qseq"
+                await eventually(
+                    _arrivals_reach(client, key, self._queued, waiting), 10, interval=0.005, what="the waiter queued"
+                )
+            finally:
+                await client.aclose()
+        assert not waiting.done()
+
+
+def _arrivals_reach(client, key: str, count: int, waiting: asyncio.Task):
+    """An async predicate for eventually(): the queue counter reached ``count``."""
+
+    async def check() -> bool:
+        assert not waiting.done(), waiting  # it must be waiting, not answered already
+        return int(await client.get(key) or 0) >= count
+
+    return check
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -26,21 +84,23 @@ async def make_manager(request, redis_factory):
     """``make(fences=None)`` builds a started manager of the parametrized kind."""
     created = []
     state: dict = {}
+    clock: Clock = ManualClock() if request.param == "memory" else SystemClock()
 
     async def make(fences: FenceKeeper | None = None):
         fences = fences or FenceKeeper(MemoryMetaStore())
         if request.param == "memory":
-            manager = MemoryLeaseManager(fences)
+            manager = MemoryLeaseManager(fences, clock=clock)
         else:
             if "redis" not in state:
                 state["redis"] = redis_factory()
-            manager = RedisLeaseManager(state["redis"].url, fences, timeout=0.5, poll_interval=0.2)
+            manager = RedisLeaseManager(state["redis"].url, fences, timeout=0.5, poll_interval=0.2, clock=clock)
         await manager.start()
         created.append(manager)
         return manager
 
     make.kind = request.param
     make.state = state
+    make.timeline = Timeline(request.param, clock, state)
     yield make
     for manager in created:
         await manager.close()
@@ -51,6 +111,11 @@ async def manager(make_manager):
     return await make_manager()
 
 
+@pytest.fixture
+def timeline(make_manager) -> Timeline:
+    return make_manager.timeline
+
+
 async def acquire(m, path, holder, ttl=5.0, wait=0.0, ws=WS):
     return await m.acquire(ws, path, holder, f"user-{holder}", ttl, wait, name=f"Name {holder}")
 
@@ -58,10 +123,10 @@ async def acquire(m, path, holder, ttl=5.0, wait=0.0, ws=WS):
 # --------------------------------------------------------------- contract
 
 
-async def test_grant_carries_fence_and_overlaps_conflict(manager):
+async def test_grant_carries_fence_and_overlaps_conflict(manager, timeline):
     a = await acquire(manager, "connection", "h1")
     assert isinstance(a, Lease) and a.fence >= 1 and a.holder == "h1" and a.user_id == "user-h1"
-    assert a.name == "Name h1" and a.token and a.expires_at > time.time() + 4
+    assert a.name == "Name h1" and a.token and a.expires_at == pytest.approx(timeline.now() + 5, abs=0.5)
     # Descendant and ancestor paths of another holder conflict; siblings do not.
     for path in ("connection.credentials", "connection"):
         with pytest.raises(LockConflict) as info:
@@ -102,14 +167,14 @@ async def test_release_needs_the_lease_token(manager):
     assert await manager.list(WS) == []
 
 
-async def test_renew_extends_and_reports_loss(manager):
+async def test_renew_extends_and_reports_loss(manager, timeline):
     a = await acquire(manager, "connection", "h1", ttl=0.3)
     renewed = await manager.renew(a, 5.0)
-    assert renewed.expires_at > time.time() + 4 and renewed.token == a.token
-    await asyncio.sleep(0.4)  # past the original TTL, not the renewed one
+    assert renewed.expires_at == pytest.approx(timeline.now() + 5, abs=0.5) and renewed.token == a.token
+    await timeline.elapse(0.4)  # past the original TTL, not the renewed one
     assert [lease.path for lease in await manager.list(WS)] == ["connection"]
     short = await manager.renew(renewed, 0.15)
-    await asyncio.sleep(0.3)
+    await timeline.elapse(0.3)
     with pytest.raises(LockNotHeld) as info:
         await manager.renew(short)
     assert info.value.reason == "gone"
@@ -120,14 +185,16 @@ async def test_renew_extends_and_reports_loss(manager):
     await manager.release(b)
 
 
-async def test_tokens_are_per_lease_not_per_task(manager):
+async def test_tokens_are_per_lease_not_per_task(manager, timeline):
     """redis-py's Lock keeps its token in a thread-local shared by every task of
     a loop: task A's late release deletes task B's lock. Ours must not."""
     events = []
+    a_holds, b_holds = asyncio.Event(), asyncio.Event()
 
     async def task_a():
         lease = await acquire(manager, "connection", "conn-1", ttl=0.2)
-        await asyncio.sleep(0.35)  # A's lease lapses while it "works"
+        a_holds.set()
+        await b_holds.wait()  # A's lease lapsed while it "worked"; B took the path meanwhile
         try:
             await manager.release(lease)
             events.append("a released")
@@ -135,75 +202,92 @@ async def test_tokens_are_per_lease_not_per_task(manager):
             events.append(f"a {exc.reason}")
 
     async def task_b():
-        # Same holder id (one connection) and same path, later: a different lease.
-        await asyncio.sleep(0.25)
+        # Same holder id (one connection) and same path, after A's lapsed: a different lease.
+        await a_holds.wait()
+        await timeline.elapse(0.25)
         lease = await acquire(manager, "connection", "conn-1", ttl=5.0)
         events.append("b acquired")
+        b_holds.set()
         return lease
 
-    _, b = await asyncio.gather(task_a(), task_b())
+    _, b = await asyncio.wait_for(asyncio.gather(task_a(), task_b()), 10)
     assert events == ["b acquired", "a taken"]
     held = await manager.list(WS)
     assert [(lease.path, lease.fence) for lease in held] == [("connection", b.fence)]
     await manager.release(b)
 
 
-async def test_expired_lease_lets_others_in(manager):
+async def test_expired_lease_lets_others_in(manager, timeline):
     await acquire(manager, "connection", "h1", ttl=0.2)
     with pytest.raises(LockConflict):
         await acquire(manager, "connection", "h2")
-    await asyncio.sleep(0.3)
+    if timeline.manual:  # held to the last instant of its TTL
+        await timeline.elapse(0.199)
+        with pytest.raises(LockConflict):
+            await acquire(manager, "connection", "h2")
+    await timeline.elapse(0.3)
     assert await manager.list(WS) == []
     b = await acquire(manager, "connection", "h2")
     assert b.holder == "h2"
 
 
-async def test_waiter_is_granted_on_release_and_on_expiry(manager):
+async def test_waiter_is_granted_on_release_and_on_expiry(manager, timeline):
     a = await acquire(manager, "connection", "h1")
     waiter = asyncio.create_task(acquire(manager, "connection.host", "h2", wait=5.0))
-    await asyncio.sleep(0.05)
-    assert not waiter.done()
-    released = time.monotonic()
+    await timeline.queued(waiter)
+    woken = getattr(manager, "stats", {}).get("woken", 0)
     await manager.release(a)
-    b = await asyncio.wait_for(waiter, 2)
-    assert time.monotonic() - released < 0.4  # woken by the release, not by the 0.5 s poll (loaded CI: no tighter)
+    # Woken by the release: on the manual clock no time passes at all; with Redis, by the
+    # release event and not by a poll.
+    b = await asyncio.wait_for(waiter, 5)
     assert b.holder == "h2" and b.fence > a.fence
-    # On expiry: the waiter gets it within a few ms of the TTL.
+    if not timeline.manual:
+        assert manager.stats["woken"] > woken
+    # On expiry: the waiter gets it at the TTL, not at the end of its wait.
     await manager.release(b)
     c = await acquire(manager, "connection", "h1", ttl=0.3)
-    start = time.monotonic()
-    d = await acquire(manager, "connection", "h2", wait=3.0)
-    elapsed = time.monotonic() - start
-    assert 0.2 < elapsed < 1.0, elapsed  # at the TTL (0.3 s), not at the 3 s wait
-    assert d.fence > c.fence
+    waiter = asyncio.create_task(acquire(manager, "connection", "h2", wait=3.0))
+    await timeline.queued(waiter)
+    if timeline.manual:
+        await timeline.elapse(0.299)
+        assert not waiter.done()
+        await timeline.elapse(0.002)
+        assert waiter.done()  # at the instant the lease lapsed
+    d = await asyncio.wait_for(waiter, 5)  # a grant, not a conflict: it came before the 3 s wait ended
+    assert d.fence > c.fence and d.holder == "h2"
 
 
-async def test_wait_times_out_with_the_holder(manager):
+async def test_wait_times_out_with_the_holder(manager, timeline):
     a = await acquire(manager, "connection", "h1")
-    start = time.monotonic()
+    waiter = asyncio.create_task(acquire(manager, "connection", "h2", wait=0.3))
+    await timeline.queued(waiter)
+    if timeline.manual:
+        await timeline.elapse(0.299)
+        assert not waiter.done()  # it waits its whole wait...
+        await timeline.elapse(0.002)
+        assert waiter.done()  # ...and not a moment longer
     with pytest.raises(LockConflict) as info:
-        await acquire(manager, "connection", "h2", wait=0.3)
-    assert 0.28 < time.monotonic() - start < 0.8
+        await asyncio.wait_for(waiter, 5)
     assert info.value.lease.holder == "h1" and info.value.lease.fence == a.fence
     # A timed-out waiter left the queue: the next request is not blocked by it.
     await manager.release(a)
     assert (await acquire(manager, "connection", "h3")).holder == "h3"
 
 
-async def test_waiters_are_served_first_come_first_served(manager):
+async def test_waiters_are_served_first_come_first_served(manager, timeline):
     a = await acquire(manager, "connection", "h0")
     order: list[str] = []
 
     async def wait_for_it(holder: str, path: str):
         lease = await acquire(manager, path, holder, wait=5.0)
         order.append(holder)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # "works" for a loop turn, letting the others run
         await manager.release(lease)
 
     tasks = []
     for i, path in enumerate(["connection", "connection.host", "connection", "connection.port"]):
         tasks.append(asyncio.create_task(wait_for_it(f"w{i}", path)))
-        await asyncio.sleep(0.05)  # arrival order is the order of creation
+        await timeline.queued(tasks[-1])  # arrival order is the order of creation
     # Someone arriving later without waiting does not jump the queue, even on a free sibling path.
     with pytest.raises(LockConflict):
         await acquire(manager, "connection.user", "late")
@@ -212,12 +296,12 @@ async def test_waiters_are_served_first_come_first_served(manager):
     assert order == ["w0", "w1", "w2", "w3"]
 
 
-async def test_cancelled_waiter_leaves_the_queue(manager):
+async def test_cancelled_waiter_leaves_the_queue(manager, timeline):
     a = await acquire(manager, "connection", "h1")
     first = asyncio.create_task(acquire(manager, "connection", "h2", wait=5.0))
-    await asyncio.sleep(0.05)
+    await timeline.queued(first)
     second = asyncio.create_task(acquire(manager, "connection", "h3", wait=5.0))
-    await asyncio.sleep(0.05)
+    await timeline.queued(second)
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -305,20 +389,23 @@ async def redis_nodes(redis_factory):
 
 
 async def test_two_nodes_exclude_each_other_and_wake_waiters(redis_nodes):
-    _, (a, b) = redis_nodes
-    await asyncio.wait_for(_until(lambda: a.pubsub_connected and b.pubsub_connected), 5)
+    server, (a, b) = redis_nodes
+    await eventually(lambda: a.pubsub_connected and b.pubsub_connected, 5, what="both nodes subscribed")
+    b.poll_interval = 60.0  # no polling fallback within this test: only pub/sub can wake b's waiter
     events: list[LockEvent] = []
     b.subscribe(events.append)
-    held = await acquire(a, "connection", "node-a")
+    held = await acquire(a, "connection", "node-a", ttl=60.0)  # nor an expiry
     with pytest.raises(LockConflict):
         await acquire(b, "connection.host", "node-b")
-    waiter = asyncio.create_task(acquire(b, "connection", "node-b", wait=5.0))
-    await asyncio.sleep(0.05)
-    start = time.monotonic()
+    waiter = asyncio.create_task(acquire(b, "connection", "node-b", wait=30.0))
+    client = aioredis.from_url(server.url)
+    try:
+        await eventually(_arrivals_reach(client, f"{PREFIX}{{{WS}}}:qseq", 1, waiter), 10, what="b's waiter queued")
+    finally:
+        await client.aclose()
     await a.release(held)
-    lease = await asyncio.wait_for(waiter, 2)
-    # Woken by pub/sub, well before the 0.2 s polling fallback.
-    assert time.monotonic() - start < 0.15
+    lease = await asyncio.wait_for(waiter, 10)  # long before any poll or expiry could have woken it
+    assert b.stats["woken"] >= 1 and b.stats["polled"] == 0
     assert lease.fence > held.fence
     assert ("released", "connection") in [(e.kind, e.path) for e in events]
 
@@ -326,22 +413,19 @@ async def test_two_nodes_exclude_each_other_and_wake_waiters(redis_nodes):
 async def test_redis_down_fails_fast_and_recovers(redis_nodes):
     server, (a, _) = redis_nodes
     lease = await acquire(a, "connection", "h1")
+    # Fails fast: within the manager's command timeout (0.3 s here; the bound is generous), never hangs.
     server.pause()
     try:
-        start = time.monotonic()
         with pytest.raises(LockUnavailable):
-            await acquire(a, "schedule.cron", "h2")
-        assert time.monotonic() - start < 1.0
+            await asyncio.wait_for(acquire(a, "schedule.cron", "h2"), 2.0)
     finally:
         server.resume()
     await a.release(lease)
     server.kill()
-    start = time.monotonic()
     with pytest.raises(LockUnavailable):
-        await acquire(a, "schedule.cron", "h2")
+        await asyncio.wait_for(acquire(a, "schedule.cron", "h2"), 2.0)
     with pytest.raises(LockUnavailable):
-        await a.list(WS)
-    assert time.monotonic() - start < 1.0
+        await asyncio.wait_for(a.list(WS), 2.0)
     server.start()
     assert (await acquire(a, "schedule.cron", "h2")).holder == "h2"
 
@@ -366,11 +450,6 @@ async def test_redis_restart_without_data_loses_leases_not_fence_order(redis_nod
         assert lease.fence > max(fences)
         fences.append(lease.fence)
         await node.release(lease)
-
-
-async def _until(predicate, interval: float = 0.01) -> None:
-    while not predicate():
-        await asyncio.sleep(interval)
 
 
 async def test_fence_ceiling_is_durable_in_the_sqlite_store(tmp_path):

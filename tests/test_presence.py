@@ -1,4 +1,9 @@
-"""The presence extension without a server: rooms, fake peers, in-process registry."""
+"""The presence extension without a server: rooms, fake peers, in-process registry.
+
+Rooms, extensions and registries share one ManualClock: coalescing windows,
+rate limits and polls move only when a test advances it, so "one diff per
+window" and "the limit refills after a quiet spell" are exact.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import types
 
 import pytest
 
+from clocks import ManualClock
 from codec import protocol as p
 from collab.auth import Identity, color_for
 from collab.extensions import control_handlers
@@ -80,15 +86,15 @@ async def env(tmp_path):
     store = SQLiteDocumentStore(tmp_path / "db.sqlite3")
     await store.open()
     made: list[PresenceExtension] = []
+    clock = ManualClock()  # one time line for every node of the test
 
     async def make(coalesce_ms: float = 0.0, rate: float = 40.0, burst: int = 80, backend=None, node="n1"):
-        settings = Settings(
-            node_id=node, presence_coalesce_ms=coalesce_ms, awareness_rate=rate, awareness_burst=burst
-        )
-        ext = PresenceExtension(settings, MemoryPresenceRegistry(node, ttl=30, backend=backend))
+        settings = Settings(node_id=node, presence_coalesce_ms=coalesce_ms, awareness_rate=rate, awareness_burst=burst)
+        registry = MemoryPresenceRegistry(node, ttl=30, backend=backend, clock=clock)
+        ext = PresenceExtension(settings, registry, clock=clock)
         await ext.start(types.SimpleNamespace(authenticator=None))
         made.append(ext)
-        room = Room(WS, store, listeners=ext.listeners(), control_handlers=control_handlers([ext]))
+        room = Room(WS, store, listeners=ext.listeners(), control_handlers=control_handlers([ext]), clock=clock)
         await room.load()
         return ext, room
 
@@ -173,16 +179,25 @@ async def test_two_tabs_are_one_participant(env):
 
 async def test_a_burst_of_awareness_changes_becomes_one_diff(env):
     ext, room = await env(coalesce_ms=200)
+    clock = ext.clock
     a, _ = join(room, "alice")
     b, ps_b = join(room, "bob")
     await settle(ext)
+    await clock.advance(1.0)  # a quiet spell: the next change opens a new window
     before = len(a.controls("presence.diff"))
     for i in range(50):
         aware(room, ps_b, 22, i + 1, {"focus": f"field{i}"})
         await asyncio.sleep(0)  # separate loop turns, as frames from a socket would be
+    await clock.settle()
+    # The leading edge went out at once; everything after it waits for the window's end.
+    diffs = a.controls("presence.diff")[before:]
+    assert len(diffs) == 1 and Roster(a).current()["bob"]["editing"] == "field0"
+    await clock.advance(0.199)
+    assert len(a.controls("presence.diff")) == before + 1
+    await clock.advance(0.001)
     await settle(ext)
     diffs = a.controls("presence.diff")[before:]
-    assert 1 <= len(diffs) <= 2  # the leading edge, then everything else merged
+    assert len(diffs) == 2  # then everything else, merged into one
     assert Roster(a).current()["bob"]["editing"] == "field49"
 
 
@@ -279,6 +294,17 @@ async def test_awareness_flood_is_rate_limited_with_one_error(env):
     await settle(ext)
     assert Roster(watcher).current()["flooder"]["editing"] == "f5"
     assert not f.closed
+    # 10 per second refill: 0.1 s later exactly one more state gets through, silently.
+    await ext.clock.advance(0.1)
+    aware(room, ps_f, 5, 201, {"focus": "f201"})
+    aware(room, ps_f, 5, 202, {"focus": "f202"})
+    assert room.awareness[5].clock == 201 and len(f.controls("error")) == 1
+    # Quiet long enough to refill the burst: the next flood is reported again.
+    await ext.clock.advance(0.5)
+    for clock in range(203, 210):
+        aware(room, ps_f, 5, clock, {"focus": f"f{clock}"})
+    assert room.awareness[5].clock == 207
+    assert [e["code"] for e in f.controls("error")] == ["awareness_rate_limited"] * 2
 
 
 async def test_changes_from_another_node_reach_this_nodes_peers(env):

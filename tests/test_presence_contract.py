@@ -2,6 +2,12 @@
 
 Each test runs twice. "Nodes" are registries sharing one store: one
 MemoryBackend, or one redis-server started for the test.
+
+Time: the in-process registries share a ManualClock, so expiry and heartbeats
+are checked at exact instants with the real 30 s TTL. Redis expires entries
+itself, in real time: there the registries run on the real clock, TTLs are a
+second or two, ``nodes.elapse`` really waits, and the expiry our code asks of
+Redis is read back (PTTL) instead of timed.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import time
 
 import pytest
 
-from presence.base import ENTRY_EXPIRY_FRACTION, ConnectionEntry, WorkspacePresence, build_roster
+from clocks import ManualClock, SystemClock
+from presence.base import ENTRY_EXPIRY_FRACTION, HEARTBEATS_PER_TTL, ConnectionEntry, WorkspacePresence, build_roster
 from presence.memory import MemoryBackend, MemoryPresenceRegistry
 from tests.support import eventually
 
@@ -26,14 +33,23 @@ class Nodes:
         self.redis_url = redis_url
         self.backend = MemoryBackend()
         self.started: list = []
+        self.clock = ManualClock() if kind == "memory" else SystemClock()
+        self.manual = kind == "memory"
+
+    async def elapse(self, seconds: float) -> None:
+        """Let time pass: the manual clock at once, or real time (what Redis expires by)."""
+        if self.manual:
+            await self.clock.advance(seconds)
+        else:
+            await asyncio.sleep(seconds)
 
     async def node(self, node_id: str, ttl: float = 30.0):
         if self.kind == "memory":
-            registry = MemoryPresenceRegistry(node_id, ttl=ttl, backend=self.backend)
+            registry = MemoryPresenceRegistry(node_id, ttl=ttl, backend=self.backend, clock=self.clock)
         else:
             from presence.redis import RedisPresenceRegistry
 
-            registry = RedisPresenceRegistry(self.redis_url, node_id, ttl=ttl)
+            registry = RedisPresenceRegistry(self.redis_url, node_id, ttl=ttl, clock=self.clock)
         changes: list[str] = []
         registry.on_change = changes.append
         registry.changes = changes  # type: ignore[attr-defined]
@@ -156,40 +172,58 @@ async def test_other_nodes_are_notified_of_changes(nodes):
 
 
 async def test_entries_of_a_crashed_node_expire_within_the_ttl(nodes):
-    ttl = 1.0
+    ttl = 30.0 if nodes.manual else 1.0
     a, b = await nodes.node("a", ttl=ttl), await nodes.node("b", ttl=ttl)
     a.put(entry("a", "1", "alice"))
     b.put(entry("b", "1", "bob"))
     await a.sync(WS)
     await b.sync(WS)
-    crashed = time.monotonic()
     await a.close(remove_entries=False)  # stops heartbeating, leaves its entries behind: a crash
     assert conn_ids(await b.read(WS)) == {"a/1", "b/1"}
-
-    async def gone() -> bool:
-        return conn_ids(await b.read(WS)) == {"b/1"}
-
-    deadline = crashed + ttl
-    while not await gone():
-        assert time.monotonic() < deadline, "a crashed node's entry outlived the presence TTL"
-        await asyncio.sleep(0.02)
     # Well inside the TTL: entries expire ENTRY_EXPIRY_FRACTION * ttl after their last refresh.
-    assert time.monotonic() - crashed <= ENTRY_EXPIRY_FRACTION * ttl + 0.35
+    expiry = ENTRY_EXPIRY_FRACTION * ttl
+    if nodes.manual:
+        await nodes.elapse(expiry - 0.01)
+        assert conn_ids(await b.read(WS)) == {"a/1", "b/1"}  # b's own heartbeat kept b/1
+        await nodes.elapse(0.02)
+        assert conn_ids(await b.read(WS)) == {"b/1"}
+    else:
+        import redis.asyncio as aioredis
+
+        from presence.redis import entry_prefix
+
+        client = aioredis.Redis.from_url(nodes.redis_url)
+        try:
+            assert 0 < await client.pttl(entry_prefix(WS) + "a/1") <= expiry * 1000  # what we asked of Redis
+        finally:
+            await client.aclose()
+
+        async def gone() -> bool:
+            return conn_ids(await b.read(WS)) == {"b/1"}
+
+        await eventually(gone, 5 * ttl, what="the crashed node's entry expired in Redis")
 
 
 async def test_heartbeats_keep_a_live_node_listed_and_restore_a_wiped_store(nodes):
-    ttl = 2.0  # heartbeat every 0.4 s, entries expire 1.2 s after the last one
+    # A heartbeat every ttl / 5; entries expire 0.6 * ttl after the last one.
+    ttl = 30.0 if nodes.manual else 2.0
     a, b = await nodes.node("a", ttl=ttl), await nodes.node("b", ttl=ttl)
     a.put(entry("a", "1", "alice"))
     await a.sync(WS)
     # Well past the entry expiry, the live node's entry is still there.
-    until = time.monotonic() + 2 * ENTRY_EXPIRY_FRACTION * ttl
-    while time.monotonic() < until:
+    for _ in range(8):
+        await nodes.elapse(2 * ENTRY_EXPIRY_FRACTION * ttl / 8)
         assert conn_ids(await b.read(WS)) == {"a/1"}
-        await asyncio.sleep(0.05)
     await nodes.wipe()
     assert conn_ids(await b.read(WS)) == set()
-    await eventually_async(lambda: b.read(WS), lambda s: conn_ids(s) == {"a/1"}, ttl, "entry restored by heartbeat")
+    if nodes.manual:
+        await nodes.elapse(ttl / HEARTBEATS_PER_TTL)  # the next heartbeat, at the latest
+        assert conn_ids(await b.read(WS)) == {"a/1"}
+
+    async def restored() -> bool:
+        return conn_ids(await b.read(WS)) == {"a/1"}
+
+    await eventually(restored, 5 * ttl, what="entry restored by heartbeat")
 
 
 async def test_clean_close_removes_the_nodes_entries_at_once(nodes):
@@ -209,17 +243,6 @@ async def test_writes_after_close_are_ignored(nodes):
     a.put(entry("a", "1", "ghost"))
     await b.sync(WS)
     assert conn_ids(await b.read(WS)) == set()
-
-
-async def eventually_async(read, predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await read()
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}: {value}")
-        await asyncio.sleep(0.02)
 
 
 async def test_redis_outage_keeps_this_nodes_own_participants(redis_server):
@@ -245,7 +268,11 @@ async def test_redis_outage_keeps_this_nodes_own_participants(redis_server):
             assert conn_ids(await b.read(WS)) == {"a/1", "b/1", "b/2"}
         finally:
             redis_server.resume()
-        await eventually_async(lambda: b.read(WS), lambda s: conn_ids(s) == {"a/1", "b/1", "b/2"}, 5, "recovery")
+
+        async def recovered() -> bool:
+            return conn_ids(await b.read(WS)) == {"a/1", "b/1", "b/2"}
+
+        await eventually(recovered, 5, what="recovery")
         await b.sync(WS)  # the failed write was kept and goes out now
         assert conn_ids(await a.read(WS)) == {"a/1", "b/1", "b/2"}
     finally:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import uvicorn
 from collab.app import create_app
 from collab.settings import Settings
 from tests.presence_support import close_all, person, roster_of
-from tests.support import ROOT
+from tests.support import ROOT, eventually
 
 NODE = shutil.which("node")
 CHROMIUM = os.environ.get("COLLAB_CHROMIUM", "/usr/bin/chromium")
@@ -130,11 +129,12 @@ async def in_process_server(tmp_path):
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="websockets-sansio"))
     task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
+
+    def started() -> bool:
         assert not task.done(), "server failed to start"
-        assert time.monotonic() < deadline, "server did not start"
-        await asyncio.sleep(0.02)
+        return server.started
+
+    await eventually(started, 10, what="the in-process server started")
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield app.state.core, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws"

@@ -59,10 +59,9 @@ async def test_clean_leave_reaches_everyone_within_a_second(server):
     for c in people:
         await until_users(c, everyone, 5)
     dan = people.pop()
-    start = time.monotonic()
     await dan.close()
-    elapsed = await asyncio.gather(*(until_users(c, everyone - {"dan"}, 5, "dan's leave") for c in people))
-    assert time.monotonic() - start < 1.0, elapsed
+    # The goal is the bound: everyone sees the leave within a second of the close.
+    await asyncio.gather(*(until_users(c, everyone - {"dan"}, 1.0, "dan's leave within 1 s") for c in people))
     await close_all(*people)
 
 
@@ -103,19 +102,15 @@ async def test_killed_and_frozen_clients_leave_within_the_ping_timeout(server_fa
             await until_users(watcher, {"watcher", "killed", "frozen"}, 5)
             assert roster_of(watcher.control)["frozen"]["editing"] == "connection.port"
 
-            # SIGKILL: the kernel closes the socket, so the server sees it at once.
-            start = time.monotonic()
+            # SIGKILL: the kernel closes the socket, so the server sees it at once (bound: 1 s).
             os.kill(killed.pid, signal.SIGKILL)
-            await until_users(watcher, {"watcher", "frozen"}, 5, "killed client's leave")
-            assert time.monotonic() - start < 1.0
+            await until_users(watcher, {"watcher", "frozen"}, 1.0, "killed client's leave within 1 s")
 
             # SIGSTOP: the TCP connection stays open; only the ping timeout finds it.
-            start = time.monotonic()
             os.kill(frozen.pid, signal.SIGSTOP)
-            await until_users(watcher, {"watcher"}, interval + timeout + 3, "frozen client's leave")
-            took = time.monotonic() - start
+            # The goal (ping interval + timeout), plus a margin for a busy machine, as the bound.
+            took = await until_users(watcher, {"watcher"}, interval + timeout + 1.0, "frozen client's leave")
             print(f"frozen client left the roster after {took:.2f}s (ping {interval}s + {timeout}s)")
-            assert took <= interval + timeout + 1.0, took  # the goal, plus a margin for a busy machine
             # Thawed, its connection is gone for good: no ghost comes back.
             os.kill(frozen.pid, signal.SIGCONT)
             late = await person(server.ws_url, ws, "late")
@@ -244,26 +239,20 @@ async def test_a_killed_node_leaves_no_ghosts(server_factory, redis_server):
     await cat.set_awareness({"focus": "connection.database"})
     await ann.until(lambda: roster_of(ann.control)["cat"]["editing"] == "connection.database", 5, "remote focus")
     # A clean leave on another node is prompt too.
-    start = time.monotonic()
     await cat.close()
-    await until_users(ann, {"ann", "ben"}, 5, "cat's leave at a")
-    assert time.monotonic() - start < 1.0
+    await until_users(ann, {"ann", "ben"}, 1.0, "cat's leave at a within 1 s")
 
-    start = time.monotonic()
     node_b.kill()
-    await until_users(ann, {"ann"}, ttl + 3, "b's participants gone at a")
-    took = time.monotonic() - start
+    took = await until_users(ann, {"ann"}, ttl, "b's participants gone at a within the presence TTL")
     print(f"killed node's participants left the roster after {took:.2f}s (presence TTL {ttl}s)")
-    assert took <= ttl, f"killed node's participants lingered {took:.2f}s (ttl {ttl}s)"
 
     # No ghost afterwards: for another full TTL, every view of the roster stays exact.
     async with httpx.AsyncClient(timeout=5) as http:
-        until = time.monotonic() + ttl
-        while time.monotonic() < until:
+        for _ in range(round(ttl / 0.1)):
             body = (await http.get(f"{node_a.http_url}/api/workspaces/{ws}/participants")).json()
             assert [x["user_id"] for x in body["participants"]] == ["ann"]
             assert users(ann) == {"ann"}
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # real time passes: a ghost would come back within the TTL
     late = await person(node_a.ws_url, ws, "late")
     assert {x["user_id"] for x in first_snapshot(late)["participants"]} == {"ann", "late"}
 
