@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     relay_awareness_ttl_seconds: float = Field(
         30.0, ge=1, description="a relayed awareness state not refreshed this long (its node died) is removed"
     )
+    relay_live: bool = Field(
+        True,
+        description="also publish accepted updates to the other nodes at once (PUBLISH, best effort) instead of "
+        "only through the durable stream, which waits for the append's round trip; the stream stays the truth",
+    )
 
     @property
     def uses_redis_store(self) -> bool:

@@ -150,12 +150,30 @@ class BackendSync:
         self.states[workspace] = state
         return state
 
-    async def remember(self, workspace: str, config: dict[str, Any], version: str | None, absent: bool = False) -> None:
+    async def remember(
+        self,
+        workspace: str,
+        config: dict[str, Any],
+        version: str | None,
+        absent: bool = False,
+        lease_owner: str | None = None,
+    ) -> bool:
+        """Store the known backend state; with ``lease_owner``, only while it holds the forwarding lease.
+
+        Returns False (nothing written) when the lease was lost: a forwarder
+        that froze mid-request must not overwrite what the new holder wrote.
+        """
         state = KnownState(copy.deepcopy(config), version, absent)
         body = {"config": state.config, "version": version, "absent": absent}
         raw = json.dumps(body, separators=(",", ":")).encode()
-        await self.ext.store.put_meta(workspace, META_KEY, raw)
+        fenced = getattr(self.ext.store, "put_meta_leased", None)
+        if lease_owner is not None and callable(fenced):
+            if not await fenced(workspace, META_KEY, raw, lease_owner):
+                return False
+        else:
+            await self.ext.store.put_meta(workspace, META_KEY, raw)
         self.states[workspace] = state
+        return True
 
     # ------------------------------------------------------------ rooms
 

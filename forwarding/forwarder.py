@@ -66,7 +66,6 @@ MAX_CONFLICTS = 5  # in a row, before a request backs off like any other failure
 UNAVAILABLE = {502, 503, 504}  # like a refused connection: the backend as a whole is not there
 IDLE_LANE_SECONDS = 30.0
 PROBE_CACHE_SECONDS = 1.0  # readiness probes of the backend, at most one per this
-LEASE_MS = 10_000  # forwarding lease of a workspace (shared outbox, several nodes)
 SWEEP_SECONDS = 2.0  # shared outbox: how often a node looks for rows other nodes wrote
 
 
@@ -104,7 +103,17 @@ def coalesce(rows: list[OutboxRow]) -> list[dict[str, Any]]:
 
 
 class _Lane:
-    __slots__ = ("workspace", "task", "wake", "last_change_at", "recorded_seq", "retrying", "last_error", "next_try")
+    __slots__ = (
+        "workspace",
+        "task",
+        "wake",
+        "last_change_at",
+        "recorded_seq",
+        "retrying",
+        "last_error",
+        "next_try",
+        "owner",
+    )
 
     def __init__(self, workspace: str) -> None:
         self.workspace = workspace
@@ -115,6 +124,7 @@ class _Lane:
         self.retrying = False
         self.last_error: str | None = None
         self.next_try: float | None = None
+        self.owner: str | None = None  # the forwarding lease this lane delivers under (several nodes)
 
 
 class Forwarder:
@@ -147,6 +157,7 @@ class Forwarder:
         # Several nodes share the outbox (Redis store): deliveries need the workspace's lease.
         self._leased = callable(getattr(store, "forward_lease", None))
         self.node_id = getattr(store, "node_id", "local")
+        self.lease_ms = settings.forward_lease_ms
         self._sweeper: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -363,34 +374,40 @@ class Forwarder:
 
         The lease covers one batch (claim, send, finish) and is renewed while
         the batch is retried; a node that dies holding it loses it after
-        LEASE_MS, and the next holder re-sends the claimed batch with the
-        same Idempotency-Key.
+        the lease's TTL, and the next holder re-sends the claimed batch with
+        the same Idempotency-Key. A holder that froze past the TTL and wakes
+        up with an answer in hand drops it (``_still_leased``): the new
+        holder has delivered the batch, or will, under the same key.
         """
         owner = f"{self.node_id}/{id(lane)}"
         try:
-            taken = await self.store.forward_lease(lane.workspace, owner, LEASE_MS)
+            taken = await self.store.forward_lease(lane.workspace, owner, self.lease_ms)
         except StoreError as exc:
             log.warning("forwarding lease of %s unavailable: %s", lane.workspace, exc)
             taken = False
         if not taken:
             lane.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lane.wake.wait(), LEASE_MS / 3000.0)
+                await asyncio.wait_for(lane.wake.wait(), self.lease_ms / 3000.0)
             return
 
         async def renew() -> None:
+            # Strict renewal: once lost, the lease is never taken back by this batch.
             while True:
-                await asyncio.sleep(LEASE_MS / 3000.0)
+                await asyncio.sleep(self.lease_ms / 3000.0)
                 with contextlib.suppress(StoreError):
-                    if not await self.store.forward_lease(lane.workspace, owner, LEASE_MS):
+                    if not await self.store.forward_lease_renew(lane.workspace, owner, self.lease_ms):
                         log.warning("forwarding lease of %s lost while delivering", lane.workspace)
+                        return
 
+        lane.owner = owner
         renewer = asyncio.get_running_loop().create_task(renew())
         try:
             rows = await self._pending(lane)
             if rows:
                 await self._deliver(lane, self._batch(rows), None)
         finally:
+            lane.owner = None
             renewer.cancel()
             with contextlib.suppress(StoreError, asyncio.CancelledError):
                 await self.store.forward_lease_release(lane.workspace, owner)
@@ -407,6 +424,30 @@ class Forwarder:
                 lane = self.lanes.get(workspace)
                 if lane is None or lane.task is None or lane.task.done():
                     self.wake(workspace)
+
+    async def _still_leased(self, lane: _Lane) -> bool:
+        """Whether this lane still holds its workspace's lease (always, with one node).
+
+        Checked after every answer, before anything is written: a node frozen
+        mid-request (SIGSTOP, a long GC or VM pause) past the lease's TTL has
+        been replaced, and its late answer must neither finish rows, nor
+        overwrite the known backend state, nor trigger retries.
+        """
+        if lane.owner is None:
+            return True
+        try:
+            if await self.store.forward_lease_renew(lane.workspace, lane.owner, self.lease_ms):
+                return True
+        except StoreError as exc:
+            log.warning("cannot check the forwarding lease of %s: %s", lane.workspace, exc)
+            return False  # unsure: leave the batch to whoever holds the lease next (same key)
+        self.stats["lease_lost"] = self.stats.get("lease_lost", 0) + 1
+        log.warning(
+            "forwarding lease of %s lost while a request was in flight: its answer is dropped, "
+            "the current holder delivers that batch under the same Idempotency-Key",
+            lane.workspace,
+        )
+        return False
 
     async def _pending(self, lane: _Lane) -> list[OutboxRow]:
         delay = 0.5
@@ -546,6 +587,8 @@ class Forwarder:
                 if self._down and self._prober is None:
                     self._prober = lane
                 status, body, error, retry_after, response_headers = await self._send(url, payload, headers)
+                if not await self._still_leased(lane):
+                    return
                 if status is not None and 200 <= status < 300:
                     self._backend_up()
                     lane.retrying, lane.last_error, lane.next_try = False, None, None
@@ -554,7 +597,11 @@ class Forwarder:
                     if self.sync is not None and known is not None and not stale:
                         # Before the rows leave the outbox: a crash in between re-sends the same key.
                         version = version_of(body, response_headers)
-                        await self._store_retry(self.sync.remember, workspace, payload["config"], version)
+                        kept = await self._store_retry(
+                            self.sync.remember, workspace, payload["config"], version, False, lane.owner
+                        )
+                        if not kept:  # the lease went between the check and this write: the new holder's now
+                            return
                     seqs = await self._store_retry(self.store.outbox_finish, workspace, key, DELIVERED, time.time())
                     if stale and self.sync is not None:
                         with contextlib.suppress(Exception):

@@ -60,6 +60,12 @@ class ForwardingSettings(BaseSettings):
         86400.0, gt=0, description="a change still undelivered after failing this long goes to the dead-letter list"
     )
     forward_concurrency: int = Field(16, ge=1, description="requests in flight to the backend at most")
+    forward_lease_ms: float = Field(
+        10_000.0,
+        ge=100,
+        description="several nodes (Redis): a workspace's forwarding lease lasts this long unless renewed; "
+        "a node frozen longer mid-request is replaced, and its late answer is dropped",
+    )
 
     # Two-way sync (docs/forwarding.md, "Changes made at the backend")
     revert_refused: bool = Field(

@@ -187,6 +187,25 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Renew a lease only if it is still the caller's: a holder that lost it (it
+# froze past the TTL) must not take it back just because it is free again.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# A metadata write fenced by the forwarding lease: done only by its holder,
+# in the same step as the check (a node that woke up after losing the lease
+# cannot overwrite what the new holder wrote).
+_PUT_META_LEASED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
 
 def _retryable(exc: BaseException) -> bool:
     """Worth another try: Redis did not answer, is loading, failing over or short of replicas."""
@@ -272,6 +291,8 @@ class RedisDocumentStore:
         self._compact = self.client.register_script(_COMPACT)
         self._lease = self.client.register_script(_LEASE)
         self._release = self.client.register_script(_RELEASE)
+        self._renew = self.client.register_script(_RENEW)
+        self._put_meta_leased = self.client.register_script(_PUT_META_LEASED)
         self._claim_seed = self.client.register_script(_CLAIM_SEED)
         # Not fatal: a node may start while Redis is down (readiness says so).
         try:
@@ -474,6 +495,16 @@ class RedisDocumentStore:
         """Take or renew the lease that makes ``owner`` the one forwarder of a workspace."""
         key = tag(workspace_id) + ":fwd:lease"
         return bool(await self._run(lambda: self._lease(keys=[key], args=[owner, int(ttl_ms)])))
+
+    async def forward_lease_renew(self, workspace_id: str, owner: str, ttl_ms: int) -> bool:
+        """Extend the lease only if ``owner`` still holds it (never take it back once lost)."""
+        key = tag(workspace_id) + ":fwd:lease"
+        return bool(await self._run(lambda: self._renew(keys=[key], args=[owner, int(ttl_ms)])))
+
+    async def put_meta_leased(self, workspace_id: str, key: str, value: bytes, owner: str) -> bool:
+        """``put_meta`` if ``owner`` holds the forwarding lease, checked in the same step."""
+        keys = [tag(workspace_id) + ":fwd:lease", tag(workspace_id) + ":meta"]
+        return bool(await self._run(lambda: self._put_meta_leased(keys=keys, args=[owner, key, bytes(value)])))
 
     async def forward_lease_release(self, workspace_id: str, owner: str) -> None:
         key = tag(workspace_id) + ":fwd:lease"

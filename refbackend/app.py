@@ -172,6 +172,8 @@ class Backend:
         self.delay = 0.0
         self.hold_from_seq: int | None = None  # answers to PUTs from this seq on wait for /admin/release
         self.released: asyncio.Event | None = None
+        self.hold_left: int | None = None  # how many more answers to hold (None: every one from hold_from_seq)
+        self.held = 0  # answers being held right now
         self.notify_wake = None  # set by the notifier: a change waits to be announced
 
     def close(self) -> None:
@@ -506,10 +508,21 @@ def create_app(db_path: str | Path, notify_url: str | None = None, notify_token:
             parse_version(request.headers.get("If-Match")),
             create_only=request.headers.get("If-None-Match", "").strip() == "*",
         )
-        if backend.hold_from_seq is not None and body["seq"] >= backend.hold_from_seq and backend.released:
+        if (
+            backend.hold_from_seq is not None
+            and body["seq"] >= backend.hold_from_seq
+            and backend.released
+            and backend.hold_left != 0
+        ):
             # Applied, but the answer is held back: the caller cannot know it is in effect.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(backend.released.wait(), 60)
+            if backend.hold_left is not None:
+                backend.hold_left -= 1
+            backend.held += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(backend.released.wait(), 60)
+            finally:
+                backend.held -= 1
         headers = {"Idempotent-Replayed": "true"} if replayed else {}
         if isinstance(payload.get("version"), int):
             headers.update(_etag(payload["version"]))
@@ -553,6 +566,8 @@ def create_app(db_path: str | Path, notify_url: str | None = None, notify_token:
     async def admin_hold(request: Request) -> JSONResponse:
         body = await request.json()
         backend.hold_from_seq = int(body["from_seq"])
+        count = body.get("count")  # hold only the first `count` answers (a retry then gets through)
+        backend.hold_left = None if count is None else max(0, int(count))
         backend.released = asyncio.Event()
         return JSONResponse({"ok": True})
 
@@ -560,10 +575,11 @@ def create_app(db_path: str | Path, notify_url: str | None = None, notify_token:
         if backend.released is not None:
             backend.released.set()
         backend.hold_from_seq = None
+        backend.hold_left = None
         return JSONResponse({"ok": True})
 
     async def admin_stats(request: Request) -> JSONResponse:
-        return JSONResponse(backend.admin_stats())
+        return JSONResponse({**backend.admin_stats(), "held": backend.held})
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})

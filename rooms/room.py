@@ -94,11 +94,15 @@ class RoomListener(Protocol):
 class RoomRelay(Protocol):
     """What a room asks of the scale-out relay (``scaleout/relay.py``) once attached with ``Room.attach_relay``.
 
-    Updates need no call: the relay reads them from the shared store's log.
-    Awareness is not stored, so the room hands over what its own peers sent;
-    the relay brings other nodes' in through ``apply_remote`` /
-    ``apply_remote_awareness``.
+    Updates are durable in the shared store's log, which the relay reads; the
+    room also hands over each flush's accepted updates, so the other nodes get
+    them without waiting for that log (``publish_updates``). Awareness is not
+    stored, so the room hands over what its own peers sent; the relay brings
+    other nodes' in through ``apply_remote`` / ``apply_remote_awareness``.
     """
+
+    def publish_updates(self, room: Room, updates: list[bytes]) -> None:
+        """These updates (accepted here, about to be appended) may go to the other nodes now."""
 
     def publish_awareness(self, room: Room, entries: list[p.AwarenessEntry]) -> None:
         """Send these awareness entries (from this node's peers) to the other nodes."""
@@ -522,6 +526,9 @@ class Room:
             self._flush_handle = None
         self._last_flush = time.monotonic()
         self.stats["flushes"] += 1
+        if self.relay is not None and self.persist.updates:
+            # Other nodes: now (before the local sends wake their writers), not once durable.
+            self.relay.publish_updates(self, list(self.persist.updates))
         frames = []
         if self._outgoing:
             outgoing = self._outgoing

@@ -15,6 +15,15 @@ from its last sequence number, and if Redis holds *less* than the room (Redis
 lost acknowledged writes: no AOF, or ``appendfsync everysec``), the room
 writes its whole state back.
 
+The stream is the truth, but reading it costs the hop the append's whole
+round trip (a Lua script, the AOF fsync, then the reader's wake-up). So the
+node that accepted updates also **publishes** them (``PUBLISH`` on
+``{ws:X}:live``, best effort) as soon as its room flushes, before they are
+durable -- exactly when its own peers get them. Other nodes apply a live
+message at once and remember its updates' bytes; when the same update comes
+through the stream, it only advances the sequence number (no second apply).
+A lost or late live message changes nothing: the stream delivers it.
+
 Awareness is ephemeral: each node publishes its local clients' changes and,
 every third of ``relay_awareness_ttl_seconds``, a heartbeat of their live
 states. A relayed state not refreshed within the TTL (its node died) is
@@ -28,7 +37,8 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.retry import Retry
@@ -37,8 +47,8 @@ from redis.backoff import NoBackoff
 from codec import protocol as p
 from collab.extensions import Extension
 from persistence.base import StoreError
-from persistence.redis import RedisDocumentStore, awareness_key, seq_of, updates_key
-from persistence.redisconn import REDIS_ERRORS, connect, reset, xread
+from persistence.redis import RedisDocumentStore, awareness_key, seq_of, tag, updates_key
+from persistence.redisconn import REDIS_ERRORS, connect, is_cluster, prepare, reset, xread
 
 if TYPE_CHECKING:
     from collab.extensions import Host
@@ -47,6 +57,31 @@ if TYPE_CHECKING:
 log = logging.getLogger("collab.relay")
 
 AWARENESS_MAXLEN = 10_000
+LIVE_MAX_BYTES = 256 * 1024  # bigger updates (a state written back whole) come through the stream only
+LIVE_SEEN_MAX = 4096  # live updates remembered per room until the stream brings them
+LIVE_DRAIN_MAX = 256  # live messages taken in one go (their deltas leave in one flush per room)
+# While live messages keep up (every stream entry read was applied already), the
+# stream reader waits this long between reads, so each read returns a batch.
+STREAM_PACE_SECONDS = 0.02
+
+
+def live_channel(workspace: str) -> str:
+    """The channel a workspace's fresh updates are published on (same hash tag as its keys)."""
+    return tag(workspace) + ":live"
+
+
+def encode_live(node_id: str, updates: list[bytes]) -> bytes:
+    """A live message: the origin node, then the raw updates, each as varBytes."""
+    return p.write_var_bytes(node_id.encode()) + b"".join(p.write_var_bytes(u) for u in updates)
+
+
+def decode_live(data: bytes) -> tuple[bytes, list[bytes]]:
+    node, pos = p.read_var_bytes(data, 0)
+    updates = []
+    while pos < len(data):
+        update, pos = p.read_var_bytes(data, pos)
+        updates.append(update)
+    return node, updates
 
 
 @dataclass(slots=True)
@@ -54,6 +89,10 @@ class _Follow:
     room: Room
     seq: int
     aw_id: str
+    # Updates applied from live messages, until the stream brings them (then only the seq advances).
+    seen: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    # Updates the stream brought first, until their late live message comes (then it is dropped).
+    streamed: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     tip: int | None = None  # fingerprint of the entry at ``seq``: a failover may renumber history
 
 
@@ -73,10 +112,13 @@ class Relay:
         awareness_ttl: float = 30.0,
         timeout: float = 2.0,
         cluster_poll_ms: float = 10.0,
+        live: bool = True,
     ) -> None:
         self.store = store
         self.cluster_poll_ms = cluster_poll_ms
         self.node_id = node_id
+        self.live = live
+        self._node_bytes = node_id.encode()
         self.block_ms = block_ms
         self.awareness_ttl = awareness_ttl
         self.timeout = timeout
@@ -86,11 +128,24 @@ class Relay:
         self.error: str | None = None
         self.app: Host | None = None
         self.reader: Any = None
+        self.publisher: Any = None  # its own connection: no pool wait, no health-check PING
         self._wake = asyncio.Event()
         self._aw_pending: dict[str, list[p.AwarenessEntry]] = {}
         self._aw_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self.stats = {"relayed_updates": 0, "relayed_awareness": 0, "resyncs": 0, "reconnects": 0}
+        self._live_pending: dict[str, list[bytes]] = {}
+        self._live_wake = asyncio.Event()
+        self._by_channel: dict[bytes, str] = {}
+        self._live_connected = False
+        self.stats = {
+            "relayed_updates": 0,
+            "relayed_awareness": 0,
+            "resyncs": 0,
+            "reconnects": 0,
+            "live_updates": 0,  # applied from live messages
+            "live_skipped": 0,  # stream entries already applied live
+            "live_late": 0,  # live updates the stream had brought first
+        }
 
     # ------------------------------------------------------------ lifecycle
 
@@ -106,12 +161,19 @@ class Relay:
             max_connections=4,
             retry=Retry(NoBackoff(), 0),
         )
+        if self.live:
+            self.publisher = connect(self.store.url, timeout=self.timeout, max_connections=2)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._read_loop(), name="relay reader"),
             loop.create_task(self._publish_loop(), name="relay publisher"),
             loop.create_task(self._sweep_loop(), name="relay sweeper"),
         ]
+        if self.live:
+            self._tasks += [
+                loop.create_task(self._live_publish_loop(), name="relay live publisher"),
+                loop.create_task(self._live_read_loop(), name="relay live reader"),
+            ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -119,6 +181,13 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.reader is not None:
             await self.reader.aclose()
+        if self.publisher is not None:
+            await self.publisher.aclose()
+
+    @property
+    def live_connected(self) -> bool:
+        """Whether the live reader is subscribed (the stream reader paces itself meanwhile)."""
+        return self._live_connected
 
     # -------------------------------------------------------------- rooms
 
@@ -129,6 +198,7 @@ class Relay:
         self.follows[ws] = _Follow(room, room.loaded_seq, f"{max(0, since)}-0")
         self._by_key[updates_key(ws).encode()] = (ws, "u")
         self._by_key[awareness_key(ws).encode()] = (ws, "a")
+        self._by_channel[live_channel(ws).encode()] = ws
         self._wake.set()
 
     def _prune(self) -> None:
@@ -141,6 +211,7 @@ class Relay:
                 del self.follows[ws]
                 self._by_key.pop(updates_key(ws).encode(), None)
                 self._by_key.pop(awareness_key(ws).encode(), None)
+                self._by_channel.pop(live_channel(ws).encode(), None)
 
     # ------------------------------------------------------------- reading
 
@@ -189,6 +260,7 @@ class Relay:
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.1
+            caught_up = self.live and self._live_connected and bool(response)
             for key, entries in response or []:
                 target = self._by_key.get(key if isinstance(key, bytes) else key.encode())
                 if target is None:
@@ -199,16 +271,23 @@ class Relay:
                     continue
                 try:
                     if kind == "u":
-                        await self._updates(follow, entries)
+                        if await self._updates(follow, entries):
+                            caught_up = False
                     else:
                         self._awareness(follow, entries)
+                        caught_up = False
                 except (*REDIS_ERRORS, StoreError) as exc:
                     log.warning("relay of %s interrupted: %s", ws, exc)
                 except Exception:
                     log.exception("relay of %s failed", ws)
+            if caught_up:
+                # Live messages delivered all of it: the stream only confirms, so read it in batches.
+                await asyncio.sleep(STREAM_PACE_SECONDS)
 
-    async def _updates(self, follow: _Follow, entries: list) -> None:
+    async def _updates(self, follow: _Follow, entries: list) -> int:
+        """Apply stream entries in order; returns how many were news here (not applied live already)."""
         room = follow.room
+        news: list[bytes] = []
         for stream_id, fields in entries:
             seq = seq_of(stream_id)
             if seq <= follow.seq:
@@ -216,14 +295,40 @@ class Relay:
             if seq > follow.seq + 1:
                 ws = room.workspace_id
                 log.warning("relay of %s missed %d..%d (trimmed): reloading", ws, follow.seq + 1, seq - 1)
+                self._apply(room, news, follow.seq)
                 await self.resync(follow)
-                return
+                return len(news) + 1
             follow.seq = seq
             follow.tip = tip_of(fields)
-            if fields[b"node"].decode() == self.node_id:
+            if fields[b"node"] == self._node_bytes:
                 continue
-            room.apply_remote(fields[b"data"], seq)
-            self.stats["relayed_updates"] += 1
+            data = fields[b"data"]
+            seen = follow.seen
+            if seen and data in seen:
+                del seen[data]  # applied from its live message already
+                self.stats["live_skipped"] += 1
+                continue
+            news.append(data)
+            if self._live_connected:
+                follow.streamed[data] = None
+                if len(follow.streamed) > LIVE_SEEN_MAX:
+                    follow.streamed.popitem(last=False)
+        self._apply(room, news, follow.seq)
+        self.stats["relayed_updates"] += len(news)
+        return len(news)
+
+    @staticmethod
+    def _apply(room: Room, updates: list[bytes], seq: int | None = None) -> None:
+        """Apply relayed updates one by one; their deltas leave in the room's next flush, merged.
+
+        Not merged before applying: a merged update's intermediate values of a
+        key are collected at once, so peers would never see them, while the
+        room's own flush merge keeps every update's content.
+        """
+        for update in updates:
+            room.apply_remote(update)
+        if seq is not None and seq > room.durable_seq:
+            room.durable_seq = seq
 
     def _awareness(self, follow: _Follow, entries: list) -> None:
         cutoff = time.time() * 1000 - self.awareness_ttl * 1000
@@ -281,6 +386,120 @@ class Relay:
             # Read the document again in any case: what this node relayed while Redis
             # failed over may have been lost and written again under other numbers.
             await self.resync(follow)
+
+    # ----------------------------------------------------------------- live
+
+    def publish_updates(self, room: Room, updates: list[bytes]) -> None:
+        """A room flushed updates it accepted (about to be appended): tell the other nodes now."""
+        if not self.live:
+            return
+        small = [u for u in updates if len(u) <= LIVE_MAX_BYTES]
+        if small:
+            self._live_pending.setdefault(room.workspace_id, []).extend(small)
+            self._live_wake.set()
+
+    async def _live_publish_loop(self) -> None:
+        """One pipeline of PUBLISH per wake-up: what several flushes produced meanwhile goes together."""
+        last_error = 0.0
+        while True:
+            await self._live_wake.wait()
+            self._live_wake.clear()
+            pending, self._live_pending = self._live_pending, {}
+            if not pending or self.publisher is None:
+                continue
+            try:
+                if len(pending) == 1 or is_cluster(self.publisher):  # a cluster pipeline refuses PUBLISH
+                    for ws, updates in pending.items():
+                        await self.publisher.publish(live_channel(ws), encode_live(self.node_id, updates))
+                else:
+                    pipe = self.publisher.pipeline(transaction=False)
+                    for ws, updates in pending.items():
+                        pipe.publish(live_channel(ws), encode_live(self.node_id, updates))
+                    await pipe.execute()
+            except REDIS_ERRORS as exc:  # best effort: the stream brings them
+                if time.monotonic() - last_error > 5:
+                    last_error = time.monotonic()
+                    log.warning("live relay not published (Redis: %s); the stream delivers", exc)
+
+    async def _live_read_loop(self) -> None:
+        """Subscribe to the live channels of the open rooms; apply what other nodes publish."""
+        delay = 0.1
+        while True:
+            pubsub = None
+            try:
+                assert self.reader is not None
+                await prepare(self.reader)  # a cluster client needs its slot map before subscribing
+                pubsub = self.reader.pubsub()
+                subscribed: set[bytes] = set()
+                while True:
+                    wanted = set(self._by_channel)
+                    if wanted - subscribed:
+                        await pubsub.subscribe(*(wanted - subscribed))
+                    if subscribed - wanted:
+                        await pubsub.unsubscribe(*(subscribed - wanted))
+                    subscribed = wanted
+                    if not subscribed:
+                        await asyncio.sleep(0.2)
+                        continue
+                    self._live_connected = True
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    delay = 0.1
+                    batch: dict[str, list[bytes]] = {}
+                    taken = 0
+                    while message is not None and taken < LIVE_DRAIN_MAX:
+                        if message.get("type") == "message":
+                            self._live(message["channel"], message["data"], batch)
+                        taken += 1
+                        # What already arrived is applied with it, before the room's next flush.
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                    for ws, updates in batch.items():
+                        follow = self.follows.get(ws)
+                        if follow is not None:
+                            self._apply(follow.room, updates)
+            except asyncio.CancelledError:
+                raise
+            except REDIS_ERRORS as exc:
+                self._live_connected = False
+                log.info("live relay interrupted (%s); the stream delivers meanwhile", exc)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+            except Exception:
+                self._live_connected = False
+                log.exception("live relay failed; restarting it")
+                await asyncio.sleep(1.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        await pubsub.aclose()
+                    except Exception:  # noqa: BLE001 - closing a broken connection
+                        pass
+
+    def _live(self, channel: bytes, data: bytes, batch: dict[str, list[bytes]]) -> None:
+        ws = self._by_channel.get(channel)
+        follow = self.follows.get(ws) if ws is not None else None
+        if follow is None:
+            return
+        try:
+            node, updates = decode_live(data)
+        except (p.ProtocolError, ValueError, IndexError):
+            log.warning("malformed live message on %r ignored", channel)
+            return
+        if node == self._node_bytes:
+            return
+        seen, streamed = follow.seen, follow.streamed
+        fresh = []
+        for update in updates:
+            if streamed and update in streamed:
+                del streamed[update]  # the stream was faster this time
+                self.stats["live_late"] += 1
+                continue
+            seen[update] = None
+            if len(seen) > LIVE_SEEN_MAX:
+                seen.popitem(last=False)
+            fresh.append(update)
+        if fresh:
+            batch.setdefault(follow.room.workspace_id, []).extend(fresh)
+            self.stats["live_updates"] += len(fresh)
 
     # ------------------------------------------------------------ awareness
 
@@ -355,6 +574,7 @@ class RelayExtension(Extension):
             awareness_ttl=s.relay_awareness_ttl_seconds,
             timeout=s.redis_timeout_seconds,
             cluster_poll_ms=s.redis_cluster_poll_ms,
+            live=s.relay_live,
         )
         await self.relay.start(app)
         log.info("scale-out relay on %s as node %s", app.store.path, s.node_id)

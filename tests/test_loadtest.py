@@ -132,3 +132,22 @@ def test_textfuzz_soak_command_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert code == 0, report
     assert report["seeds"] == 2 and report["failed"] == [] and report["failed_after_restart"] == []
+
+
+def test_hop_bench_smoke():
+    """Two nodes and a redis-server of its own: both latency classes sampled, every update delivered."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.hop_bench", "--clients", "4", "--writers", "2", "--rate", "20",
+         "--seconds", "1", "--warmup", "0.5", "--server-cores", "0,1", "--harness-cores", "0,1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["lost"] == 0 and result["duplicates"] == 0 and result["final_value_missing"] == 0
+    assert result["same_node_ms"]["samples"] > 0 and result["cross_node_ms"]["samples"] > 0

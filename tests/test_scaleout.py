@@ -304,7 +304,16 @@ async def test_a_reconnecting_clients_step2_overlapping_relayed_updates_is_accep
     try:
         room = Room("ds-cut", store)
         await room.load()
-        room.relay = object()  # scale-out mode (publish_awareness is not reached here)
+        published: list[bytes] = []
+
+        class Relay:  # scale-out mode: what the room hands the relay is recorded
+            def publish_updates(self, _room, updates: list[bytes]) -> None:
+                published.extend(updates)
+
+            def publish_awareness(self, _room, _entries) -> None:
+                pass
+
+        room.attach_relay(Relay())
         peer = FakePeer("reconnected")
         ps = room.join(peer)
         client = pycrdt.Doc()
@@ -318,5 +327,7 @@ async def test_a_reconnecting_clients_step2_overlapping_relayed_updates_is_accep
         await room.drain()
         assert room.doc.get("items", type=pycrdt.Map).to_py() == {"a": 1.0, "b": 2.0}
         assert not peer.closed
+        # What this node accepted (not what was relayed to it) goes live to the other nodes.
+        assert len(published) == 1 and published[0] != updates[0]
     finally:
         await store.close()
