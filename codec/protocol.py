@@ -82,9 +82,13 @@ def write_var_uint(value: int) -> bytes:
 
 def read_var_uint(buf: bytes, pos: int) -> tuple[int, int]:
     """Read a varUint at ``pos``; return (value, next position)."""
+    end = len(buf)
+    if pos < end:
+        byte = buf[pos]
+        if byte < 0x80:  # one byte: most counts, clocks and lengths
+            return byte, pos + 1
     result = 0
     shift = 0
-    end = len(buf)
     for _ in range(_MAX_VARUINT_BYTES):
         if pos >= end:
             raise ProtocolError("truncated varUint")

@@ -9,7 +9,10 @@ list). In development mode the query string gives the identity
 
 What a node answers is about itself (its rooms and connections), except
 participants and locks, which come from the presence registry and the lock
-backend (every node's, when they are in Redis).
+backend (every node's, when they are in Redis). With Redis, answers are also
+cluster-wide: every node publishes a summary of itself (scaleout/nodes.py),
+and the room list (``cluster``), a room (``nodes``), its participants
+(``node``/``nodes``) and its locks (``node``) say which node holds what.
 """
 
 from __future__ import annotations
@@ -119,8 +122,35 @@ class AdminAPI:
                 "loading": self.app.rooms.loading,
                 "peers": len(self.app.connections),
                 "features": self.node_features(),
+                "cluster": await self._cluster(),
             }
         )
+
+    async def _node_summaries(self) -> list[dict[str, Any]] | str | None:
+        """Every node's published summary (the ``nodes`` feature); None without Redis; the error text if Redis fails."""
+        nodes = self._extension("nodes")
+        if nodes is None:
+            return None
+        try:
+            async with asyncio.timeout(2):
+                return await nodes.cluster()
+        except Exception as exc:
+            return f"error: {type(exc).__name__}: {exc}"
+
+    async def _cluster(self) -> dict[str, Any] | None:
+        """The rooms of every node: by node, and by room with the nodes holding it."""
+        summaries = await self._node_summaries()
+        if summaries is None or isinstance(summaries, str):
+            return None if summaries is None else {"error": summaries}
+        by_room: dict[str, list[dict[str, Any]]] = {}
+        for summary in summaries:
+            for room in summary["rooms"]:
+                entry = {"node": summary["node"], "peers": room["peers"], "users": room["users"]}
+                by_room.setdefault(room["workspace"], []).append(entry)
+        return {
+            "nodes": summaries,
+            "rooms": [{"workspace": ws, "nodes": nodes} for ws, nodes in sorted(by_room.items())],
+        }
 
     def node_features(self) -> dict[str, Any]:
         """What each feature reports of this node (``Extension.admin_summary``)."""
@@ -147,6 +177,19 @@ class AdminAPI:
         body["locks"] = []
         for ext in self.app.extensions:
             body.update(await ext.room_report(workspace_id))
+        summaries = await self._node_summaries()
+        if isinstance(summaries, list):
+            held_by = [(summary["node"], room) for summary in summaries for room in summary["rooms"]]
+            held_by = [(node, room) for node, room in held_by if room["workspace"] == workspace_id]
+            holder_node = {lock["holder"]: node for node, room in held_by for lock in room["locks"]}
+            for lock in body["locks"]:
+                if isinstance(lock, dict):
+                    lock.setdefault("node", holder_node.get(lock.get("holder")))
+            body["nodes"] = [
+                {"node": node, **{k: room[k] for k in ("peers", "users", "locks")}} for node, room in held_by
+            ]
+        elif isinstance(summaries, str):
+            body["nodes"] = {"error": summaries}
         return body
 
     async def config(self, request: Request) -> JSONResponse:

@@ -89,7 +89,14 @@ class App:
         if store is None and settings.uses_redis_store:
             from persistence.redis import RedisDocumentStore
 
-            store = RedisDocumentStore(settings.redis_url, settings.node_id, timeout=settings.redis_timeout_seconds)
+            store = RedisDocumentStore(
+                settings.redis_url,
+                settings.node_id,
+                timeout=settings.redis_timeout_seconds,
+                ack_replicas=settings.redis_ack_replicas,
+                ack_timeout_ms=settings.redis_ack_timeout_ms,
+                retry_seconds=settings.redis_retry_seconds,
+            )
         self.store: DocumentStore = store or SQLiteDocumentStore(
             settings.database_path, synchronous=settings.sqlite_synchronous
         )
@@ -306,11 +313,9 @@ class App:
 
     def _redis_client(self) -> Any:
         if self._redis is None:
-            import redis.asyncio as aioredis
+            from persistence.redisconn import connect
 
-            self._redis = aioredis.from_url(
-                self.settings.redis_url, socket_timeout=1.5, socket_connect_timeout=1.5, max_connections=2
-            )
+            self._redis = connect(self.settings.redis_url, timeout=1.5, max_connections=2)
         return self._redis
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -332,6 +337,8 @@ class App:
                 "rooms": len(self.rooms.rooms),
                 "addresses": len(self.limiter.per_ip),
                 "refused": dict(self.stats),
+                # For leak checks: every asyncio task of this process (writers, renewals, retries...).
+                "tasks": len(asyncio.all_tasks()),
             }
         )
 
@@ -452,6 +459,10 @@ def default_extensions(settings: Settings, forwarding: Any = None, clock: Clock 
         from scaleout.relay import RelayExtension
 
         extensions.append(RelayExtension(settings))
+    if settings.redis_url:
+        from scaleout.nodes import NodeDirectory
+
+        extensions.append(NodeDirectory(settings))  # who holds what, for the cluster-wide admin API
     from presence.extension import PresenceExtension
 
     # Presence first: it stamps awareness states before anything else sees them.

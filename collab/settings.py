@@ -57,7 +57,12 @@ class Settings(BaseSettings):
 
     # Scale-out (later): when set, Redis backs locks, presence and relay.
     redis_url: str | None = Field(
-        None, description="redis://host:port/db; when set, documents, relay, outbox, locks and presence live in Redis"
+        None,
+        description=(
+            "redis://host:port/db, redis+cluster://host:port,host:port (Redis Cluster) or "
+            "redis+sentinel://host:port,host:port/mastername[/db] (primary behind Sentinel); when set, "
+            "documents, relay, outbox, locks and presence live in Redis (docs/operations.md)"
+        ),
     )
     node_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
@@ -71,6 +76,43 @@ class Settings(BaseSettings):
     )
     redis_timeout_seconds: float = Field(
         2.0, gt=0, description="Redis socket timeout of the store: a dead Redis is noticed this fast"
+    )
+    redis_ack_replicas: int | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description=(
+            "a `saved` ack waits until the write reached this many replicas (WAIT); unset = 1 when the "
+            "primary reports connected replicas, 0 otherwise. 0 = acks as soon as the primary has it "
+            "(a failover can then lose acknowledged writes)"
+        ),
+    )
+    redis_ack_timeout_ms: int = Field(
+        500,
+        ge=1,
+        le=60_000,
+        description="one WAIT for replicas lasts at most this; short of replicas, the write is retried",
+    )
+    redis_retry_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "an append Redis does not acknowledge (down, stalled, failing over, short of replicas) is retried "
+            "this long, unacknowledged, before the room reports the failure and closes its connections"
+        ),
+    )
+    redis_cluster_poll_ms: float = Field(
+        10.0, ge=1, le=1000, description="Redis Cluster only: the relay polls the update streams this often"
+    )
+    node_summary_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description=(
+            "with Redis: each node publishes its rooms, participants and locks this often (TTL 3x) "
+            "for the cluster-wide admin API"
+        ),
     )
     relay_block_ms: int = Field(1000, ge=10, le=30_000, description="XREAD BLOCK of the relay reader")
     relay_awareness_ttl_seconds: float = Field(
@@ -101,8 +143,10 @@ class Settings(BaseSettings):
     # Limits
     max_message_bytes: int = Field(1024 * 1024, ge=1024, description="larger frames close with 1009")
     peer_queue_frames: int = Field(
-        2048, ge=16, description="outgoing frames queued per peer before its TCP connection is dropped (the client "
-        "sees 1006; logged as 1013)"
+        2048,
+        ge=16,
+        description="outgoing frames queued per peer before its TCP connection is dropped (the client "
+        "sees 1006; logged as 1013)",
     )
     max_awareness_state_bytes: int = Field(64 * 1024, ge=64, description="larger awareness states are refused")
     max_awareness_clients_per_connection: int = Field(
@@ -114,9 +158,7 @@ class Settings(BaseSettings):
     )
     message_rate: float = Field(100.0, ge=0, description="messages per second per connection (0 = no limit)")
     message_burst: int = Field(300, ge=1, description="token-bucket size: messages a client may send at once")
-    byte_rate: int = Field(
-        512 * 1024, ge=0, description="bytes per second per connection, sustained (0 = no limit)"
-    )
+    byte_rate: int = Field(512 * 1024, ge=0, description="bytes per second per connection, sustained (0 = no limit)")
     byte_burst: int = Field(8 * 1024 * 1024, ge=1024, description="bytes a client may send at once")
     rate_limit_grace: float = Field(
         5.0, ge=0, description="seconds of sustained excess (reads throttled meanwhile) before close 1008"
@@ -159,8 +201,9 @@ class Settings(BaseSettings):
         "development mode, none (browsers refused) in jwt mode",
     )
     metrics_token: SecretStr | None = Field(
-        None, description="/metrics accepts 'Authorization: Bearer <this>'; without it /metrics needs a server-admin "
-        "token in jwt mode (open in development mode)"
+        None,
+        description="/metrics accepts 'Authorization: Bearer <this>'; without it /metrics needs a server-admin "
+        "token in jwt mode (open in development mode)",
     )
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted (uvicorn); '*' trusts all"
@@ -268,6 +311,10 @@ class Settings(BaseSettings):
     def _check_store(self) -> Settings:
         if self.store == "redis" and not self.redis_url:
             raise ValueError("COLLAB_STORE=redis needs COLLAB_REDIS_URL")
+        if self.redis_url:
+            from persistence.redisconn import parse_url
+
+            parse_url(self.redis_url)  # a clear error for a malformed URL, at startup
         return self
 
     @model_validator(mode="after")

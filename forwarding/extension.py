@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +44,7 @@ from forwarding.settings import ForwardingSettings
 from forwarding.validation import ConfigValidator, ValidationGuard, load_model
 from persistence.base import StoreError
 from persistence.outbox import ACCEPTED, REJECTED, SEEDED, ChangeRecord, OutboxStore
-from rooms.config import MISSING, Changes, diff, to_prelim
+from rooms.config import MISSING, Changes, SectionCache, diff, to_prelim
 
 if TYPE_CHECKING:
     from collab.extensions import Host
@@ -61,9 +63,9 @@ def jsonable(value: Any) -> Any:
         return int(value)
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, bytes | bytearray):
+    if isinstance(value, (bytes, bytearray)):
         return {"$bytes": base64.b64encode(bytes(value)).decode()}
     return value
 
@@ -494,11 +496,51 @@ class ForwardingExtension(Extension):
         return JSONResponse({"discarded": count})
 
 
+class ConfigEncoder:
+    """A room's configuration as plain JSON data and JSON text, re-encoded only where a change touched it.
+
+    Every accepted change records the whole configuration after it (the
+    forwarder sends the last one of a batch); encoding all of it per change
+    would cost the size of the configuration each time. Each top-level
+    section's plain value and JSON text are kept until that section changes.
+    """
+
+    def __init__(self) -> None:
+        self._sections = SectionCache(self._section)
+
+    @staticmethod
+    def _section(key: str, value: Any) -> tuple[Any, str]:
+        plain = jsonable(value)
+        return plain, _encode_json(str(key)) + ":" + _encode_json(plain)
+
+    def encode(self, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        plain: dict[str, Any] = {}
+        parts: list[str] = []
+        for key, (value, text) in self._sections.items(config):
+            plain[str(key)] = value
+            parts.append(text)
+        return plain, "{" + ",".join(parts) + "}"
+
+
+def _encode_json(value: Any) -> str:
+    return _JSON.encode(value)
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 class _RoomHooks:
     """The room listener of the extension (see rooms.room.RoomListener)."""
 
     def __init__(self, ext: ForwardingExtension) -> None:
         self.ext = ext
+        self._encoders: weakref.WeakKeyDictionary[Room, ConfigEncoder] = weakref.WeakKeyDictionary()
+
+    def _encoder(self, room: Room) -> ConfigEncoder:
+        encoder = self._encoders.get(room)
+        if encoder is None:
+            encoder = self._encoders[room] = ConfigEncoder()
+        return encoder
 
     async def on_load(self, room: Room) -> None:
         ext = self.ext
@@ -516,11 +558,13 @@ class _RoomHooks:
             return
         paths = sorted(changes)
         override = ext._authoring.get(id(room))
+        plain, text = self._encoder(room).encode(config)
         record = ChangeRecord(
             kind=ACCEPTED,
             author=override["author"] if override else author_of(ps),
             changes=change_list(changes),
-            config=jsonable(config),
+            config=plain,
+            config_json=text,
             fence=override["fence"] if override else ext.fence(room, ps, paths),
             details=override["details"] if override else None,
             forward=True,

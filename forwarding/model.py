@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import zoneinfo
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -233,6 +233,27 @@ class DataSourceConfig(BaseModel):
     schedule: Schedule | None = None
     scan_rules: ScanRules | None = None
 
+    @classmethod
+    def validation_scope(cls, config: dict[str, Any], keys: set[str]) -> set[str] | None:
+        """The top-level keys a change of ``keys`` must be validated with (None: the whole configuration).
+
+        Every top-level value is valid or not on its own (its field, the
+        secret scan, blanks), except the completeness of an enabled data
+        source, which spans ``enabled`` and the required sections. An empty
+        set: the change cannot be invalid.
+        """
+        if config.get("enabled") and keys & _COMPLETENESS_KEYS:
+            return None
+        # An unknown top-level key holding a scalar can only be wrong by its name
+        # (a secret in clear): anything else there needs no validation at all.
+        return {
+            key
+            for key in keys
+            if key in _field_names(cls)
+            or not isinstance(config.get(key), _SCALARS)
+            or (SECRET_KEYS.match(key) and config.get(key) not in (None, ""))
+        }
+
     @model_validator(mode="before")
     @classmethod
     def _drafts_and_secrets(cls, data: Any) -> Any:
@@ -264,6 +285,11 @@ class DataSourceConfig(BaseModel):
         return self
 
 
+@cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(model.model_fields)  # (a property that costs a dict copy per read)
+
+
 def _get(model: BaseModel, path: tuple[str, ...]) -> Any:
     node: Any = model
     for part in path:
@@ -289,6 +315,8 @@ def _blank_to_none(data: Any, depth: int) -> Any:
 
 
 _SECTIONS = {"connection", "credentials", "schedule", "scan_rules"}
+_SCALARS = (str, int, float, bool, type(None))
+_COMPLETENESS_KEYS = frozenset({"enabled", *(path[0] for path in REQUIRED_WHEN_ENABLED)})
 
 
 def _find_secrets(node: Any, loc: tuple, errors: list[InitErrorDetails]) -> None:

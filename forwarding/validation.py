@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from rooms.config import Changes, Rejection, overlaps
+from rooms.config import MISSING, Changes, Rejection, SectionCache, overlaps
 
 log = logging.getLogger("collab.validation")
 
@@ -84,6 +84,10 @@ class ConfigValidator:
 
     def __init__(self, model: type[BaseModel]) -> None:
         self.model = model
+        # A model may say which top-level keys a change must be validated with
+        # (``validation_scope(config, keys) -> set | None``); without it, the
+        # whole configuration is validated on every change.
+        self._scope = getattr(model, "validation_scope", None)
 
     @property
     def name(self) -> str:
@@ -97,7 +101,20 @@ class ConfigValidator:
         return []
 
     def introduced(self, old: dict[str, Any], new: dict[str, Any], changes: Changes) -> list[dict[str, Any]]:
-        """The errors of ``new`` that the change from ``old`` is responsible for."""
+        """The errors of ``new`` that the change from ``old`` is responsible for.
+
+        Only the top-level sections the change touched are validated when the
+        model declares them independent (``validation_scope``): errors in the
+        other sections are the same before and after, so they would not count
+        as the change's anyway.
+        """
+        if self._scope is not None:
+            keys = self._scope(new, {path.split(".", 1)[0] for path in changes})
+            if keys is not None:
+                if not keys:
+                    return []
+                old = {k: old[k] for k in keys if k in old}
+                new = {k: new[k] for k in keys if k in new}
         errors = self.errors(new)
         if not errors:
             return []
@@ -123,16 +140,26 @@ def count_fields(value: Any, limit: int) -> int:
     return 1
 
 
+def _may_grow(changes: Changes) -> bool:
+    """Whether the changes can add leaves (a path that appears, or a value that becomes a map)."""
+    return any(old is MISSING or isinstance(new, dict) for old, new in changes.values())
+
+
 class ValidationGuard:
     """rooms.config.UpdateGuard: an update that makes the configuration invalid is undone."""
 
     def __init__(self, validator: ConfigValidator, max_fields: int = 0) -> None:
         self.validator = validator
         self.max_fields = max_fields
+        # Leaves per top-level section, counted again only for the sections that changed.
+        self._counts = SectionCache(lambda _key, value: count_fields(value, max_fields))
+
+    def _count(self, config: dict[str, Any]) -> int:
+        return sum(count for _key, count in self._counts.items(config))
 
     def check(self, room: Any, peer: Any, changes: Changes, config: dict[str, Any]) -> list[Rejection]:
         old = getattr(room, "config_view", {})  # the configuration before this update
-        if self.max_fields and len(changes) and count_fields(config, self.max_fields) > self.max_fields:
+        if self.max_fields and _may_grow(changes) and self._count(config) > self.max_fields:
             if count_fields(config, self.max_fields) > count_fields(old, self.max_fields):
                 return [
                     Rejection(

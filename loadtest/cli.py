@@ -10,6 +10,7 @@ locks        lock acquire/release under contention (loadtest/locks_bench.py, our
 compare      ours vs Hocuspocus vs the Yjs reference server (loadtest/compare.py)
 textfuzz     stock clients' random edits with real text, Yjs as the oracle (loadtest/textfuzz.py)
 serve        start our server pinned to a core (see loadtest/serve.py)
+roompath     the accepted-edit path without sockets: CPU per write (loadtest/roompath.py)
 
 join/connections/awareness take --protocol hocuspocus to talk to a Hocuspocus server.
 
@@ -51,6 +52,18 @@ def _add_run_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for late deliveries after the load")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds between handshake and load")
     p.add_argument("--query", default="", help="query string for every room URL (e.g. identity: user=lt)")
+    p.add_argument(
+        "--protocol",
+        choices=["y-websocket", "hocuspocus"],
+        default="y-websocket",
+        help="the server's dialect (hocuspocus: loadtest/protocols.py adapts the same clients)",
+    )
+    p.add_argument(
+        "--map",
+        default="config",
+        help="the Y.Map the writers edit (default %(default)s: validated, audited and outboxed; any other name "
+        "measures plain CRDT fan-out)",
+    )
     p.add_argument("--server-pid", type=int, help="server PID: report its CPU time per delivery (/proc/PID/stat)")
     p.add_argument("--json", type=Path, help="also write the results here")
     if sweep:
@@ -143,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenario_args(sub)
     sub.add_parser("locks", help="lock acquire/release under contention (args: see locks --help)", add_help=False)
     sub.add_parser("textfuzz", help="stock clients vs the server with Yjs as oracle, many seeds", add_help=False)
+    sub.add_parser("roompath", help="the accepted-edit path without sockets: CPU per write", add_help=False)
     sub.add_parser(
         "compare", help="ours vs Hocuspocus vs the reference server (args: see compare --help)", add_help=False
     )
@@ -191,11 +205,15 @@ def _params(args: argparse.Namespace, interval: float) -> FanoutParams:
         server_pid=args.server_pid,
         query=args.query,
         progress=not args.quiet,
+        map_name=getattr(args, "map", "config"),
     )
 
 
 async def _fanout(args: argparse.Namespace) -> dict[str, Any]:
-    res = await run_fanout(_params(args, args.interval), allow_remote=args.allow_remote)
+    from loadtest.protocols import fanout_protocol
+
+    with fanout_protocol(getattr(args, "protocol", "y-websocket")):
+        res = await run_fanout(_params(args, args.interval), allow_remote=args.allow_remote)
     print_table([res])
     return {"scenario": "fanout", "result": res.to_dict()}
 
@@ -271,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.textfuzz import main as textfuzz_main
 
         return textfuzz_main(argv[1:])
+    if argv and argv[0] == "roompath":
+        from loadtest.roompath import main as roompath_main
+
+        return roompath_main(argv[1:])
     if argv and argv[0] in ("locks", "compare"):
         if argv[0] == "locks":
             from loadtest.locks_bench import main as locks_main

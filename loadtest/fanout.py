@@ -1,6 +1,7 @@
 """The fan-out scenario: R rooms x C clients, W writers per room.
 
-Each writer sets its own key of the Y.Map ``config`` every ``interval`` ms
+Each writer sets its own key of a Y.Map (``config`` unless ``map_name`` says
+otherwise: writes outside ``config`` skip validation, audit and outbox) every ``interval`` ms
 to a string marker ``\\x02<writer>:<seq>:<send time in us>\\x03``. Yjs
 encodes string values verbatim in v1 updates (also in the updates the server
 merges per flush), so a receiving client finds every update delivered to it
@@ -71,6 +72,7 @@ class FanoutParams:
     room_prefix: str = ""
     query: str = ""  # appended to every room URL, e.g. identity parameters
     progress: bool = True
+    map_name: str = "config"  # the Y.Map the writers edit ("config": validated, audited, outboxed)
 
     def validate(self) -> None:
         if self.rooms < 1 or self.clients < 2:
@@ -234,13 +236,13 @@ class FanoutClient(LeanWebSocket):
 
 
 class FanoutWriter(FanoutClient):
-    """A client that also writes: owns a pycrdt Doc and its key in ``config``."""
+    """A client that also writes: owns a pycrdt Doc and its key in the benchmark's map."""
 
-    def __init__(self, run: RunState, room: int, wid: int) -> None:
+    def __init__(self, run: RunState, room: int, wid: int, map_name: str = "config") -> None:
         self.wid = wid
         super().__init__(run, room)
         self.doc = pycrdt.Doc()
-        self.map = self.doc.get("config", type=pycrdt.Map)
+        self.map = self.doc.get(map_name, type=pycrdt.Map)
         self.key = f"w{wid}"
         self.seq = 0
         self.last_value: str | None = None
@@ -286,6 +288,7 @@ class FanoutResult:
     server_cpu_s: float | None = None
     server_cpu_util: float | None = None
     server_us_per_delivery: float | None = None
+    server_us_per_write: float | None = None  # server CPU per accepted (sent) write
     server_rss_mib: float | None = None
     harness_cpu_s: float = 0.0
     harness_cpu_util: float = 0.0
@@ -445,7 +448,7 @@ async def run_fanout(params: FanoutParams, allow_remote: bool = False, label: st
         members: list[FanoutClient] = []
         for i in range(params.clients):
             if i < params.writers:
-                c: FanoutClient = FanoutWriter(run, r, wid)
+                c: FanoutClient = FanoutWriter(run, r, wid, params.map_name)
                 writers.append(c)  # type: ignore[arg-type]
                 wid += 1
             else:
@@ -584,6 +587,7 @@ async def run_fanout(params: FanoutParams, allow_remote: bool = False, label: st
             result.server_us_per_delivery = (
                 round(server_cpu / result.delivered * 1e6, 3) if result.delivered else None
             )
+            result.server_us_per_write = round(server_cpu / sent * 1e6, 1) if sent else None
             result.server_rss_mib = round(proc_rss_mib(params.server_pid), 1)  # type: ignore[arg-type]
         result.machine_busy = {
             name: round((cores1[name][0] + cores1[name][1] - cores0[name][0] - cores0[name][1]) / wall, 3)
@@ -602,7 +606,7 @@ async def run_fanout(params: FanoutParams, allow_remote: bool = False, label: st
 
     # ---- convergence, off the measured path
     result.convergence = await _check_convergence(
-        run, rooms_clients, writers, host, port, base, [name + query for name in room_names]
+        run, rooms_clients, writers, host, port, base, [name + query for name in room_names], params.map_name
     )
     result.converged = result.convergence["converged"]
     return result
@@ -616,6 +620,7 @@ async def _check_convergence(
     port: int,
     base: str,
     room_names: list[str],
+    map_name: str = "config",
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"rooms": []}
     ok = True
@@ -633,10 +638,10 @@ async def _check_convergence(
                 doc.apply_update(own)
             for fid in ids:
                 doc.apply_update(payloads[fid])
-            states.append(doc.get("config", type=pycrdt.Map).to_py())
+            states.append(doc.get(map_name, type=pycrdt.Map).to_py())
             await asyncio.sleep(0)
         expected = {w.key: w.last_value for w in writers if w.room == r and w.last_value is not None}
-        server_state = await _fresh_state(host, port, f"{base}/{room_names[r]}")
+        server_state = await _fresh_state(host, port, f"{base}/{room_names[r]}", map_name)
         clients_agree = all(s == states[0] for s in states)
         room_ok = clients_agree and server_state == states[0] and server_state == expected
         ok = ok and room_ok
@@ -654,8 +659,8 @@ async def _check_convergence(
     return report
 
 
-async def _fresh_state(host: str, port: int, path: str) -> Any:
-    """The room's ``config`` map as a client joining now would see it."""
+async def _fresh_state(host: str, port: int, path: str, map_name: str = "config") -> Any:
+    """The room's map ``map_name`` as a client joining now would see it."""
     got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     class Late(LeanWebSocket):
@@ -675,7 +680,7 @@ async def _fresh_state(host: str, port: int, path: str) -> Any:
         await late.close()
     doc = pycrdt.Doc()
     doc.apply_update(update)
-    return doc.get("config", type=pycrdt.Map).to_py()
+    return doc.get(map_name, type=pycrdt.Map).to_py()
 
 
 # ------------------------------------------------------------------ output
@@ -684,7 +689,7 @@ async def _fresh_state(host: str, port: int, path: str) -> Any:
 HEADER = (
     f"{'rooms':>5} {'cl':>4} {'wr':>3} {'T ms':>5} {'offered/s':>10} {'deliv/s':>10} {'lost':>6} "
     f"{'p50':>7} {'p95':>7} {'p99':>7} {'max':>7} {'conv':>5} {'srv cpu':>7} {'us/dlv':>6} "
-    f"{'dlv/frm':>7} {'hrn cpu':>7}"
+    f"{'us/wr':>6} {'dlv/frm':>7} {'hrn cpu':>7}"
 )
 
 
@@ -698,11 +703,12 @@ def table_row(res: FanoutResult) -> str:
 
     srv = "-" if res.server_cpu_util is None else f"{res.server_cpu_util * 100:.0f}%"
     per = "-" if res.server_us_per_delivery is None else f"{res.server_us_per_delivery:.2f}"
+    per_write = "-" if res.server_us_per_write is None else f"{res.server_us_per_write:.0f}"
     return (
         f"{prm['rooms']:>5} {prm['clients']:>4} {prm['writers']:>3} {prm['interval_ms']:>5g} "
         f"{res.offered_per_s:>10.0f} {res.delivered_per_s:>10.0f} {res.lost:>6} "
         f"{ms('p50'):>7} {ms('p95'):>7} {ms('p99'):>7} {ms('max'):>7} {'yes' if res.converged else 'NO':>5} "
-        f"{srv:>7} {per:>6} {res.deliveries_per_frame:>7.1f} {res.harness_cpu_util * 100:>6.0f}%"
+        f"{srv:>7} {per:>6} {per_write:>6} {res.deliveries_per_frame:>7.1f} {res.harness_cpu_util * 100:>6.0f}%"
     )
 
 

@@ -91,7 +91,7 @@ def fanout_protocol(protocol: str) -> Iterator[None]:
         return
     from loadtest import fanout
 
-    async def fresh_state(host: str, port: int, path: str):
+    async def fresh_state(host: str, port: int, path: str, map_name: str = "config"):
         import asyncio
 
         import pycrdt
@@ -108,7 +108,7 @@ def fanout_protocol(protocol: str) -> Iterator[None]:
             await c.close()
         doc = pycrdt.Doc()
         doc.apply_update(p.read_var_bytes(m, 2)[0])
-        return doc.get("config", type=pycrdt.Map).to_py()
+        return doc.get(map_name, type=pycrdt.Map).to_py()
 
     saved = fanout.FanoutClient, fanout.FanoutWriter, fanout._fresh_state
     fanout.FanoutClient = client_class(saved[0], protocol)  # type: ignore[misc]

@@ -278,6 +278,10 @@ class LockExtension(Extension):
     def room_summary(self, workspace_id: str) -> dict[str, Any]:
         return {"locks": len(self.locks(workspace_id))}
 
+    def holders_here(self) -> set[str]:
+        """Holder ids of this node's connections (the cluster-wide admin API says which node holds a lock)."""
+        return set(self._by_id)
+
     def admin_summary(self) -> dict[str, Any]:
         return {
             "locks": {

@@ -42,11 +42,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from clocks import Clock, SystemClock
 from locks.base import Lease, LockConflict, LockEvent, LockListener, LockNotHeld, LockUnavailable, new_token
 from locks.fence import FenceKeeper
+from persistence.redisconn import REDIS_ERRORS, connect, prepare
 from rooms.config import overlaps
 
 log = logging.getLogger("collab.locks")
@@ -287,16 +287,12 @@ class RedisLeaseManager:
         """Set up the client; never fails (Redis may come up later)."""
         # A blocking pool: more concurrent requests than connections wait for
         # one (bounded by the timeout) instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self.redis = connect(
             self.url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
+            timeout=self.timeout,
             retry=Retry(NoBackoff(), 1),  # one reconnect for a stale pooled connection, then fail
             max_connections=self.max_connections,
-            timeout=self.timeout,
-            decode_responses=False,
         )
-        self.redis = aioredis.Redis(connection_pool=pool)
         for name, source in (
             ("acquire", ACQUIRE),
             ("renew", RENEW),
@@ -497,7 +493,7 @@ class RedisLeaseManager:
                 return await awaitable
         except TimeoutError:
             raise LockUnavailable("Redis did not answer in time") from None
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise LockUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from None
 
     async def _seed(self, workspace: str, keys: _Keys) -> None:
@@ -597,8 +593,11 @@ class RedisLeaseManager:
         """Pub/sub of lock changes from every node; reconnects by itself."""
         backoff = 0.05
         while not self._closed:
-            pubsub = self.redis.pubsub()
+            pubsub = None
             try:
+                async with asyncio.timeout(self.timeout * 2):
+                    await prepare(self.redis)  # a cluster client needs its slot map before subscribing
+                pubsub = self.redis.pubsub()
                 await pubsub.psubscribe(f"{PREFIX}*:ev")
                 self.pubsub_connected = True
                 backoff = 0.05
@@ -616,7 +615,8 @@ class RedisLeaseManager:
                 self.pubsub_connected = False
             finally:
                 try:
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)
+                    if pubsub is not None:
+                        await asyncio.wait_for(pubsub.aclose(), 1.0)
                 except BaseException:  # noqa: BLE001 - best effort on a broken connection
                     pass
             await asyncio.sleep(backoff)

@@ -9,7 +9,7 @@ tail updates is harmless: loading applies the snapshot, then the tail.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class StoreError(Exception):
@@ -61,3 +61,14 @@ class DocumentStore(Protocol):
 
     async def put_meta(self, workspace_id: str, key: str, value: bytes) -> None:
         """Durably set a per-workspace metadata value (survives a crash when this returns)."""
+
+
+@runtime_checkable
+class BatchingStore(Protocol):
+    """A store that batches appends itself: no task per append on the caller's side."""
+
+    def append_nowait(self, workspace_id: str, updates: list[bytes], outbox: list | None = None) -> Any:
+        """Like ``append``, without a coroutine: returns an asyncio future of the last sequence number.
+
+        The lists are taken over. The future is set once the append is durable.
+        """

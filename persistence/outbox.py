@@ -89,6 +89,9 @@ class ChangeRecord:
     author: dict[str, Any] | None
     changes: list[dict[str, Any]]  # [{"path", "old"?, "new"?}]; a missing key = the path did not exist
     config: dict[str, Any] | None = None  # the whole configuration after the change
+    # ``config`` as JSON, when the author keeps it incrementally (only the
+    # touched sections re-encoded): the store then writes it as is.
+    config_json: str | None = None
     fence: int | None = None
     reason: str | None = None
     details: dict[str, Any] | None = None
@@ -214,13 +217,23 @@ CREATE INDEX IF NOT EXISTS audit_by_seq ON audit (workspace, seq);
 """
 
 
+# One encoder for every row (json.dumps with options builds a new one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+_encode = _ENCODER.encode
+
+
 def _dumps(value: Any) -> str | None:
     # default=str: a guard's rejection details must never make the append (and the room) fail.
-    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return None if value is None else _encode(value)
 
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+def config_text(rec: ChangeRecord) -> str:
+    """The record's configuration as JSON (precomputed by the author when it has it: ``config_json``)."""
+    return rec.config_json if rec.config_json is not None else _encode(rec.config or {})
 
 
 def write_records(
@@ -231,8 +244,26 @@ def write_records(
     ``seqs`` caches the last change sequence number per workspace for this
     transaction. Returns (record, seq, audit id) to apply once committed.
     """
-    assigned = []
-    for rec in records:
+    return write_batch(db, [(workspace, rec) for rec in records], seqs)
+
+
+def write_batch(
+    db: sqlite3.Connection, records: list[tuple[str, ChangeRecord]], seqs: dict[str, int]
+) -> list[tuple[ChangeRecord, int | None, int]]:
+    """Write (workspace, record) pairs of any workspaces inside the caller's transaction, in order.
+
+    One statement per table for the whole batch (``executemany``), one
+    ``forward_state`` row per workspace: a group commit of many rooms costs
+    a few statements, not three per change. Audit ids follow the order of
+    ``records`` (AUTOINCREMENT inside one write transaction hands out
+    consecutive ids).
+    """
+    outbox_rows = []
+    audit_rows = []
+    forwarded: dict[str, int] = {}
+    seq_of: list[int | None] = []
+    authors: dict[int, tuple[Any, str | None]] = {}  # id(author) -> (author, its JSON): one peer, many changes
+    for workspace, rec in records:
         seq = None
         if rec.kind == SEEDED:
             last = _last_seq(db, workspace, seqs)
@@ -244,48 +275,59 @@ def write_records(
                 "seeded_at=excluded.seeded_at, seed_status=excluded.seed_status",
                 (workspace, seqs[workspace], rec.seed_seq or 0, rec.at, rec.reason),
             )
+        author = rec.author
+        cached = authors.get(id(author))
+        if cached is None or cached[0] is not author:
+            cached = (author, _dumps(author))
+            authors[id(author)] = cached
+        author_text = cached[1]
+        changes_text = _dumps(rec.changes)
         if rec.forward:
             seq = _last_seq(db, workspace, seqs) + 1
             seqs[workspace] = seq
-            db.execute(
-                "INSERT INTO forward_state (workspace, last_seq) VALUES (?, ?) "
-                "ON CONFLICT(workspace) DO UPDATE SET last_seq=excluded.last_seq",
-                (workspace, seq),
-            )
-            db.execute(
-                "INSERT INTO outbox (workspace, seq, key, created_at, author, changes, config, fence) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    workspace,
-                    seq,
-                    rec.key,
-                    rec.at,
-                    _dumps(rec.author),
-                    _dumps(rec.changes),
-                    _dumps(rec.config or {}),
-                    rec.fence,
-                ),
+            forwarded[workspace] = seq
+            outbox_rows.append(
+                (workspace, seq, rec.key, rec.at, author_text, changes_text, config_text(rec), rec.fence)
             )
         status = PENDING if rec.forward else (NOT_FORWARDED if rec.kind == ACCEPTED else None)
-        cur = db.execute(
-            "INSERT INTO audit (workspace, at, kind, seq, author, paths, changes, fence, reason, details, "
-            "forward_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        audit_rows.append(
             (
                 workspace,
                 rec.at,
                 rec.kind,
                 seq if seq is not None else (rec.seq if rec.kind in (BACKEND_REFUSED, DEAD_LETTERED) else None),
-                _dumps(rec.author),
+                author_text,
                 _dumps(rec.paths),
-                _dumps(rec.changes),
+                changes_text,
                 rec.fence,
                 rec.reason,
                 _dumps(rec.details),
                 status,
-            ),
+            )
         )
-        assigned.append((rec, seq, cur.lastrowid))
-    return assigned
+        seq_of.append(seq)
+    if forwarded:
+        db.executemany(
+            "INSERT INTO forward_state (workspace, last_seq) VALUES (?, ?) "
+            "ON CONFLICT(workspace) DO UPDATE SET last_seq=MAX(last_seq, excluded.last_seq)",
+            list(forwarded.items()),
+        )
+    if outbox_rows:
+        db.executemany(
+            "INSERT INTO outbox (workspace, seq, key, created_at, author, changes, config, fence) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            outbox_rows,
+        )
+    if not audit_rows:
+        return []
+    db.executemany(
+        "INSERT INTO audit (workspace, at, kind, seq, author, paths, changes, fence, reason, details, "
+        "forward_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        audit_rows,
+    )
+    last_id = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+    first_id = last_id - len(audit_rows) + 1
+    return [(rec, seq, first_id + i) for i, ((_, rec), seq) in enumerate(zip(records, seq_of))]
 
 
 def _last_seq(db: sqlite3.Connection, workspace: str, seqs: dict[str, int]) -> int:

@@ -27,18 +27,38 @@ same guarantee as the SQLite transaction). ``collab:outbox:workspaces`` (a set
 outside any workspace slot) indexes workspaces with pending rows; it is
 written in the same round trip, right after the script.
 
+* ``{ws:X}:ap:<id>``   the result of one append, kept for the retry window:
+  an append retried after a lost reply returns it instead of appending twice.
+
 Durability is Redis's: with ``appendonly yes`` + ``appendfsync always`` an
-acknowledged write survives a crash of Redis; see docs/operations.md.
+acknowledged write survives a crash of Redis; with replicas, an append is
+acknowledged once ``WAIT`` saw it on ``COLLAB_REDIS_ACK_REPLICAS`` of them, so a
+failover loses nothing acknowledged. A Redis that does not answer (down,
+stalled, failing over) makes an append retry for ``COLLAB_REDIS_RETRY_SECONDS``
+before it fails; see docs/operations.md. Clients come from
+persistence/redisconn.py (single server, Cluster or Sentinel).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
+import time
+import uuid
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+import pycrdt
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    MovedError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 
 from persistence.base import StoredDocument, StoreError
 from persistence.outbox import (
@@ -52,6 +72,7 @@ from persistence.outbox import (
     OutboxRow,
     group_dead_letters,
 )
+from persistence.redisconn import REDIS_ERRORS, ReplicaAcks, ReplicationShortfall, connect, parse_url, run_script
 
 log = logging.getLogger("collab.store.redis")
 
@@ -59,6 +80,10 @@ OUTBOX_INDEX = "collab:outbox:workspaces"
 TRIM_MARGIN = 200  # entries kept below a snapshot, so relay readers a little behind miss nothing
 
 _APPEND = """
+-- KEYS[8]: this append's id (a retry after a timeout must not append twice:
+-- the first try may have run while its reply was lost).
+local done = redis.call('GET', KEYS[8])
+if done then return cjson.decode(done) end
 local node = ARGV[1]
 local n = tonumber(ARGV[2])
 -- A workspace is seeded once: a second seeding record (a node whose seed claim
@@ -115,16 +140,21 @@ for r = 1, nrec do
   out[#out + 1] = seq
   out[#out + 1] = id
 end
+redis.call('SET', KEYS[8], cjson.encode(out), 'PX', ARGV[#ARGV])
 return out
 """
 
 _COMPACT = """
+-- ARGV[4]: the snapshot_seq the merged snapshot was built on (another compaction since: skip).
+-- Never past last_seq: a node whose history is ahead of Redis (a failover lost
+-- unacknowledged entries, and others may take their numbers) must not declare
+-- entries it never saw covered.
 local cur = tonumber(redis.call('HGET', KEYS[1], 'snapshot_seq') or '0')
 local upto = tonumber(ARGV[2])
-if upto <= cur then return 0 end
-redis.call('HSET', KEYS[1], 'snapshot', ARGV[1], 'snapshot_seq', upto)
+if upto <= cur or cur ~= tonumber(ARGV[4]) then return 0 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
-if upto > last then redis.call('HSET', KEYS[1], 'last_seq', upto) end
+if upto > last then return 0 end
+redis.call('HSET', KEYS[1], 'snapshot', ARGV[1], 'snapshot_seq', upto)
 local keep = upto - tonumber(ARGV[3])
 if keep > 0 then redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. (keep + 1)) end
 return 1
@@ -177,6 +207,18 @@ return 1
 """
 
 
+def _retryable(exc: BaseException) -> bool:
+    """Worth another try: Redis did not answer, is loading, failing over or short of replicas."""
+    if isinstance(exc, ReplicationShortfall | ReadOnlyError | BusyLoadingError | ClusterDownError | TryAgainError):
+        return True
+    if isinstance(exc, MovedError | AskError):
+        return True
+    if isinstance(exc, ResponseError):
+        text = str(exc)
+        return text.startswith(("MASTERDOWN", "NOREPLICAS", "LOADING", "READONLY", "CLUSTERDOWN"))
+    return True
+
+
 def tag(workspace: str) -> str:
     """Key prefix of a workspace: ``collab:ws:{W}`` (the hash tag ``{W}`` is the one locks and presence use)."""
     return "collab:ws:{" + workspace + "}"
@@ -210,30 +252,41 @@ def _f(value: bytes | None) -> float | None:
 class RedisDocumentStore:
     """DocumentStore + OutboxStore in Redis (see the module docstring)."""
 
-    def __init__(self, url: str, node_id: str, timeout: float = 2.0, trim_margin: int = TRIM_MARGIN) -> None:
+    def __init__(
+        self,
+        url: str,
+        node_id: str,
+        timeout: float = 2.0,
+        trim_margin: int = TRIM_MARGIN,
+        *,
+        ack_replicas: int | None = None,
+        ack_timeout_ms: int = 500,
+        retry_seconds: float = 30.0,
+    ) -> None:
         self.url = url
         self.node_id = node_id
         self.timeout = timeout
         self.trim_margin = trim_margin
-        self.client: aioredis.Redis | None = None
+        self.retry_seconds = retry_seconds
+        self.acks = ReplicaAcks(ack_replicas, ack_timeout_ms)
+        self.client: Any = None
+        self.mode = parse_url(url).mode
         self.path = f"redis {url.split('@')[-1]}"  # for logs (never the password)
+        self.stats = {"append_retries": 0, "replica_shortfalls": 0, "append_failures": 0}
 
     # ------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
         if self.client is not None:
             return
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self.client = connect(
             self.url,
-            max_connections=64,
             timeout=self.timeout,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
+            max_connections=64,
             # A connection idle for a second is pinged (and replaced) before use, so the
             # first append after Redis restarted does not fail on a stale socket.
             health_check_interval=1,
         )
-        self.client = aioredis.Redis(connection_pool=pool)
         self._append = self.client.register_script(_APPEND)
         self._compact = self.client.register_script(_COMPACT)
         self._lease = self.client.register_script(_LEASE)
@@ -244,7 +297,7 @@ class RedisDocumentStore:
         # Not fatal: a node may start while Redis is down (readiness says so).
         try:
             await self.client.ping()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("Redis at %s not reachable yet: %s", self.path, exc)
 
     async def close(self) -> None:
@@ -252,7 +305,7 @@ class RedisDocumentStore:
             await self.client.aclose()
             self.client = None
 
-    def _r(self) -> aioredis.Redis:
+    def _r(self) -> Any:
         if self.client is None:
             raise StoreError("store is closed")
         return self.client
@@ -260,8 +313,45 @@ class RedisDocumentStore:
     async def _run(self, coro_fn, *args):
         try:
             return await coro_fn(*args)
-        except RedisError as exc:
+        except Exception as exc:  # Redis's errors, and what the cluster client lets through during a failover
             raise StoreError(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def _retrying(self, fn, what: str):
+        """Run ``fn`` until it succeeds, for up to ``retry_seconds`` while Redis is
+        unreachable, stalled, failing over or short of replicas; then StoreError.
+
+        Only for idempotent work (appends carry their id)."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        logged = False
+        while True:
+            try:
+                return await fn()
+            except Exception as exc:
+                # Beyond Redis's own errors, the cluster client can let others through
+                # (e.g. a connection closed under a command during a failover): an
+                # append carries its id, so trying again is safe, and the room must
+                # get an answer (an ack or StoreError), never a dead task.
+                if not isinstance(exc, REDIS_ERRORS):
+                    log.warning("%s: unexpected %s from the Redis client: %s", what, type(exc).__name__, exc)
+                if isinstance(exc, ReplicationShortfall):
+                    self.stats["replica_shortfalls"] += 1
+                    self.acks.forget()  # the primary may have lost its replicas (or be a new one)
+                if not _retryable(exc) or time.monotonic() + delay >= deadline:
+                    self.stats["append_failures"] += 1
+                    raise StoreError(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
+                if not logged:
+                    log.warning(
+                        "%s not acknowledged yet (%s: %s); retrying for up to %gs",
+                        what,
+                        type(exc).__name__,
+                        exc,
+                        self.retry_seconds,
+                    )
+                    logged = True
+                self.stats["append_retries"] += 1
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 1.0)
 
     # ----------------------------------------------------------- documents
 
@@ -291,6 +381,15 @@ class RedisDocumentStore:
         async def run():
             entries = await self._r().xrange(updates_key(workspace_id), f"0-{after_seq + 1}", "+")
             return [(seq_of(i), f[b"node"].decode(), f[b"data"]) for i, f in entries]
+
+        return await self._run(run)
+
+    async def entry_at(self, workspace_id: str, seq: int) -> dict | None:
+        """The fields of update stream entry ``seq`` (None if it is gone)."""
+
+        async def run():
+            entries = await self._r().xrange(updates_key(workspace_id), f"0-{seq}", f"0-{seq}", count=1)
+            return entries[0][1] if entries else None
 
         return await self._run(run)
 
@@ -336,29 +435,50 @@ class RedisDocumentStore:
                 ref,
             ]
         keys = [t + k for k in (":doc", ":updates", ":fwd", ":outbox", ":outbox:pending", ":audit", ":audit:byseq")]
+        keys.append(f"{t}:ap:{uuid.uuid4().hex}")
+        args.append(int((self.retry_seconds * 2 + 60) * 1000))
+        forward = any(r.forward for r in records)
 
         async def run():
-            forward = any(r.forward for r in records)
-            if forward:
-                pipe = self._r().pipeline(transaction=False)
-                await self._append(keys=keys, args=args, client=pipe)
-                pipe.sadd(OUTBOX_INDEX, workspace_id)
-                result = (await pipe.execute())[0]
-            else:
-                result = await self._append(keys=keys, args=args)
-            return result
+            client = self._r()
+            replicas = await self.acks.wanted(client, keys[0])
+            then = [("SADD", OUTBOX_INDEX, workspace_id)] if forward else []
+            return await run_script(client, self._append, keys, args, replicas, self.acks.timeout_ms, then)
 
-        result = await self._run(run)
+        result = await self._retrying(run, what=f"append to {workspace_id}")
         for i, rec in enumerate(records):
             seq, audit_id = int(result[1 + 2 * i]), int(result[2 + 2 * i])
             rec.seq, rec.audit_id = (seq if rec.forward else None), audit_id
         return int(result[0])
 
     async def compact(self, workspace_id: str, snapshot: bytes, upto_seq: int) -> None:
+        """Write a snapshot covering the stream up to ``upto_seq``.
+
+        The new snapshot merges the stored snapshot, the stored entries up to
+        ``upto_seq`` and the room's state: after a failover, Redis's entries
+        up to ``upto_seq`` may not be the ones this room saw (a promoted
+        replica missed some, new appends took their numbers), and a snapshot
+        of the room alone would then drop them.
+        """
         t = tag(workspace_id)
-        await self._run(
-            lambda: self._compact(keys=[t + ":doc", t + ":updates"], args=[snapshot, upto_seq, self.trim_margin])
-        )
+
+        async def run():
+            pipe = self._r().pipeline(transaction=True)
+            pipe.hmget(t + ":doc", "snapshot", "snapshot_seq", "last_seq")
+            pipe.xrange(t + ":updates", "-", f"0-{upto_seq}")
+            (stored, stored_seq, last), entries = await pipe.execute()
+            stored_seq, last = int(stored_seq or 0), int(last or 0)
+            if upto_seq <= stored_seq or upto_seq > last:
+                return
+            parts = [stored] if stored else []
+            parts += [fields[b"data"] for sid, fields in entries if seq_of(sid) > stored_seq]
+            parts.append(snapshot)
+            merged = pycrdt.merge_updates(*parts) if len(parts) > 1 else snapshot
+            await self._compact(
+                keys=[t + ":doc", t + ":updates"], args=[merged, upto_seq, self.trim_margin, stored_seq]
+            )
+
+        await self._run(run)
 
     async def check(self) -> None:
         await self._run(lambda: self._r().ping())

@@ -2,9 +2,12 @@
 
 One database file under the data directory, in WAL mode. All database work
 runs on one dedicated thread, so the event loop never blocks on disk. Appends
-from every room are queued and committed together (group commit): under load
-one transaction and one fsync cover many updates, and each caller's future
-resolves only after the commit that holds its updates.
+from every room are committed together (group commit): the appends of one
+event-loop turn, across all rooms, reach the writer thread as one batch, so
+one transaction and one fsync cover them (and whatever queued while the
+previous commit ran). Each caller's future resolves only after the commit
+that holds its updates; the futures of one commit are resolved by one
+callback on the loop, not one cross-thread wake-up each.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from persistence.base import StoredDocument, StoreError
-from persistence.outbox import OUTBOX_SCHEMA, ChangeRecord, SQLiteChangeLogMixin, SQLiteOutboxMixin, write_records
+from persistence.outbox import OUTBOX_SCHEMA, ChangeRecord, SQLiteChangeLogMixin, SQLiteOutboxMixin, write_batch
 
 log = logging.getLogger("collab.store")
 
@@ -84,6 +87,23 @@ def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | 
         future.set_result(result)
 
 
+def _resolve_all(outcomes: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for future, result, error in outcomes:
+        _resolve(future, result, error)
+
+
+def _post(outcomes: list[tuple[Any, asyncio.Future, Any, BaseException | None]]) -> None:
+    """Hand (loop, future, result, error) outcomes back: one wake-up per loop."""
+    by_loop: dict[Any, list] = {}
+    for loop, future, result, error in outcomes:
+        by_loop.setdefault(loop, []).append((future, result, error))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_all, items)
+        except RuntimeError:  # that loop is closed: nobody waits any more
+            pass
+
+
 class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
     """DocumentStore on one SQLite file; see the module docstring.
 
@@ -102,6 +122,9 @@ class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
         # Sequence numbers are kept in memory by the writer thread so an
         # append needs no read; they are loaded lazily per workspace.
         self._last_seq: dict[str, int] = {}
+        # Appends of the current event-loop turn (every room's), handed to the
+        # writer thread as one batch at the start of the next turn.
+        self._turn: list[_Append] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -118,6 +141,7 @@ class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
     async def close(self) -> None:
         if self._thread is None:
             return
+        self._submit_turn()
         self._queue.put(_STOP)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._thread = None
@@ -130,12 +154,31 @@ class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
     async def append(
         self, workspace_id: str, updates: list[bytes], outbox: list[ChangeRecord] | None = None
     ) -> int:
+        return await self.append_nowait(workspace_id, list(updates), list(outbox) if outbox else None)
+
+    def append_nowait(
+        self, workspace_id: str, updates: list[bytes], outbox: list[ChangeRecord] | None = None
+    ) -> asyncio.Future:
+        """``append`` without a coroutine: a future of the last sequence number, set once committed.
+
+        The lists are taken over (the caller must not change them). Every
+        append of this event-loop turn joins one batch (one commit).
+        """
         if self._thread is None:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Append(workspace_id, list(updates), future, loop, list(outbox) if outbox else None))
-        return await future
+        turn = self._turn
+        if turn is None:
+            turn = self._turn = []
+            loop.call_soon(self._submit_turn)
+        turn.append(_Append(workspace_id, updates, future, loop, outbox or None))
+        return future
+
+    def _submit_turn(self) -> None:
+        turn, self._turn = self._turn, None
+        if turn:
+            self._queue.put(turn)
 
     async def compact(self, workspace_id: str, snapshot: bytes, upto_seq: int) -> None:
         await self._call(lambda db: self._compact(db, workspace_id, snapshot, upto_seq))
@@ -167,6 +210,7 @@ class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
     async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._thread is None:
             raise StoreError("store is closed")
+        self._submit_turn()  # keep queue order: appends made before this call run first
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put(_Call(fn, future, loop))
@@ -176,6 +220,7 @@ class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
         """Run ``fn`` inside the next group commit (no BEGIN/COMMIT of its own; a savepoint isolates it)."""
         if self._thread is None:
             raise StoreError("store is closed")
+        self._submit_turn()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put(_Grouped(fn, future, loop))
@@ -208,10 +253,12 @@ class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            appends = []
+            appends: list[_Append | _Grouped] = []
             for item in batch:
                 if item is _STOP:
                     stop = True
+                elif type(item) is list:  # one event-loop turn's appends
+                    appends.extend(item)
                 elif isinstance(item, _Append | _Grouped):
                     appends.append(item)
                 else:
@@ -269,9 +316,9 @@ class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
                 list(touched.items()),
             )
             change_seqs: dict[str, int] = {}
-            for item in appends:
-                if item.outbox:
-                    recorded.extend(write_records(db, item.workspace, item.outbox, change_seqs))
+            records = [(item.workspace, rec) for item in appends if item.outbox for rec in item.outbox]
+            if records:
+                recorded = write_batch(db, records, change_seqs)
             for op in grouped:
                 db.execute("SAVEPOINT grouped")
                 try:
@@ -288,16 +335,14 @@ class SQLiteDocumentStore(SQLiteOutboxMixin, SQLiteChangeLogMixin):
                 self._last_seq.pop(workspace, None)  # re-read after a failure
             log.error("append failed: %s", exc)
             error = StoreError(f"append failed: {exc}")
-            for item in items:
-                item.loop.call_soon_threadsafe(_resolve, item.future, None, error)
+            _post([(item.loop, item.future, None, error) for item in items])
             return
         self._last_seq.update(touched)
         for record, change_seq, audit_id in recorded:
             record.seq, record.audit_id = change_seq, audit_id
-        for item, seq in zip(appends, results):
-            item.loop.call_soon_threadsafe(_resolve, item.future, seq)
-        for op, result, error in done:
-            op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
+        outcomes = [(item.loop, item.future, seq, None) for item, seq in zip(appends, results)]
+        outcomes += [(op.loop, op.future, result, error) for op, result, error in done]
+        _post(outcomes)
 
     def _load(self, db: sqlite3.Connection, workspace: str) -> StoredDocument:
         row = db.execute(

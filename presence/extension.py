@@ -599,7 +599,9 @@ def make_registry(settings: Settings, clock: Clock | None = None) -> PresenceReg
     if settings.redis_url:
         from presence.redis import RedisPresenceRegistry
 
-        return RedisPresenceRegistry(settings.redis_url, settings.node_id, ttl=ttl, clock=clock)
+        return RedisPresenceRegistry(
+            settings.redis_url, settings.node_id, ttl=ttl, timeout=settings.redis_timeout_seconds, clock=clock
+        )
     from presence.memory import MemoryPresenceRegistry
 
     return MemoryPresenceRegistry(settings.node_id, ttl=ttl, clock=clock)

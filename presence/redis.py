@@ -32,6 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from clocks import Clock, SystemClock
+from persistence.redisconn import connect, is_cluster, prepare, publish_after, publish_in, refresh_slots
 from presence.base import ENTRY_EXPIRY_FRACTION, HEARTBEATS_PER_TTL, ConnectionEntry, WorkspacePresence
 
 log = logging.getLogger("collab.presence")
@@ -129,16 +130,13 @@ class RedisPresenceRegistry:
             # A bounded pool that makes callers wait for a free connection: a poll
             # or a burst touching every workspace at once must not fail with
             # "Too many connections" (the default pool's limit is 100).
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=MAX_CONNECTIONS,
-                timeout=self.timeout,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                health_check_interval=10,
+            self._client = connect(
+                self.url, timeout=self.timeout, max_connections=MAX_CONNECTIONS, health_check_interval=10
             )
-            self._client = aioredis.Redis(connection_pool=pool)
         self._read_script = self._client.register_script(_READ)
+        with contextlib.suppress(Exception):  # Redis may come up later: the reader retries
+            async with asyncio.timeout(self.timeout):
+                await prepare(self._client)
         self._closed = False
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         # A private channel keeps the subscription (and so the reader) alive
@@ -164,13 +162,15 @@ class RedisPresenceRegistry:
             try:
                 async with asyncio.timeout(2):
                     pipe = self.redis.pipeline(transaction=False)
+                    later = []
                     for workspace_id, conn_ids in doomed.items():
                         prefix = entry_prefix(workspace_id)
                         for conn_id in conn_ids:
                             pipe.delete(prefix + conn_id)
                             pipe.srem(index_key(workspace_id), conn_id)
-                        pipe.publish(channel(workspace_id), self.node_id)
+                        later += publish_in(pipe, self.redis, channel(workspace_id), self.node_id)
                     await pipe.execute()
+                    await publish_after(self.redis, later)
             except Exception as exc:
                 log.warning("presence: could not remove this node's entries at shutdown (%s); they expire", exc)
         self._own.clear()
@@ -236,9 +236,10 @@ class RedisPresenceRegistry:
                 pipe.pexpire(index, ttl_ms)
             if locks is not None:
                 self._write_locks(pipe, workspace_id, locks, self.clock.now())
-            pipe.publish(channel(workspace_id), self.node_id)
+            later = publish_in(pipe, self.redis, channel(workspace_id), self.node_id)
             try:
                 await pipe.execute()
+                await publish_after(self.redis, later)
             except BaseException:  # failed or cancelled (shutdown): close() still removes what was staged
                 # Put back what was not written unless something newer was staged meanwhile.
                 staged = self._staged.setdefault(workspace_id, {})
@@ -327,8 +328,9 @@ class RedisPresenceRegistry:
             for conn_id in conn_ids:
                 pipe.delete(entry_prefix(workspace_id) + conn_id)
                 pipe.srem(index_key(workspace_id), conn_id)
-            pipe.publish(channel(workspace_id), self.node_id)
+            later = publish_in(pipe, self.redis, channel(workspace_id), self.node_id)
             await pipe.execute()
+            await publish_after(self.redis, later)
         except Exception as exc:  # they expire anyway
             log.warning("presence: could not remove stale entries in %s: %s", workspace_id, exc)
 
@@ -369,6 +371,11 @@ class RedisPresenceRegistry:
                 backoff = min(backoff * 2, 2.0)
                 with contextlib.suppress(Exception):
                     await self._pubsub.reset()
+                if is_cluster(self._client):
+                    # A cluster pub/sub stays on the node it first chose: start over on a live one.
+                    with contextlib.suppress(Exception):
+                        await refresh_slots(self._client)
+                    self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 # Notifications may have been missed: re-read everything we serve.
                 for workspace_id in list(self._watched):
                     self._changed(workspace_id)

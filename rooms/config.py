@@ -9,6 +9,7 @@ clients included, receives like any other update.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -131,11 +132,57 @@ def overlaps(a: str, b: str) -> bool:
 # ------------------------------------------------ incremental configuration view
 
 
-def touched_paths(events: list[Any], into: set[str]) -> None:
-    """Add the configuration paths a transaction's deep events touched.
+class SectionCache:
+    """Something derived from each top-level value of the view, recomputed only for the values that changed.
 
-    A map event names its changed keys; an array or text event (or anything
-    inside an array) touches the whole value at the nearest map path.
+    The view is copy-on-write (``reread`` copies only the dicts along the
+    touched paths), so a top-level value that is the same object as last
+    time has the same content: what was derived from it still holds. A
+    change then costs the sections it touched, not the whole configuration.
+    ``derive(key, value)`` must be pure.
+    """
+
+    def __init__(self, derive: Callable[[str, Any], Any]) -> None:
+        self._derive = derive
+        self._memo: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, key: str, value: Any) -> Any:
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        derived = self._derive(key, value)
+        self._memo[key] = (value, derived)
+        return derived
+
+    def items(self, view: dict[str, Any]) -> list[tuple[str, Any]]:
+        """(key, derived) for every top-level key of ``view``, in its order."""
+        memo = self._memo
+        if len(memo) > 2 * len(view) + 16:  # keys removed from the view: forget them
+            for key in [k for k in memo if k not in view]:
+                del memo[key]
+        out = []
+        for key, value in view.items():
+            hit = memo.get(key)
+            if hit is None or hit[0] is not value:
+                hit = memo[key] = (value, self._derive(key, value))
+            out.append((key, hit[1]))
+        return out
+
+
+REREAD: Any = object()  # a touched path whose new value must be read from the document
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def touched_paths(events: list[Any], into: dict[str, Any]) -> None:
+    """Add the configuration paths a transaction's deep events touched, with their new values.
+
+    A map event names its changed keys and carries their new values: a
+    scalar (or a deletion: MISSING) is taken from the event, so the view
+    needs no read of the document; a map or list value is marked REREAD.
+    An array or text event (or anything inside an array) touches the whole
+    value at the nearest map path (REREAD). Works on pycrdt's wrapped events
+    and on the raw ones of ``Map.integrated.observe_deep`` (cheaper: no
+    wrapper objects per event).
     """
     for event in events:
         base: list[str] = []
@@ -144,15 +191,24 @@ def touched_paths(events: list[Any], into: set[str]) -> None:
                 break
             base.append(part)
         prefix = ".".join(base)
-        if isinstance(event, pycrdt.MapEvent) and len(base) == len(event.path):
-            for key in event.keys:
-                into.add(f"{prefix}.{key}" if prefix else str(key))
+        if type(event).__name__ == "MapEvent" and len(base) == len(event.path):
+            for key, change in event.keys.items():
+                path = f"{prefix}.{key}" if prefix else str(key)
+                action = change.get("action") if isinstance(change, dict) else None
+                if action == "delete":
+                    into[path] = MISSING
+                elif action in ("add", "update") and isinstance(change.get("newValue"), _SCALARS):
+                    into[path] = change["newValue"]
+                else:
+                    into[path] = REREAD
         elif prefix:
-            into.add(prefix)
+            into[prefix] = REREAD
 
 
-def _minimal(paths: set[str]) -> list[str]:
+def _minimal(paths: Collection[str]) -> list[str]:
     """Drop paths whose ancestor is also listed (re-reading it covers them)."""
+    if len(paths) == 1:  # the usual single-path change
+        return list(paths)
     kept: list[str] = []
     for path in sorted(paths, key=lambda x: x.count(".")):
         if not any(covers(k, path) for k in kept):
@@ -169,19 +225,28 @@ def _read(cfg: pycrdt.Map, path: str) -> Any:
     return node.to_py() if isinstance(node, pycrdt.Map | pycrdt.Array | pycrdt.Text) else node
 
 
-def reread(cfg: pycrdt.Map, base: dict[str, Any], touched: set[str]) -> dict[str, Any]:
+def reread(
+    cfg: pycrdt.Map | Callable[[], pycrdt.Map], base: dict[str, Any], touched: set[str] | dict[str, Any]
+) -> dict[str, Any]:
     """``base`` with the touched paths read again from the document.
 
     Copy-on-write: ``base`` is not modified, and only the dicts along the
     touched paths are copied, so the cost follows the change, not the size
-    of the configuration.
+    of the configuration. ``touched`` may carry the new values the events
+    reported (see ``touched_paths``): only REREAD paths are read. ``cfg``
+    may be a function giving the map (called only if something is read).
     """
     if not touched:
         return base
+    values = touched if isinstance(touched, dict) else {}
     new = dict(base)
     copied = {id(new)}
     for path in _minimal(touched):
-        value = _read(cfg, path)
+        value = values.get(path, REREAD)
+        if value is REREAD:
+            if callable(cfg):
+                cfg = cfg()
+            value = _read(cfg, path)
         parts = path.split(".")
         node = new
         for part in parts[:-1]:
@@ -200,7 +265,7 @@ def reread(cfg: pycrdt.Map, base: dict[str, Any], touched: set[str]) -> dict[str
     return new
 
 
-def changes_at(old: dict[str, Any], new: dict[str, Any], touched: set[str]) -> Changes:
+def changes_at(old: dict[str, Any], new: dict[str, Any], touched: Collection[str]) -> Changes:
     """Leaf-level changes between ``old`` and ``new`` below the touched paths."""
     changes: Changes = {}
     for path in _minimal(touched):

@@ -42,25 +42,25 @@ class ConfigGuarding:
         self.guards = guards
         self.tracking = tracking  # a guard or a listener needs the view
         self.view: dict[str, Any] = {}
-        self._touched: set[str] = set()
+        self._touched: dict[str, Any] = {}  # path -> new value reported by the events (or REREAD)
 
     def start(self, doc: pycrdt.Doc) -> None:
         """Read the whole view once (at load); events keep it current from then on."""
         self.view = config_snapshot(doc)
-        self._touched = set()
+        self._touched = {}
 
     def on_events(self, events: list[Any]) -> None:
-        """The ``config`` map's deep events: remember which paths they touched."""
+        """The ``config`` map's deep events: remember which paths they touched (and their new values)."""
         touched_paths(events, self._touched)
 
-    def take_touched(self) -> set[str]:
-        touched, self._touched = self._touched, set()
+    def take_touched(self) -> dict[str, Any]:
+        touched, self._touched = self._touched, {}
         return touched
 
     def resync(self, doc: pycrdt.Doc) -> None:
         """Re-read the whole view (after a refusal rewrote the document)."""
         self.view = config_snapshot(doc)
-        self._touched = set()
+        self._touched = {}
 
     def check(self, room: Any, peer: Any, doc: pycrdt.Doc) -> Verdict:
         """Run the guards over what the last update changed; put refused paths back."""
@@ -68,7 +68,10 @@ class ConfigGuarding:
         if not touched:
             return Verdict()
         old = self.view
-        cfg = config_map(doc)
+
+        def cfg() -> pycrdt.Map:  # read only for values the events did not carry
+            return config_map(doc)
+
         new = reread(cfg, old, touched)
         changes = changes_at(old, new, touched)
         verdict = Verdict(changes=changes, attempted=changes)
@@ -86,7 +89,7 @@ class ConfigGuarding:
                         restore(doc, path, old)
             more = self.take_touched()
             new = reread(cfg, new, more)
-            touched |= more
+            touched = {**touched, **more}
             changes = changes_at(old, new, touched)
             if not changes:
                 break
@@ -100,5 +103,5 @@ class ConfigGuarding:
         if not touched:
             return {}
         old = self.view
-        self.view = reread(config_map(doc), old, touched)
+        self.view = reread(lambda: config_map(doc), old, touched)
         return changes_at(old, self.view, touched)

@@ -3,7 +3,10 @@
 Each flush hands over what it collected (updates to store, per-peer ack
 counts, outbox records staged in the same transaction); one append per
 flush, and each append's acks wait for the previous append, so acks leave
-in the order the updates arrived. Past a threshold the document's state
+in the order the updates arrived. A store that batches appends itself
+(``BatchingStore``: SQLite joins every room's appends of one loop turn into
+one commit) is handed each append without a task: a queue of appends in
+flight is settled from the head as their futures complete. Past a threshold the document's state
 replaces the stored tail (compaction), in a task of its own so acks never
 wait for it. A store error fails the room (its owner closes the peers).
 """
@@ -13,15 +16,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from persistence.base import DocumentStore, StoreError
+from persistence.base import BatchingStore, DocumentStore, StoreError
 
 if TYPE_CHECKING:
     from rooms.peer import PeerState
 
 log = logging.getLogger("collab.room")
+
+
+def _declares_nowait(store: Any) -> bool:
+    return callable(getattr(type(store), "append_nowait", None))
+
+
+class _InFlight:
+    """One submitted append: what its acks and records wait for."""
+
+    __slots__ = ("future", "updates", "acks", "staged", "started")
+
+    def __init__(self, future: asyncio.Future | None, updates: list[bytes], acks: dict, staged: list, started: float):
+        self.future = future  # None: nothing to store, only acks to send in order
+        self.updates = updates
+        self.acks = acks
+        self.staged = staged
+        self.started = started
 
 
 class PersistPipeline:
@@ -54,6 +75,11 @@ class PersistPipeline:
         self.tail_bytes = 0
         self.failed: str | None = None
         self._tail: asyncio.Task | None = None  # the last append (acks chain on it)
+        # A batching store takes appends without a task; they settle in order from here.
+        # (Asked of the class: a wrapper that forwards unknown attributes to a
+        # batching store but wraps ``append`` itself must keep its ``append``.)
+        self._nowait = store.append_nowait if isinstance(store, BatchingStore) and _declares_nowait(store) else None
+        self._inflight: deque[_InFlight] = deque()
         self._compacting = False
         self._compact_task: asyncio.Task | None = None
 
@@ -74,10 +100,64 @@ class PersistPipeline:
             return
         updates, acks, staged = self.updates, self.acks, self.staged
         self.updates, self.acks, self.staged = [], {}, []
-        self._tail = asyncio.get_running_loop().create_task(self._append(updates, acks, staged, self._tail))
+        if self._nowait is None:
+            self._tail = asyncio.get_running_loop().create_task(self._append(updates, acks, staged, self._tail))
+            return
+        future = None
+        if updates or staged:
+            try:
+                future = self._nowait(self.workspace_id, updates, staged or None)
+            except StoreError as exc:
+                self._store_failed(exc)
+                return
+        entry = _InFlight(future, updates, acks, staged, time.perf_counter())
+        if future is None and not self._inflight:
+            self._settled(entry)  # nothing before it: its acks leave now
+            return
+        self._inflight.append(entry)
+        if future is not None:
+            future.add_done_callback(self._settle)
+
+    def _settle(self, _future: Any = None) -> None:
+        """Settle the appends at the head of the queue whose commits are done, in order."""
+        inflight = self._inflight
+        while inflight:
+            entry = inflight[0]
+            if entry.future is not None and not entry.future.done():
+                return
+            inflight.popleft()
+            try:
+                self._settled(entry)
+            except Exception:  # a listener's bug must not stall the appends behind it
+                log.exception("settling an append of %s failed", self.workspace_id)
+
+    def _settled(self, entry: _InFlight) -> None:
+        seq = None
+        if entry.future is not None:
+            if entry.future.cancelled():
+                self._fail("storage failure: append cancelled")
+                return
+            error = entry.future.exception()
+            if error is not None:
+                self._store_failed(error)
+                return
+            seq = entry.future.result()
+            if self.metrics is not None:
+                self.metrics.store_append.observe(time.perf_counter() - entry.started)
+        self._appended(seq, entry.updates, entry.acks, entry.staged)
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.store_errors += 1
+        self._fail(f"storage failure: {exc}")
 
     async def drain(self) -> None:
         """Wait until every submitted append (and a running compaction) is done."""
+        while self._inflight:
+            waiting = [e.future for e in self._inflight if e.future is not None and not e.future.done()]
+            if waiting:
+                await asyncio.wait(waiting)
+            await asyncio.sleep(0)  # the done callbacks settle them
         tail = self._tail
         if tail is not None:
             await asyncio.wait([tail])
@@ -102,6 +182,10 @@ class PersistPipeline:
             metrics.store_append.observe(time.perf_counter() - started)
         if previous is not None:
             await asyncio.wait([previous])  # acks leave in the order updates arrived
+        self._appended(seq, updates, acks, staged)
+
+    def _appended(self, seq: int | None, updates: list[bytes], acks: dict[PeerState, int], staged: list) -> None:
+        """An append is durable and every earlier one too: records out, acks, maybe compaction."""
         if self.failed:
             return
         if seq is not None:

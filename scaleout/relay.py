@@ -41,13 +41,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from codec import protocol as p
 from collab.extensions import Extension
 from persistence.base import StoreError
 from persistence.redis import RedisDocumentStore, awareness_key, seq_of, tag, updates_key
+from persistence.redisconn import REDIS_ERRORS, connect, is_cluster, prepare, reset, xread
 
 if TYPE_CHECKING:
     from collab.extensions import Host
@@ -92,6 +93,14 @@ class _Follow:
     seen: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     # Updates the stream brought first, until their late live message comes (then it is dropped).
     streamed: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    tip: int | None = None  # fingerprint of the entry at ``seq``: a failover may renumber history
+
+
+def tip_of(fields: dict | None) -> int | None:
+    """A stream entry's fingerprint (origin and data)."""
+    if fields is None:
+        return None
+    return hash((fields.get(b"node"), fields.get(b"data")))
 
 
 class Relay:
@@ -102,9 +111,11 @@ class Relay:
         block_ms: int = 1000,
         awareness_ttl: float = 30.0,
         timeout: float = 2.0,
+        cluster_poll_ms: float = 10.0,
         live: bool = True,
     ) -> None:
         self.store = store
+        self.cluster_poll_ms = cluster_poll_ms
         self.node_id = node_id
         self.live = live
         self._node_bytes = node_id.encode()
@@ -116,8 +127,8 @@ class Relay:
         self.healthy = True
         self.error: str | None = None
         self.app: Host | None = None
-        self.reader: aioredis.Redis | None = None
-        self.publisher: aioredis.Redis | None = None  # its own connection: no pool wait, no health-check PING
+        self.reader: Any = None
+        self.publisher: Any = None  # its own connection: no pool wait, no health-check PING
         self._wake = asyncio.Event()
         self._aw_pending: dict[str, list[p.AwarenessEntry]] = {}
         self._aw_wake = asyncio.Event()
@@ -140,15 +151,18 @@ class Relay:
 
     async def start(self, app: Host) -> None:
         self.app = app
-        self.reader = aioredis.Redis.from_url(
+        # Its own client: a blocking XREAD holds its connection for block_ms. No
+        # transparent retries: a failover must reach _recovered(), which checks that
+        # Redis still holds the history this node relayed.
+        self.reader = connect(
             self.store.url,
+            timeout=self.timeout,
             socket_timeout=self.block_ms / 1000.0 + self.timeout,
-            socket_connect_timeout=self.timeout,
+            max_connections=4,
+            retry=Retry(NoBackoff(), 0),
         )
         if self.live:
-            self.publisher = aioredis.Redis.from_url(
-                self.store.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
-            )
+            self.publisher = connect(self.store.url, timeout=self.timeout, max_connections=2)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._read_loop(), name="relay reader"),
@@ -211,7 +225,7 @@ class Relay:
                         assert self.reader is not None
                         await self.reader.ping()
                         await self._recovered()
-                    except (RedisError, StoreError, OSError) as exc:
+                    except (*REDIS_ERRORS, StoreError) as exc:
                         self.error = f"{type(exc).__name__}: {exc}"
                         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                         delay = min(delay * 2, 5.0)
@@ -230,13 +244,18 @@ class Relay:
             self._wake.clear()
             try:
                 assert self.reader is not None
-                response = await self.reader.xread(streams, count=1000, block=self.block_ms)
+                response = await xread(
+                    self.reader, streams, count=1000, block_ms=self.block_ms, poll_ms=self.cluster_poll_ms
+                )
                 if not self.healthy:
                     await self._recovered()
-            except (RedisError, StoreError, OSError) as exc:
+            except Exception as exc:  # Redis's errors, and what its cluster client lets through in a failover
+                if not isinstance(exc, (*REDIS_ERRORS, StoreError)):
+                    log.warning("relay read failed: %s: %s", type(exc).__name__, exc)
                 if self.healthy:
                     log.error("Redis unreachable from the relay (%s); reconnecting with backoff", exc)
                 self.healthy, self.error = False, f"{type(exc).__name__}: {exc}"
+                await reset(self.reader)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
                 continue
@@ -257,7 +276,7 @@ class Relay:
                     else:
                         self._awareness(follow, entries)
                         caught_up = False
-                except (RedisError, StoreError) as exc:
+                except (*REDIS_ERRORS, StoreError) as exc:
                     log.warning("relay of %s interrupted: %s", ws, exc)
                 except Exception:
                     log.exception("relay of %s failed", ws)
@@ -280,6 +299,7 @@ class Relay:
                 await self.resync(follow)
                 return len(news) + 1
             follow.seq = seq
+            follow.tip = tip_of(fields)
             if fields[b"node"] == self._node_bytes:
                 continue
             data = fields[b"data"]
@@ -344,6 +364,7 @@ class Relay:
         for update in stored.updates:
             room.apply_remote(update)
         follow.seq = stored.last_seq
+        follow.tip = None
         room.durable_seq = max(room.durable_seq, stored.last_seq)
 
     async def _recovered(self) -> None:
@@ -352,9 +373,19 @@ class Relay:
         self.healthy, self.error = True, None
         self.stats["reconnects"] += 1
         for follow in list(self.follows.values()):
-            last = await self.store.last_seq(follow.room.workspace_id)
+            ws = follow.room.workspace_id
+            last = await self.store.last_seq(ws)
             if last < follow.seq:
                 await self.resync(follow)
+                continue
+            if follow.tip is not None and tip_of(await self.store.entry_at(ws, follow.seq)) != follow.tip:
+                # A failover promoted a replica that missed our last entries, and new ones took
+                # their numbers: write back what Redis lost.
+                log.error("Redis history of %s changed at %d (failover): reloading it", ws, follow.seq)
+                follow.room.restore_to_store()
+            # Read the document again in any case: what this node relayed while Redis
+            # failed over may have been lost and written again under other numbers.
+            await self.resync(follow)
 
     # ----------------------------------------------------------------- live
 
@@ -377,15 +408,15 @@ class Relay:
             if not pending or self.publisher is None:
                 continue
             try:
-                if len(pending) == 1:
-                    [(ws, updates)] = pending.items()
-                    await self.publisher.publish(live_channel(ws), encode_live(self.node_id, updates))
+                if len(pending) == 1 or is_cluster(self.publisher):  # a cluster pipeline refuses PUBLISH
+                    for ws, updates in pending.items():
+                        await self.publisher.publish(live_channel(ws), encode_live(self.node_id, updates))
                 else:
                     pipe = self.publisher.pipeline(transaction=False)
                     for ws, updates in pending.items():
                         pipe.publish(live_channel(ws), encode_live(self.node_id, updates))
                     await pipe.execute()
-            except (RedisError, OSError) as exc:  # best effort: the stream brings them
+            except REDIS_ERRORS as exc:  # best effort: the stream brings them
                 if time.monotonic() - last_error > 5:
                     last_error = time.monotonic()
                     log.warning("live relay not published (Redis: %s); the stream delivers", exc)
@@ -397,6 +428,7 @@ class Relay:
             pubsub = None
             try:
                 assert self.reader is not None
+                await prepare(self.reader)  # a cluster client needs its slot map before subscribing
                 pubsub = self.reader.pubsub()
                 subscribed: set[bytes] = set()
                 while True:
@@ -426,7 +458,7 @@ class Relay:
                             self._apply(follow.room, updates)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self._live_connected = False
                 log.info("live relay interrupted (%s); the stream delivers meanwhile", exc)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -492,7 +524,7 @@ class Relay:
                     pipe.xadd(key, {"node": self.node_id, "data": data}, maxlen=AWARENESS_MAXLEN, approximate=True)
                     pipe.pexpire(key, int(max(self.awareness_ttl, 60) * 10_000))
                 await pipe.execute()
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if time.monotonic() - last_error > 5:
                     last_error = time.monotonic()
                     log.warning("awareness not relayed (Redis: %s)", exc)
@@ -541,6 +573,7 @@ class RelayExtension(Extension):
             block_ms=int(s.relay_block_ms),
             awareness_ttl=s.relay_awareness_ttl_seconds,
             timeout=s.redis_timeout_seconds,
+            cluster_poll_ms=s.redis_cluster_poll_ms,
             live=s.relay_live,
         )
         await self.relay.start(app)

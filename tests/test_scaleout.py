@@ -165,7 +165,8 @@ async def test_2_a_killed_node_loses_nothing_acked_and_leaves_no_ghosts(server_f
 
 async def test_3_redis_restart_with_aof_loses_nothing_acked(server_factory, redis_factory):
     redis = redis_factory(appendonly=True)
-    a, b, c = three_nodes(server_factory, redis)
+    # Appends Redis does not take are retried this long (unacked) before the room reports them.
+    a, b, c = three_nodes(server_factory, redis, COLLAB_REDIS_RETRY_SECONDS="2")
     ws = "ds-scale-redis"
     ca = await CollabClient(a.ws_url, ws, hello=True, query="user=ann").connect(timeout=WAIT)
     cb = await CollabClient(b.ws_url, ws, hello=True, query="user=ben").connect(timeout=WAIT)

@@ -197,7 +197,7 @@ async def test_outbox_rows_commit_in_the_same_transaction_as_the_update(tmp_path
     def broken(*args):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(sqlite_store, "write_records", broken)
+    monkeypatch.setattr(sqlite_store, "write_batch", broken)
     room.receive(ps, p.SyncUpdate(_update(doc, lambda c: c.__setitem__("name", "Sales"))))
     await room.drain()
     assert room.failed  # the store refused the append: neither the update nor its outbox row exists
@@ -246,3 +246,62 @@ async def test_a_viewers_refused_edit_is_in_the_audit_trail_without_its_values(t
     ]
     assert entries[0]["author"]["id"] == "vera" and await store.outbox_pending("ws-1", 10) == []
     await store.close()
+
+
+def test_validating_only_the_touched_sections_finds_what_validating_everything_finds():
+    """DataSourceConfig.validation_scope: the same introduced errors as a whole-configuration validation."""
+    import itertools
+
+    scoped = ConfigValidator(DataSourceConfig)
+    whole = ConfigValidator(DataSourceConfig)
+    whole._scope = None
+    complete = {
+        "type": "postgresql",
+        "connection": {"host": "db.internal", "port": 5432, "database": "orders", "username": "svc"},
+        "credentials": {"secret_ref": "vault://kv/orders"},
+    }
+    bases = [{}, {"w0": "x"}, {**complete, "enabled": True}, {**complete, "enabled": False, "type": "postgres"}]
+    edits = [
+        {"w0": "y"},
+        {"ui": {"password": "hunter2"}},
+        {"password": "hunter2"},
+        {"token": ""},
+        {"type": "postgres"},
+        {"type": MISSING},
+        {"connection": {"host": "db.internal"}},
+        {"enabled": True},
+        {"name": ""},
+        {"schedule": {"cron": "61 * * * *"}},
+        {"tags": ["ok", "not ok!"]},
+    ]
+    for base, first, second in itertools.product(bases, edits, [None, *edits]):
+        new = dict(base)
+        for edit in (first, second or {}):
+            for key, value in edit.items():
+                if value is MISSING:
+                    new.pop(key, None)
+                else:
+                    new[key] = value
+        changes = {k: (base.get(k, MISSING), new.get(k, MISSING)) for k in base.keys() | new.keys()}
+        changes = {k: v for k, v in changes.items() if v[0] != v[1]}
+        found = scoped.introduced(base, new, changes)
+        expected = whole.introduced(base, new, changes)
+        assert sorted((e["path"], e["type"]) for e in found) == sorted((e["path"], e["type"]) for e in expected), (
+            base,
+            new,
+        )
+
+
+def test_the_recorded_configuration_is_re_encoded_only_where_it_changed_and_stays_exact():
+    import json
+
+    from forwarding.extension import ConfigEncoder, jsonable
+
+    encoder = ConfigEncoder()
+    view = {"type": "postgresql", "connection": {"host": "a", "port": 5432.0}, "tags": ["x", 1.0], "é": "ü"}
+    for step in range(4):
+        plain, text = encoder.encode(view)
+        assert plain == jsonable(view) and json.loads(text) == jsonable(view)
+        view = {**view, "connection": {**view["connection"], "port": 5433.0 + step}}  # copy-on-write, as the view
+    del view["tags"]
+    assert json.loads(encoder.encode(view)[1]) == jsonable(view)
