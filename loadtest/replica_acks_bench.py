@@ -76,8 +76,14 @@ async def main() -> None:
             while replica.client().info("replication").get("master_link_status") != "up":
                 await asyncio.sleep(0.05)
             for acks in ("0", "1"):
-                env = {"COLLAB_REDIS_URL": primary.url, "COLLAB_NODE_ID": f"n{acks}", "COLLAB_LOG_LEVEL": "warning",
-                       "COLLAB_MESSAGE_RATE": "0", "COLLAB_BYTE_RATE": "0", "COLLAB_REDIS_ACK_REPLICAS": acks}  # fmt: skip
+                env = {
+                    "COLLAB_REDIS_URL": primary.url,
+                    "COLLAB_NODE_ID": f"n{acks}",
+                    "COLLAB_LOG_LEVEL": "warning",
+                    "COLLAB_MESSAGE_RATE": "0",
+                    "COLLAB_BYTE_RATE": "0",
+                    "COLLAB_REDIS_ACK_REPLICAS": acks,
+                }
                 srv = ServerProcess(tmp / f"srv-{acks}", tmp / f"srv-{acks}.log", env=env).start()
                 try:
                     seq = await sequential(srv.ws_url, args.writes)
