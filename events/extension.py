@@ -105,9 +105,10 @@ class EventsExtension(Extension):
         reader = LogReader(store, self.source, s.events_batch) if store is not None else None
         redis_url = s.events_redis_url or s.redis_url
         if redis_url and (s.events_stream or s.uses_redis_store):
-            import redis.asyncio as aioredis
+            from persistence.redisconn import connect
 
-            self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=s.redis_timeout_seconds)
+            # Through the one factory: redis://, redis+cluster:// and redis+sentinel:// alike.
+            self.redis = connect(redis_url, timeout=s.redis_timeout_seconds)
         if s.events_stream:
             if self.redis is None:
                 raise RuntimeError("COLLAB_EVENTS_STREAM needs COLLAB_EVENTS_REDIS_URL or COLLAB_REDIS_URL")

@@ -351,7 +351,9 @@ async def test_2_frozen_holder_loses_the_lease_and_its_late_edits(server_factory
     holder = await holders(server.ws_url, room, "holder", TTL / 4)
     granted = await holder.command(cmd="acquire", path="connection")
     assert granted["type"] == "lock.granted"
-    waiting = asyncio.create_task(waiter.acquire_lock("connection", wait=10))
+    # The waiter's own lease is longer: it must outlast the rest of the story with room to spare
+    # (with the 1 s TTL, one renewal delayed by a loaded machine could end it before the last check).
+    waiting = asyncio.create_task(waiter.acquire_lock("connection", wait=10, ttl=5 * TTL))
     await queued_at(server)
     await asyncio.sleep(TTL * 1.5)  # real time passes (not a synchronisation): the keepalives keep the lease
     assert not waiting.done()
