@@ -241,6 +241,25 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+
+def _audit_entry(audit_id: Any, raw: Any, seq: Any, forward_status: Any, forwarded_at: Any) -> dict[str, Any]:
+    """One audit-trail entry as the history API and the event log read it."""
+    body = json.loads(raw)
+    return {
+        "id": audit_id,
+        "at": body["at"],
+        "kind": body["kind"],
+        "seq": int(seq) if seq else None,
+        "author": body.get("author"),
+        "paths": body.get("paths") or [],
+        "changes": body.get("changes") or [],
+        "fence": body.get("fence"),
+        "reason": body.get("reason"),
+        "details": body.get("details"),
+        "forward_status": _s(forward_status),
+        "forwarded_at": float(forwarded_at) if forwarded_at else None,
+    }
+
 def _s(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
 
@@ -812,23 +831,7 @@ class RedisDocumentStore:
                 raw, seq, fs, fa = values[4 * n : 4 * n + 4]
                 if raw is None:
                     continue
-                body = json.loads(raw)
-                out.append(
-                    {
-                        "id": i,
-                        "at": body["at"],
-                        "kind": body["kind"],
-                        "seq": int(seq) if seq else None,
-                        "author": body.get("author"),
-                        "paths": body.get("paths") or [],
-                        "changes": body.get("changes") or [],
-                        "fence": body.get("fence"),
-                        "reason": body.get("reason"),
-                        "details": body.get("details"),
-                        "forward_status": _s(fs),
-                        "forwarded_at": float(fa) if fa else None,
-                    }
-                )
+                out.append(_audit_entry(i, raw, seq, fs, fa))
             return out
 
         return await self._run(run)
@@ -920,23 +923,7 @@ class RedisChangeLog:
                         break  # being written: stop before it, read it next time
                     continue
                 self._holes.pop((workspace, i), None)
-                body = json.loads(raw)
-                out.append(
-                    {
-                        "id": i,
-                        "at": body["at"],
-                        "kind": body["kind"],
-                        "seq": int(seq) if seq else None,
-                        "author": body.get("author"),
-                        "paths": body.get("paths") or [],
-                        "changes": body.get("changes") or [],
-                        "fence": body.get("fence"),
-                        "reason": body.get("reason"),
-                        "details": body.get("details"),
-                        "forward_status": _s(fs),
-                        "forwarded_at": float(fa) if fa else None,
-                    }
-                )
+                out.append(_audit_entry(i, raw, seq, fs, fa))
             return out
 
         return await store._run(run)
