@@ -560,23 +560,7 @@ class SQLiteOutboxMixin:
                 "forwarded_at FROM audit WHERE workspace=? AND id<? ORDER BY id DESC LIMIT ?",
                 (workspace, before if before is not None else 2**62, limit),
             ).fetchall()
-            return [
-                {
-                    "id": r[0],
-                    "at": r[1],
-                    "kind": r[2],
-                    "seq": r[3],
-                    "author": _loads(r[4]),
-                    "paths": _loads(r[5]),
-                    "changes": _loads(r[6]),
-                    "fence": r[7],
-                    "reason": r[8],
-                    "details": _loads(r[9]),
-                    "forward_status": r[10],
-                    "forwarded_at": r[11],
-                }
-                for r in rows
-            ]
+            return [audit_entry(r) for r in rows]
 
         return await self._call(run)
 
