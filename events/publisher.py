@@ -21,17 +21,9 @@ from typing import Any
 
 from events.log import LogReader
 from events.sinks import Sink
+from persistence.redis import LEASE_SCRIPT
 
 log = logging.getLogger("collab.events")
-
-_LEASE = """
-local cur = redis.call('GET', KEYS[1])
-if cur == false or cur == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -48,7 +40,7 @@ class Leases:
         self.client = client
         self.owner = owner
         self.ttl_ms = ttl_ms
-        self._take = client.register_script(_LEASE)
+        self._take = client.register_script(LEASE_SCRIPT)
         self._release = client.register_script(_RELEASE)
 
     @staticmethod

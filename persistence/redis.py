@@ -160,7 +160,8 @@ if keep > 0 then redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. (keep + 1)) end
 return 1
 """
 
-_LEASE = """
+# Take or renew a lease (KEYS[1]) for owner ARGV[1], ARGV[2] ms; also used by events/publisher.py.
+LEASE_SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
 if cur == false or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -308,7 +309,7 @@ class RedisDocumentStore:
         )
         self._append = self.client.register_script(_APPEND)
         self._compact = self.client.register_script(_COMPACT)
-        self._lease = self.client.register_script(_LEASE)
+        self._lease = self.client.register_script(LEASE_SCRIPT)
         self._release = self.client.register_script(_RELEASE)
         self._renew = self.client.register_script(_RENEW)
         self._put_meta_leased = self.client.register_script(_PUT_META_LEASED)
