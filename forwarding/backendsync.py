@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from persistence.base import StoreError
+from persistence.outbox import OutboxRow
 from rooms.config import MISSING, diff, get_path, overlaps, restore
 
 if TYPE_CHECKING:
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("collab.backendsync")
 
 META_KEY = "backend_state"
+STALE = object()  # apply(): the backend's answer predates the known state (read it again)
+NO_BASE = object()  # apply() of a state pushed by the backend: not read against a known state
+STALE_READS = 3  # reads of the backend's state while the known state keeps moving
 BACKEND_AUTHOR = {"id": "backend", "name": "data-source backend", "kind": "backend"}
 
 
@@ -111,6 +115,30 @@ def write_paths(room: Room, target: dict[str, Any], paths: list[str]) -> None:
     """Inside ``room.change_config``: make ``paths`` of the document equal to ``target``'s."""
     for path in paths:
         restore(room.doc, path, target)
+
+
+def in_flight(rows: list[OutboxRow]) -> list[tuple[str, dict[str, Any]]]:
+    """(path, configuration sent) for each change bound to a request (claimed, answer not yet in).
+
+    A request sets each path its batch changed to the value in the batch's
+    last row; the backend may already hold it while the answer is on its way.
+    """
+    last: dict[str, OutboxRow] = {}
+    for row in rows:
+        if row.batch is not None:
+            last[row.batch] = row
+    return [
+        (c["path"], last[row.batch].config)
+        for row in rows
+        if row.batch is not None and not is_backend_author(row.author)
+        for c in row.changes
+    ]
+
+
+def echoes(path: str, config: dict[str, Any], sent: list[tuple[str, dict[str, Any]]]) -> bool:
+    """The backend's value at ``path`` is one a request in flight carried there."""
+    value = get_path(config, path)
+    return any(overlaps(path, q) and get_path(cfg, path) == value for q, cfg in sent)
 
 
 class BackendSync:
@@ -196,12 +224,19 @@ class BackendSync:
         revert_paths: list[str] | None = None,
         details: dict[str, Any] | None = None,
         absent: bool = False,
-    ) -> list[str] | None:
-        """Merge the backend's state into the document; the paths changed (None: an older version, ignored)."""
+        base: Any = NO_BASE,
+    ) -> Any:
+        """Merge the backend's state into the document; the paths changed (None: an older version, ignored).
+
+        ``base``: the known state when this state was read from the backend; if
+        the known state moved since, nothing is merged and STALE is returned.
+        """
         async with self.lock(workspace):
             room = await self.open(workspace)
             try:
-                return await self._apply(room, config, version, reason, revert_paths or [], details or {}, absent)
+                return await self._apply(
+                    room, config, version, reason, revert_paths or [], details or {}, absent, base
+                )
             finally:
                 self.release(room)
 
@@ -214,22 +249,30 @@ class BackendSync:
         revert_paths: list[str],
         details: dict[str, Any],
         absent: bool = False,
-    ) -> list[str] | None:
+        base: Any = NO_BASE,
+    ) -> Any:
         from forwarding.extension import jsonable
 
         workspace = room.workspace_id
+        # The outbox before the known state: the forwarder remembers a delivered state
+        # before its rows leave the outbox, so one of the two always shows a forward.
+        pending = await self.ext.store.outbox_pending(workspace, 10_000)
         known = await self.known(workspace)
+        if base is not NO_BASE and known != base and not older(known.version if known else None, version):
+            # Read against an older known state, and not provably newer than the current one.
+            return STALE
         if known is not None and older(version, known.version):
             log.info("ignoring version %s of %s: %s is known already", version, workspace, known.version)
             return None
         doc = jsonable(room.config_view)
         if known is None:
             # No base to compare with: whatever differs, except what the session has still to send.
-            pending = await self.ext.store.outbox_pending(workspace, 10_000)
             mine = {c["path"] for row in pending if not is_backend_author(row.author) for c in row.changes}
             changed = [p for p in diff(doc, config) if not any(overlaps(p, q) for q in mine)]
         else:
-            changed = list(diff(known.config, config))
+            # What a request in flight carried is the backend's echo of the session, not a backend change.
+            sent = in_flight(pending)
+            changed = [p for p in diff(known.config, config) if not echoes(p, config, sent)]
         changed += [p for p in revert_paths if p not in changed]
         paths = sorted(p for p in changed if get_path(doc, p) != get_path(config, p))
         if paths:
@@ -276,24 +319,39 @@ class BackendSync:
 
     # ------------------------------------------------------------ reading the backend
 
-    async def fetch(self, workspace: str, conditional: bool = True) -> tuple[int, dict[str, Any] | None, str | None]:
-        """GET the data source (``If-None-Match`` with the known version): (status, config, version)."""
-        known = await self.known(workspace) if conditional else None
+    async def fetch(
+        self, workspace: str, known: KnownState | None = None
+    ) -> tuple[int, dict[str, Any] | None, str | None]:
+        """GET the data source (``If-None-Match`` with ``known``'s version): (status, config, version)."""
         etag = known.version if known is not None else None
         return await self.ext.forwarder.fetch_state(workspace, etag)
 
     async def refresh(self, workspace: str, reason: str = "pull", conditional: bool = True) -> list[str] | None:
-        """Read the backend's state and merge it (a 304 costs nothing more)."""
-        self.stats["pulls"] += 1
-        status, config, version = await self.fetch(workspace, conditional)
-        if status == 304:
-            self.stats["not_modified"] += 1
-            return []
-        if status == 404:
-            config = {}
-        elif status != 200 or config is None:
-            raise RuntimeError(f"GET data source {workspace}: HTTP {status}")
-        return await self.apply(workspace, config, version, reason, absent=status == 404)
+        """Read the backend's state and merge it (a 304 costs nothing more).
+
+        An answer is compared with the known state of when it was asked for: a
+        forward that finished meanwhile moved the known state on, and an answer
+        older than it (a 404 from before the forward created the data source,
+        a version from before it) would look like the backend undoing the
+        session's changes. Such an answer is dropped and the backend asked again.
+        """
+        for _ in range(STALE_READS):
+            self.stats["pulls"] += 1
+            base = await self.known(workspace)
+            status, config, version = await self.fetch(workspace, base if conditional else None)
+            if status == 304:
+                self.stats["not_modified"] += 1
+                return []
+            if status == 404:
+                config = {}
+            elif status != 200 or config is None:
+                raise RuntimeError(f"GET data source {workspace}: HTTP {status}")
+            paths = await self.apply(workspace, config, version, reason, absent=status == 404, base=base)
+            if paths is not STALE:
+                return paths
+            self.stats["stale_reads"] = self.stats.get("stale_reads", 0) + 1
+        log.info("backend state of %s kept moving while it was read (%s); the next read merges it", workspace, reason)
+        return []
 
     async def on_conflict(self, workspace: str) -> None:
         """A forward was answered 412: merge the backend's current state, then it is sent again."""
@@ -303,15 +361,26 @@ class BackendSync:
     async def revert(self, workspace: str, paths: list[str], details: dict[str, Any]) -> list[str]:
         """The backend refused a change: put ``paths`` back to the backend's state in the document."""
         self.stats["reverts"] += 1
-        status, config, version = await self.fetch(workspace, conditional=False)
-        if status == 404:
-            config = {}
-        elif status != 200 or config is None:
-            raise RuntimeError(f"GET data source {workspace}: HTTP {status}")
-        paths = await self.apply(
-            workspace, config, version, "revert", revert_paths=paths, details=details, absent=status == 404
-        )
-        return paths or []
+        for _ in range(STALE_READS):
+            base = await self.known(workspace)
+            status, config, version = await self.fetch(workspace)
+            if status == 404:
+                config = {}
+            elif status != 200 or config is None:
+                raise RuntimeError(f"GET data source {workspace}: HTTP {status}")
+            done = await self.apply(
+                workspace,
+                config,
+                version,
+                "revert",
+                revert_paths=paths,
+                details=details,
+                absent=status == 404,
+                base=base,
+            )
+            if done is not STALE:
+                return done or []
+        return []
 
     # ------------------------------------------------------------ background work
 

@@ -22,6 +22,9 @@ class StoredDocument:
     snapshot_seq: int = 0
     updates: list[bytes] = field(default_factory=list)
     last_seq: int = 0
+    # The chain token of the entry at ``last_seq`` (Redis): a relay reading on
+    # from here checks that the next entry names it (scaleout/relay.py).
+    tip: bytes | None = None
 
     @property
     def is_new(self) -> bool:

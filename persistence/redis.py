@@ -97,9 +97,18 @@ for r = 1, tonumber(ARGV[3 + n]) do
 end
 local last = redis.call('HINCRBY', KEYS[1], 'last_seq', n)
 local first = last - n + 1
+-- A chain: each entry names the entry before it ('prev') and itself ('at'). A
+-- failover can lose the newest entries and hand their numbers to new ones; a
+-- reader that sees a 'prev' other than the 'at' it read last knows the history
+-- under it changed (scaleout/relay.py).
+local tip = redis.call('HGET', KEYS[1], 'tip') or ''
+local token = ARGV[#ARGV - 1]
 for i = 1, n do
-  redis.call('XADD', KEYS[2], '0-' .. (first + i - 1), 'node', node, 'data', ARGV[2 + i])
+  local at = token .. '.' .. i
+  redis.call('XADD', KEYS[2], '0-' .. (first + i - 1), 'node', node, 'data', ARGV[2 + i], 'prev', tip, 'at', at)
+  tip = at
 end
+if n > 0 then redis.call('HSET', KEYS[1], 'tip', tip) end
 local pos = 3 + n
 local nrec = tonumber(ARGV[pos])
 pos = pos + 1
@@ -380,9 +389,9 @@ class RedisDocumentStore:
 
         async def run() -> StoredDocument:
             pipe = self._r().pipeline(transaction=True)
-            pipe.hmget(t + ":doc", "snapshot", "snapshot_seq", "last_seq")
+            pipe.hmget(t + ":doc", "snapshot", "snapshot_seq", "last_seq", "tip")
             pipe.xrange(t + ":updates", "-", "+")
-            (snapshot, snapshot_seq, last_seq), entries = await pipe.execute()
+            (snapshot, snapshot_seq, last_seq, tip), entries = await pipe.execute()
             snapshot_seq = int(snapshot_seq or 0)
             updates = []
             top = int(last_seq or 0)
@@ -391,7 +400,9 @@ class RedisDocumentStore:
                 top = max(top, seq)
                 if seq > snapshot_seq:
                     updates.append(fields[b"data"])
-            return StoredDocument(snapshot=snapshot, snapshot_seq=snapshot_seq, updates=updates, last_seq=top)
+            return StoredDocument(
+                snapshot=snapshot, snapshot_seq=snapshot_seq, updates=updates, last_seq=top, tip=tip or None
+            )
 
         return await self._run(run)
 
@@ -455,7 +466,9 @@ class RedisDocumentStore:
                 ref,
             ]
         keys = [t + k for k in (":doc", ":updates", ":fwd", ":outbox", ":outbox:pending", ":audit", ":audit:byseq")]
-        keys.append(f"{t}:ap:{uuid.uuid4().hex}")
+        append_id = uuid.uuid4().hex
+        keys.append(f"{t}:ap:{append_id}")
+        args.append(append_id[:12])  # the chain token of this append's entries
         args.append(int((self.retry_seconds * 2 + 60) * 1000))
         forward = any(r.forward for r in records)
 

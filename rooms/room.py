@@ -137,6 +137,7 @@ class Room:
         self._applying_remote = False
         self.relay: RoomRelay | None = None  # set by attach_relay when several nodes share Redis
         self.loaded_seq = 0  # the store's last sequence number when this room was loaded
+        self.loaded_tip: bytes | None = None  # and the store's chain token of that entry (Redis)
         self._remote_peers: dict[str, PeerState] = {}
         self._refusing = False  # inside _refuse_update: doc events are not news
         self.document = RoomDocument(workspace_id, self._on_doc_update)
@@ -185,6 +186,7 @@ class Room:
             self.document.observe_config(self.guarding.on_events)
         self.persist.loaded(stored.last_seq, stored.snapshot_seq, stored.updates)
         self.loaded_seq = stored.last_seq
+        self.loaded_tip = stored.tip
         self.is_new = stored.is_new
         self.loaded = True
         for listener in self.listeners:

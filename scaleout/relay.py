@@ -8,8 +8,11 @@ carry the origin node; a node skips its own. Others' updates are applied to
 the room as remote changes: broadcast to local peers, never stored again,
 never acked, no guards (those ran where the update was accepted).
 
-Updates are numbered (stream id ``0-<seq>``) with no gaps. A reader that sees
-a gap (the stream was trimmed under it) reloads the room from the store.
+Updates are numbered (stream id ``0-<seq>``) with no gaps, and chained: each
+entry names the one before it. A reader that sees a gap (the stream was trimmed
+under it) reloads the room from the store; one that sees a broken chain (a
+failover lost the newest entries and new appends took their numbers, so the
+reader had read past them) writes the room's state back and reloads.
 After Redis was unreachable the reader reconnects with backoff, continues
 from its last sequence number, and if Redis holds *less* than the room (Redis
 lost acknowledged writes: no AOF, or ``appendfsync everysec``), the room
@@ -93,14 +96,14 @@ class _Follow:
     seen: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     # Updates the stream brought first, until their late live message comes (then it is dropped).
     streamed: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    tip: int | None = None  # fingerprint of the entry at ``seq``: a failover may renumber history
+    tip: bytes | None = None  # chain token of the entry at ``seq``: a failover may renumber history
 
 
-def tip_of(fields: dict | None) -> int | None:
-    """A stream entry's fingerprint (origin and data)."""
+def tip_of(fields: dict | None) -> bytes | None:
+    """A stream entry's chain token (``at``, written by the append script)."""
     if fields is None:
         return None
-    return hash((fields.get(b"node"), fields.get(b"data")))
+    return fields.get(b"at")
 
 
 class Relay:
@@ -141,6 +144,7 @@ class Relay:
             "relayed_updates": 0,
             "relayed_awareness": 0,
             "resyncs": 0,
+            "history_changes": 0,  # a failover renumbered entries this node had read (chain broken)
             "reconnects": 0,
             "live_updates": 0,  # applied from live messages
             "live_skipped": 0,  # stream entries already applied live
@@ -195,7 +199,7 @@ class Relay:
         room.attach_relay(self)
         since = int(time.time() * 1000 - self.awareness_ttl * 1000)
         ws = room.workspace_id
-        self.follows[ws] = _Follow(room, room.loaded_seq, f"{max(0, since)}-0")
+        self.follows[ws] = _Follow(room, room.loaded_seq, f"{max(0, since)}-0", tip=room.loaded_tip)
         self._by_key[updates_key(ws).encode()] = (ws, "u")
         self._by_key[awareness_key(ws).encode()] = (ws, "a")
         self._by_channel[live_channel(ws).encode()] = ws
@@ -298,6 +302,17 @@ class Relay:
                 self._apply(room, news, follow.seq)
                 await self.resync(follow)
                 return len(news) + 1
+            prev = fields.get(b"prev")
+            if follow.tip is not None and prev is not None and prev != follow.tip:
+                # The entry this node read at follow.seq is not the one Redis now holds there:
+                # a failover lost the newest entries and new appends took their numbers. What
+                # this room holds of the lost ones goes back to the store; the rest is reread.
+                ws = room.workspace_id
+                log.error("Redis history of %s changed at or before %d (failover): reloading it", ws, follow.seq)
+                self._apply(room, news, follow.seq)
+                self.stats["history_changes"] += 1
+                await self.resync(follow, restore=True)
+                return len(news) + 1
             follow.seq = seq
             follow.tip = tip_of(fields)
             if fields[b"node"] == self._node_bytes:
@@ -345,12 +360,17 @@ class Relay:
             follow.room.apply_remote_awareness(node, parsed)
             self.stats["relayed_awareness"] += 1
 
-    async def resync(self, follow: _Follow) -> None:
-        """Reload a room's document from the store (after a gap, or Redis lost data)."""
+    async def resync(self, follow: _Follow, restore: bool = False) -> None:
+        """Reload a room's document from the store (after a gap, or Redis lost data).
+
+        ``restore``: Redis's history changed under this node (a failover), so the
+        room's state is written back whole, whatever the numbers say.
+        """
         room = follow.room
         stored = await self.store.load(room.workspace_id)
         self.stats["resyncs"] += 1
-        if stored.last_seq < follow.seq or stored.last_seq < room.durable_seq:
+        regressed = stored.last_seq < follow.seq or stored.last_seq < room.durable_seq
+        if regressed:
             log.error(
                 "Redis holds %s only up to %d, this node had %d: writing the room's state back",
                 room.workspace_id,
@@ -358,13 +378,14 @@ class Relay:
                 max(follow.seq, room.durable_seq),
             )
             room.durable_seq = stored.last_seq
+        if restore or regressed:
             room.restore_to_store()
         if stored.snapshot is not None:
             room.apply_remote(stored.snapshot)
         for update in stored.updates:
             room.apply_remote(update)
         follow.seq = stored.last_seq
-        follow.tip = None
+        follow.tip = stored.tip
         room.durable_seq = max(room.durable_seq, stored.last_seq)
 
     async def _recovered(self) -> None:
@@ -382,7 +403,8 @@ class Relay:
                 # A failover promoted a replica that missed our last entries, and new ones took
                 # their numbers: write back what Redis lost.
                 log.error("Redis history of %s changed at %d (failover): reloading it", ws, follow.seq)
-                follow.room.restore_to_store()
+                await self.resync(follow, restore=True)
+                continue
             # Read the document again in any case: what this node relayed while Redis
             # failed over may have been lost and written again under other numbers.
             await self.resync(follow)

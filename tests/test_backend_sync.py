@@ -243,3 +243,39 @@ async def test_only_the_backend_may_call_the_change_hook(server_factory, backend
     audit = [e for e in history(server, "ds-auth", token=make_token()) if e["kind"] == "accepted"]
     assert [e["paths"] for e in audit] == [["name"], ["description"]]
     assert {e["author"]["id"] for e in audit} == {"backend"}
+
+
+async def test_a_pull_that_sees_a_forward_in_flight_does_not_take_it_for_a_backend_change(
+    server_factory, backend_factory
+):
+    """The backend applied a forwarded change but its answer has not come back yet; a pull
+    in that window reads a newer version holding the session's own change. That is an echo,
+    not a backend change: the document keeps the session's newer edit (it used to be set
+    back to the in-flight value, and the user's later edit looked lost until the next one)."""
+    backend = backend_factory()
+    server = server_factory(env=sync_env(backend, COLLAB_BACKEND_PULL_SECONDS="0.1"))
+    alice = await connect(server, "ds-echo", "alice")
+    config = alice.doc.get("config", type=pycrdt.Map)
+    config["description"] = "v1"
+    await delivered(server, "ds-echo")
+    first = backend.log_of("ds-echo")["applied"][-1]["seq"]
+    backend.post("/admin/hold", {"from_seq": first + 1, "count": 1})
+    config["description"] = "v2"
+    await eventually(lambda: backend.get("/admin/stats")["held"] == 1, WAIT, what="v2 applied, held")
+    config["description"] = "v3"
+    await alice.wait_saved(WAIT)
+
+    def gets() -> int:
+        return sum(1 for r in backend.log_of("ds-echo")["requests"] if r["method"] == "GET")
+
+    seen = gets()
+    # Pulls now read the backend's version holding v2, whose answer the forwarder still waits for.
+    await eventually(lambda: gets() >= seen + 3, WAIT, what="pulls during the held answer")
+    assert config_of(alice)["description"] == "v3"
+    backend.post("/admin/release", {})
+    await delivered(server, "ds-echo")
+    assert backend_config(backend, "ds-echo")["description"] == "v3"
+    assert config_of(alice)["description"] == "v3"
+    kinds = [(e["author"] or {}).get("id") for e in history(server, "ds-echo") if e["kind"] == "accepted"]
+    assert "backend" not in kinds, kinds
+    await alice.close()
