@@ -30,7 +30,7 @@ import contextlib
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from persistence.base import StoreError
@@ -60,6 +60,7 @@ class KnownState:
     config: dict[str, Any]
     version: str | None
     absent: bool = False  # the backend answered 404: a forward creates it (If-None-Match: *)
+    raw: bytes | None = field(default=None, compare=False)  # as stored (compare-and-set across nodes)
 
 
 def version_text(value: Any) -> str | None:
@@ -174,7 +175,7 @@ class BackendSync:
         if raw is None:
             return None
         data = json.loads(raw)
-        state = KnownState(data.get("config") or {}, data.get("version"), bool(data.get("absent")))
+        state = KnownState(data.get("config") or {}, data.get("version"), bool(data.get("absent")), bytes(raw))
         self.states[workspace] = state
         return state
 
@@ -185,19 +186,33 @@ class BackendSync:
         version: str | None,
         absent: bool = False,
         lease_owner: str | None = None,
+        expect: Any = NO_BASE,
     ) -> bool:
         """Store the known backend state; with ``lease_owner``, only while it holds the forwarding lease.
 
         Returns False (nothing written) when the lease was lost: a forwarder
         that froze mid-request must not overwrite what the new holder wrote.
+        With ``expect`` (the known state a merge compared with, or None), only
+        if the known state is still that one: a forward that finished
+        meanwhile, here or on another node, wrote a newer one.
         """
-        state = KnownState(copy.deepcopy(config), version, absent)
-        body = {"config": state.config, "version": version, "absent": absent}
+        body = {"config": config, "version": version, "absent": absent}
         raw = json.dumps(body, separators=(",", ":")).encode()
+        state = KnownState(copy.deepcopy(config), version, absent, raw)
         fenced = getattr(self.ext.store, "put_meta_leased", None)
+        shared = getattr(self.ext.store, "put_meta_if", None)
         if lease_owner is not None and callable(fenced):
             if not await fenced(workspace, META_KEY, raw, lease_owner):
                 return False
+        elif expect is not NO_BASE and callable(shared):
+            if not await shared(workspace, META_KEY, expect.raw if expect is not None else None, raw):
+                return False
+        elif expect is not NO_BASE:
+            if self.states.get(workspace) != expect:  # one node: the state in memory is the known one
+                return False
+            self.states[workspace] = state  # before the write's await: a forward's remember lands after it
+            await self.ext.store.put_meta(workspace, META_KEY, raw)
+            return True
         else:
             await self.ext.store.put_meta(workspace, META_KEY, raw)
         self.states[workspace] = state
@@ -234,9 +249,14 @@ class BackendSync:
         async with self.lock(workspace):
             room = await self.open(workspace)
             try:
-                return await self._apply(
-                    room, config, version, reason, revert_paths or [], details or {}, absent, base
-                )
+                for _ in range(STALE_READS):
+                    paths = await self._apply(
+                        room, config, version, reason, revert_paths or [], details or {}, absent, base
+                    )
+                    if paths is not STALE or base is not NO_BASE:
+                        return paths
+                    # A pushed state: compared again with the known state a forward just wrote.
+                raise StoreError(f"the known backend state of {workspace} kept moving; send it again")
             finally:
                 self.release(room)
 
@@ -287,7 +307,9 @@ class BackendSync:
             self.stats["applied"] += 1
             self._merges[workspace] = self._merges.get(workspace, 0) + 1
             log.info("backend change of %s (%s, version %s): %s", workspace, reason, version, paths)
-        await self.remember(workspace, config, version, absent)
+        if not await self.remember(workspace, config, version, absent, expect=known):
+            # A forward moved the known state on while this merged: compare again with it.
+            return STALE
         return paths
 
     def _tell(self, room: Room, paths: list[str], version: str | None, reason: str, details: dict) -> None:

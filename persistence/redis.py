@@ -216,6 +216,18 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
 
+# Compare and set one metadata field: ARGV[2] '1' expects it absent, else equal to ARGV[3].
+_PUT_META_IF = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then
+  if cur then return 0 end
+elseif cur ~= ARGV[3] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+return 1
+"""
+
 
 def _retryable(exc: BaseException) -> bool:
     """Worth another try: Redis did not answer, is loading, failing over or short of replicas."""
@@ -322,6 +334,7 @@ class RedisDocumentStore:
         self._release = self.client.register_script(_RELEASE)
         self._renew = self.client.register_script(_RENEW)
         self._put_meta_leased = self.client.register_script(_PUT_META_LEASED)
+        self._put_meta_if = self.client.register_script(_PUT_META_IF)
         self._claim_seed = self.client.register_script(_CLAIM_SEED)
         # Not fatal: a node may start while Redis is down (readiness says so).
         try:
@@ -538,6 +551,12 @@ class RedisDocumentStore:
         """``put_meta`` if ``owner`` holds the forwarding lease, checked in the same step."""
         keys = [tag(workspace_id) + ":fwd:lease", tag(workspace_id) + ":meta"]
         return bool(await self._run(lambda: self._put_meta_leased(keys=keys, args=[owner, key, bytes(value)])))
+
+    async def put_meta_if(self, workspace_id: str, key: str, expected: bytes | None, value: bytes) -> bool:
+        """``put_meta`` if the field still holds ``expected`` (None: absent); False if it moved on."""
+        keys = [tag(workspace_id) + ":meta"]
+        args = [key, "1" if expected is None else "0", bytes(expected or b""), bytes(value)]
+        return bool(await self._run(lambda: self._put_meta_if(keys=keys, args=args)))
 
     async def forward_lease_release(self, workspace_id: str, owner: str) -> None:
         key = tag(workspace_id) + ":fwd:lease"

@@ -255,11 +255,6 @@ def backend(tmp_path):
     proc.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known, open (issue 16): in about 1 run in 15 since the events extension joined the default set, "
-    "node b's outbox reports changes 6..12 delivered while the backend applied only 1..5; under investigation",
-)
 async def test_4_a_workspace_moving_from_node_a_to_b_forwards_exactly_once(server_factory, redis_factory, backend):
     redis = redis_factory(appendonly=True)
     env = {**FAST_FORWARDING, "COLLAB_BACKEND_URL": backend.url}
