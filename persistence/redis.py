@@ -410,6 +410,8 @@ class RedisDocumentStore:
             top = int(last_seq or 0)
             for stream_id, fields in entries:
                 seq = seq_of(stream_id)
+                if seq >= top:  # the chain token of the newest entry read (a pipeline is not atomic on a cluster)
+                    tip = fields.get(b"at", tip)
                 top = max(top, seq)
                 if seq > snapshot_seq:
                     updates.append(fields[b"data"])

@@ -462,6 +462,13 @@ class Room:
         No guards (they ran on the node that accepted it), no store append,
         no acks, no config listeners (that node recorded and forwards it).
         """
+        self.document.integrate(update, self._apply_remote_now)
+        if seq is not None:
+            self.durable_seq = max(self.durable_seq, seq)
+        if self._outgoing:
+            self._schedule_flush()
+
+    def _apply_remote_now(self, update: bytes) -> None:
         self._applying_remote = True
         try:
             update = self.document.prepare_text(update)
@@ -475,10 +482,6 @@ class Room:
         self.document.grew(len(update))
         if self.guarding.tracking and self.loaded:
             self.guarding.changed(self.doc)  # keep the view current (re-reads only what it touched)
-        if seq is not None:
-            self.durable_seq = max(self.durable_seq, seq)
-        if self._outgoing:
-            self._schedule_flush()
 
     def restore_to_store(self) -> None:
         """Store the whole document again (the store lost writes this room holds)."""

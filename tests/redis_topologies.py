@@ -173,6 +173,35 @@ class RedisCluster:
                     return next(n for n in self.nodes if n.port == int(primary[1]))
         raise RuntimeError(f"no primary for {key}")
 
+    def migrate_slot(self, key: str, to: ConfiguredRedis, batch: int = 1, pause: float = 0.02) -> int:
+        """Move ``key``'s slot to primary ``to`` the way ``redis-cli --cluster reshard`` does, slowly.
+
+        IMPORTING on the target, MIGRATING on the source, then MIGRATE of
+        ``batch`` keys at a time with ``pause`` seconds between (so traffic
+        meets the slot half moved: ASK redirections and TRYAGAIN for scripts
+        whose keys are split), then SETSLOT NODE on every primary. Returns
+        how many keys moved.
+        """
+        source = self.primary_for(key)
+        assert source.port != to.port, "the slot is on that primary already"
+        with source.client() as src, to.client() as dst:
+            slot = src.execute_command("CLUSTER KEYSLOT", key)
+            src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while True:
+                keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                time.sleep(pause)
+            for node in self.primaries():
+                with node.client() as c:
+                    c.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        return moved
+
     def stop(self) -> None:
         for node in self.nodes:
             try:

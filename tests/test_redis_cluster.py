@@ -270,3 +270,47 @@ async def test_thirty_clients_converge_through_a_primary_failover(server_factory
     for node in nodes:
         assert await fresh_view(node, ws) == expected
     await close_all(*clients)
+
+
+async def test_writes_carry_on_while_the_workspace_slot_moves_to_another_primary(server_factory, redis_cluster):  # noqa: F811
+    """Slot migration during traffic (MIGRATING/IMPORTING, keys moved a few at a time, then SETSLOT NODE).
+
+    Scripts meet the slot half moved (ASK, TRYAGAIN) and are retried; nothing
+    acknowledged is lost and every client converges.
+    """
+    nodes = [server_factory(cluster_env(redis_cluster, n), name=n) for n in ("a", "b")]
+    ws = "ds-moving-slot"
+    clients = []
+    for i in range(6):
+        c = CollabClient(nodes[i % 2].ws_url, ws, hello=True, query=f"user=m{i}")
+        await c.connect(timeout=WAIT)
+        clients.append(c)
+    for i, c in enumerate(clients):  # the workspace's keys exist before the move starts
+        c.doc.get("items", type=pycrdt.Map)[f"m{i}-start"] = i
+    await asyncio.gather(*(c.wait_saved(WAIT) for c in clients))
+    source = redis_cluster.primary_for(tag(ws))
+    target = next(n for n in redis_cluster.primaries() if n.port != source.port)
+    move = asyncio.ensure_future(asyncio.to_thread(redis_cluster.migrate_slot, tag(ws), target, 1, 0.5))
+    acked: set[str] = set()
+    witnesses = []
+    rounds = during = 0
+    while (not move.done() or rounds < during + 5) and rounds < 200:
+        for i, c in enumerate(clients):
+            c.doc.get("items", type=pycrdt.Map)[f"m{i}-{rounds}"] = rounds
+        witnesses.append(asyncio.ensure_future(witness(nodes[rounds % 2], ws, f"w{rounds}", acked)))
+        rounds += 1
+        during += not move.done()
+        await asyncio.sleep(0.1)  # pacing: a round every 100 ms while the slot moves
+    moved = await move
+    await asyncio.gather(*witnesses)
+    assert moved >= 3 and during >= 10, f"{moved} keys moved while {during} rounds of writes went on"
+    assert redis_cluster.primary_for(tag(ws)).port == target.port
+    await asyncio.gather(*(c.wait_saved(WAIT) for c in clients))
+    expected = await fresh_view(nodes[0], ws)
+    assert len(acked) == rounds, f"every witness write was acknowledged: {rounds - len(acked)} were not"
+    assert acked <= set(expected), f"acknowledged writes lost: {sorted(acked - set(expected))}"
+    for i in range(6):
+        assert {f"m{i}-{r}" for r in range(rounds)} <= set(expected)
+    await asyncio.gather(*(c.until(lambda c=c: items(c) == expected, WAIT, "convergence") for c in clients))
+    assert await fresh_view(nodes[1], ws) == expected
+    await close_all(*clients)
