@@ -82,30 +82,37 @@ class RoomDocument:
         converges on every one). So an update that is not ready is held here
         and applied when it is.
         """
-        if not self._ready(update):
+        shape = _shape(update)
+        if shape is not None and not self._ready(shape):
             if len(self.held) < HELD_MAX:
                 self.held.append(update)
                 return
             if not self._held_overflow:  # bounded: past this, pycrdt gets it as it is
                 self._held_overflow = True
                 log.error("%s: %d relayed updates wait for what they build on", self.workspace_id, len(self.held))
-        apply(update)
-        self._sv = None
+            shape = None
+        self._apply_ready(update, shape, apply)
         while self.held:
-            ready = [u for u in self.held if self._ready(u)]
+            ready = [(u, shape) for u in self.held if (shape := _shape(u)) is None or self._ready(shape)]
             if not ready:
                 return
-            for u in ready:
+            for u, shape in ready:
                 self.held.remove(u)
-                apply(u)
-                self._sv = None
+                self._apply_ready(u, shape, apply)
 
-    def _ready(self, update: bytes) -> bool:
-        """Every struct, reference and deleted item ``update`` builds on is here or in it."""
+    def _apply_ready(self, update: bytes, shape: ystructs.Shape | None, apply: Callable[[bytes], None]) -> None:
         try:
-            shape = ystructs.shape(update)
-        except p.ProtocolError:
-            return True  # malformed: applying it reports that
+            apply(update)
+        except BaseException:
+            self._sv = None
+            raise
+        if shape is None or shape.skips or self._sv is None:
+            self._sv = None
+        else:  # integrated whole: its runs extend the state vector (no need to read it back)
+            self.advanced(shape.ranges)
+
+    def _ready(self, shape: ystructs.Shape) -> bool:
+        """Every struct, reference and deleted item an update builds on is here or in it."""
         known = self.state_vector()
         ends: dict[int, int] = {}
         for client, start, end in shape.ranges:
@@ -285,6 +292,13 @@ def _observe_config(doc: pycrdt.Doc, callback: Callable[[list[Any]], None]) -> A
             log.exception("config observer failed")
 
     return config_map(doc).integrated.observe_deep(deliver)
+
+
+def _shape(update: bytes) -> ystructs.Shape | None:
+    try:
+        return ystructs.shape(update)
+    except p.ProtocolError:
+        return None  # malformed: applying it reports that
 
 
 def apply_checked(doc: pycrdt.Doc, update: bytes) -> None:

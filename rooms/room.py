@@ -469,6 +469,7 @@ class Room:
             self._schedule_flush()
 
     def _apply_remote_now(self, update: bytes) -> None:
+        """Apply a relayed update now (``RoomDocument.integrate`` decided it is ready; it keeps the state vector)."""
         self._applying_remote = True
         try:
             update = self.document.prepare_text(update)
@@ -476,9 +477,9 @@ class Room:
                 self.doc.apply_update(update)
         except (ValueError, RuntimeError, p.ProtocolError) as exc:
             log.error("relayed update for %s does not apply: %s", self.workspace_id, exc)
+            self.document.stale()
         finally:
             self._applying_remote = False
-            self.document.stale()
         self.document.grew(len(update))
         if self.guarding.tracking and self.loaded:
             self.guarding.changed(self.doc)  # keep the view current (re-reads only what it touched)
