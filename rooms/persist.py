@@ -14,13 +14,16 @@ wait for it. A store error fails the room (its owner closes the peers).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from persistence.base import BatchingStore, DocumentStore, StoreError
+
+AFTER_MAX_SECONDS = 0.05  # how long an append waits for what it was told to wait for (submit's ``after``)
 
 if TYPE_CHECKING:
     from rooms.peer import PeerState
@@ -94,14 +97,22 @@ class PersistPipeline:
     def pending(self) -> bool:
         return bool(self.updates or self.acks or self.staged)
 
-    def submit(self) -> None:
-        """Start appending what was collected (one append; its acks after the previous one's)."""
+    def submit(self, after: Awaitable[Any] | None = None) -> None:
+        """Start appending what was collected (one append; its acks after the previous one's).
+
+        ``after``: wait for it (at most AFTER_MAX_SECONDS) before appending. The
+        relay passes its live publish: Redis sends a reply only after the
+        fsync of whatever it wrote in the same turn, so a publish read together
+        with an append would reach the other nodes one fsync late.
+        """
         if not self.pending:
             return
         updates, acks, staged = self.updates, self.acks, self.staged
         self.updates, self.acks, self.staged = [], {}, []
         if self._nowait is None:
-            self._tail = asyncio.get_running_loop().create_task(self._append(updates, acks, staged, self._tail))
+            self._tail = asyncio.get_running_loop().create_task(
+                self._append(updates, acks, staged, self._tail, after)
+            )
             return
         future = None
         if updates or staged:
@@ -165,7 +176,12 @@ class PersistPipeline:
         if compaction is not None and not compaction.done():
             await asyncio.wait([compaction])
 
-    async def _append(self, updates: list[bytes], acks: dict[PeerState, int], staged: list, previous) -> None:
+    async def _append(
+        self, updates: list[bytes], acks: dict[PeerState, int], staged: list, previous, after=None
+    ) -> None:
+        if after is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(after), AFTER_MAX_SECONDS)
         started = time.perf_counter()
         metrics = self.metrics
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -101,8 +101,12 @@ class RoomRelay(Protocol):
     other nodes' in through ``apply_remote`` / ``apply_remote_awareness``.
     """
 
-    def publish_updates(self, room: Room, updates: list[bytes]) -> None:
-        """These updates (accepted here, about to be appended) may go to the other nodes now."""
+    def publish_updates(self, room: Room, updates: list[bytes]) -> Awaitable[Any] | None:
+        """These updates (accepted here, about to be appended) may go to the other nodes now.
+
+        Returns what the append waits for first (at most briefly): the publish
+        having reached Redis, so that it does not wait for the append's fsync.
+        """
 
     def publish_awareness(self, room: Room, entries: list[p.AwarenessEntry]) -> None:
         """Send these awareness entries (from this node's peers) to the other nodes."""
@@ -532,9 +536,10 @@ class Room:
             self._flush_handle = None
         self._last_flush = time.monotonic()
         self.stats["flushes"] += 1
+        published = None
         if self.relay is not None and self.persist.updates:
             # Other nodes: now (before the local sends wake their writers), not once durable.
-            self.relay.publish_updates(self, list(self.persist.updates))
+            published = self.relay.publish_updates(self, list(self.persist.updates))
         frames = []
         if self._outgoing:
             outgoing = self._outgoing
@@ -562,7 +567,7 @@ class Room:
                 # until it sits in every peer's queue (observed once per flush).
                 metrics.fanout.observe(time.perf_counter() - self._first_pending_at)
                 self._first_pending_at = None
-        self.persist.submit()
+        self.persist.submit(after=published)
 
     def _fail(self, reason: str) -> None:
         """The store lost our writes: drop everyone so they resend on reconnect."""

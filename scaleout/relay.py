@@ -66,6 +66,8 @@ LIVE_DRAIN_MAX = 256  # live messages taken in one go (their deltas leave in one
 # While live messages keep up (every stream entry read was applied already), the
 # stream reader waits this long between reads, so each read returns a batch.
 STREAM_PACE_SECONDS = 0.02
+# Reconnect backoff cap: a failover is over in a second or two, and rooms lag until the relay is back.
+RECONNECT_MAX_SECONDS = 2.0
 
 
 def live_channel(workspace: str) -> str:
@@ -137,6 +139,7 @@ class Relay:
         self._aw_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._live_pending: dict[str, list[bytes]] = {}
+        self._live_waiters: list[asyncio.Future] = []  # appends waiting for the pending publish
         self._live_wake = asyncio.Event()
         self._by_channel: dict[bytes, str] = {}
         self._live_connected = False
@@ -232,7 +235,7 @@ class Relay:
                     except (*REDIS_ERRORS, StoreError) as exc:
                         self.error = f"{type(exc).__name__}: {exc}"
                         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                        delay = min(delay * 2, 5.0)
+                        delay = min(delay * 2, RECONNECT_MAX_SECONDS)
                         continue
                 self._wake.clear()
                 try:
@@ -261,7 +264,7 @@ class Relay:
                 self.healthy, self.error = False, f"{type(exc).__name__}: {exc}"
                 await reset(self.reader)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
                 continue
             delay = 0.1
             caught_up = self.live and self._live_connected and bool(response)
@@ -411,14 +414,25 @@ class Relay:
 
     # ----------------------------------------------------------------- live
 
-    def publish_updates(self, room: Room, updates: list[bytes]) -> None:
-        """A room flushed updates it accepted (about to be appended): tell the other nodes now."""
+    def publish_updates(self, room: Room, updates: list[bytes]) -> asyncio.Future | None:
+        """A room flushed updates it accepted (about to be appended): tell the other nodes now.
+
+        Returns a future done once Redis answered the publish (or it failed):
+        the room's append waits for it, briefly. Redis sends what a command
+        produced only after the fsync of everything it wrote in the same turn,
+        so a publish read together with the append would reach the other
+        nodes one fsync later.
+        """
         if not self.live:
-            return
+            return None
         small = [u for u in updates if len(u) <= LIVE_MAX_BYTES]
-        if small:
-            self._live_pending.setdefault(room.workspace_id, []).extend(small)
-            self._live_wake.set()
+        if not small:
+            return None
+        self._live_pending.setdefault(room.workspace_id, []).extend(small)
+        self._live_wake.set()
+        done = asyncio.get_running_loop().create_future()
+        self._live_waiters.append(done)
+        return done
 
     async def _live_publish_loop(self) -> None:
         """One pipeline of PUBLISH per wake-up: what several flushes produced meanwhile goes together."""
@@ -427,9 +441,10 @@ class Relay:
             await self._live_wake.wait()
             self._live_wake.clear()
             pending, self._live_pending = self._live_pending, {}
-            if not pending or self.publisher is None:
-                continue
+            waiters, self._live_waiters = self._live_waiters, []
             try:
+                if not pending or self.publisher is None:
+                    continue
                 if len(pending) == 1 or is_cluster(self.publisher):  # a cluster pipeline refuses PUBLISH
                     for ws, updates in pending.items():
                         await self.publisher.publish(live_channel(ws), encode_live(self.node_id, updates))
@@ -442,6 +457,10 @@ class Relay:
                 if time.monotonic() - last_error > 5:
                     last_error = time.monotonic()
                     log.warning("live relay not published (Redis: %s); the stream delivers", exc)
+            finally:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
 
     async def _live_read_loop(self) -> None:
         """Subscribe to the live channels of the open rooms; apply what other nodes publish."""
@@ -484,7 +503,7 @@ class Relay:
                 self._live_connected = False
                 log.info("live relay interrupted (%s); the stream delivers meanwhile", exc)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
             except Exception:
                 self._live_connected = False
                 log.exception("live relay failed; restarting it")

@@ -526,3 +526,48 @@ async def test_every_hook_the_room_calls_is_declared_once(store):
     room = await open_room(store)
     with pytest.raises(ValueError, match="not a room listener hook"):
         room.notify("on_lock_changed", [])  # a typo
+
+
+async def test_the_append_waits_for_the_relays_publish_briefly(store):
+    """Scale-out: Redis answers a publish only after the fsync of what it wrote in the same turn, so the
+    room lets the relay's live publish reach Redis before its append is sent (never longer than
+    AFTER_MAX_SECONDS: a publish that does not answer delays durability by that much at most)."""
+    from rooms.persist import AFTER_MAX_SECONDS
+
+    gated = GatedStore(store)
+    gated.gate.set()
+    room = Room(WS, gated, RoomTuning())
+    await room.load()
+    loop = asyncio.get_running_loop()
+
+    class Relay:
+        def __init__(self) -> None:
+            self.published: list[asyncio.Future] = []
+
+        def publish_updates(self, _room, _updates):
+            self.published.append(loop.create_future())
+            return self.published[-1]
+
+        def publish_awareness(self, _room, _entries) -> None:
+            pass
+
+    relay = Relay()
+    room.attach_relay(relay)
+    a = FakePeer("a")
+    ps = room.join(a)
+    writer = Client()
+    send(room, ps, p.SyncUpdate(writer.set("k", 1)))
+    await asyncio.sleep(0)
+    assert len(relay.published) == 1 and len(only(a.messages(), p.SyncUpdate)) == 1  # peers do not wait
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert gated.appends_started == 0  # the publish has not answered
+    relay.published[0].set_result(None)
+    await settle(room)
+    assert gated.appends_started == 1 and room.durable_seq == 1
+    # A publish that never answers holds the append back for AFTER_MAX_SECONDS only.
+    send(room, ps, p.SyncUpdate(writer.set("k", 2)))
+    started = loop.time()
+    await settle(room)
+    assert gated.appends_started == 2 and room.durable_seq == 2
+    assert loop.time() - started >= AFTER_MAX_SECONDS * 0.9
