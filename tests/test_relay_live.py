@@ -73,6 +73,11 @@ async def test_updates_go_live_and_the_stream_only_confirms_them(redis_server):
         room_a, _ = await a.open(ws)
         room_b, peer_b = await b.open(ws)
         await eventually(lambda: b.relay.live_connected, WAIT, what="b subscribed")
+        r = redis_lib.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=5)
+        channel = f"collab:ws:{{{ws}}}:live"
+        # Redis has the subscription (a message published before it is lost: the stream brings it).
+        await eventually(lambda: r.pubsub_numsub(channel)[0][1] == 1, WAIT, what="subscription in effect")
+        r.close()
         writer = FakePeer("writer")
         ps = room_a.join(writer)
         client = pycrdt.Doc()
