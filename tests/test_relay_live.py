@@ -76,7 +76,7 @@ async def test_updates_go_live_and_the_stream_only_confirms_them(redis_server):
         r = redis_lib.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=5)
         channel = f"collab:ws:{{{ws}}}:live"
         # Redis has the subscription (a message published before it is lost: the stream brings it).
-        await eventually(lambda: r.pubsub_numsub(channel)[0][1] == 1, WAIT, what="subscription in effect")
+        await eventually(lambda: r.pubsub_numsub(channel)[0][1] == 2, WAIT, what="both subscriptions in effect")
         r.close()
         writer = FakePeer("writer")
         ps = room_a.join(writer)
