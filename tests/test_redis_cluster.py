@@ -132,6 +132,16 @@ def cluster_env(cluster, node: str) -> dict[str, str]:
     )
 
 
+async def dealt_clients(nodes, ws: str, n: int, prefix: str) -> list[CollabClient]:
+    """``n`` connected clients of ``ws``, dealt over ``nodes`` in turn (users ``<prefix><i>``)."""
+    clients = []
+    for i in range(n):
+        c = CollabClient(nodes[i % len(nodes)].ws_url, ws, hello=True, query=f"user={prefix}{i}")
+        await c.connect(timeout=WAIT)
+        clients.append(c)
+    return clients
+
+
 async def stored_items(cluster, ws: str) -> dict:
     """The workspace's ``items`` as Redis holds them (snapshot and entries, merged: any order integrates)."""
     store = RedisDocumentStore(cluster.url, "probe", timeout=5.0)
@@ -167,11 +177,7 @@ async def test_thirty_clients_converge_through_a_primary_failover(server_factory
     nodes = [server_factory(cluster_env(redis_cluster, n), name=n) for n in ("a", "b", "c")]
     rng = random.Random(16)
     ws = "ds-cluster"
-    clients = []
-    for i in range(30):
-        c = CollabClient(nodes[i % 3].ws_url, ws, hello=True, query=f"user=u{i}")
-        await c.connect(timeout=WAIT)
-        clients.append(c)
+    clients = await dealt_clients(nodes, ws, 30, "u")
     acked: set[str] = set()
     witnesses: list[asyncio.Task] = []
     victim = redis_cluster.primary_for(tag(ws))
@@ -312,11 +318,7 @@ async def test_writes_carry_on_while_the_workspace_slot_moves_to_another_primary
     """
     nodes = [server_factory(cluster_env(redis_cluster, n), name=n) for n in ("a", "b")]
     ws = "ds-moving-slot"
-    clients = []
-    for i in range(6):
-        c = CollabClient(nodes[i % 2].ws_url, ws, hello=True, query=f"user=m{i}")
-        await c.connect(timeout=WAIT)
-        clients.append(c)
+    clients = await dealt_clients(nodes, ws, 6, "m")
     for i, c in enumerate(clients):  # the workspace's keys exist before the move starts
         c.doc.get("items", type=pycrdt.Map)[f"m{i}-start"] = i
     await asyncio.gather(*(c.wait_saved(WAIT) for c in clients))
