@@ -90,6 +90,7 @@ class AdminAPI:
             "idle_seconds": round(time.monotonic() - room.last_active, 3) if room.is_idle else 0.0,
             "size_bytes": room.size_bytes,
             "durable_seq": room.durable_seq,
+            "held_updates": room.held_updates,
             "stats": dict(room.stats),
         }
 

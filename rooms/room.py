@@ -605,6 +605,11 @@ class Room:
         return self.document.size_bytes
 
     @property
+    def held_updates(self) -> int:
+        """Relayed or stored updates waiting for something they build on (normally 0; see RoomDocument.integrate)."""
+        return len(self.document.held)
+
+    @property
     def durable_seq(self) -> int:
         """The store's sequence number of the last update known durable."""
         return self.persist.durable_seq
