@@ -180,7 +180,7 @@ class PersistPipeline:
         self, updates: list[bytes], acks: dict[PeerState, int], staged: list, previous, after=None
     ) -> None:
         if after is not None:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(Exception):  # late or failed: the append goes anyway
                 await asyncio.wait_for(asyncio.shield(after), AFTER_MAX_SECONDS)
         started = time.perf_counter()
         metrics = self.metrics

@@ -52,6 +52,8 @@ from collab.extensions import Extension
 from persistence.base import StoreError
 from persistence.redis import RedisDocumentStore, awareness_key, seq_of, tag, updates_key
 from persistence.redisconn import REDIS_ERRORS, connect, is_cluster, prepare, reset, xread
+from scaleout.livewire import LiveWire, WireError
+from scaleout.livewire import target as wire_target
 
 if TYPE_CHECKING:
     from collab.extensions import Host
@@ -142,7 +144,11 @@ class Relay:
         self._live_waiters: list[asyncio.Future] = []  # appends waiting for the pending publish
         self._live_wake = asyncio.Event()
         self._by_channel: dict[bytes, str] = {}
+        self._channels_changed = asyncio.Event()
         self._live_connected = False
+        # One server: the live channel speaks RESP itself (scaleout/livewire.py); Cluster/Sentinel: redis-py.
+        self._wire = live and wire_target(store.url) is not None
+        self._wire_pub: LiveWire | None = None
         self.stats = {
             "relayed_updates": 0,
             "relayed_awareness": 0,
@@ -168,7 +174,7 @@ class Relay:
             max_connections=4,
             retry=Retry(NoBackoff(), 0),
         )
-        if self.live:
+        if self.live and not self._wire:
             self.publisher = connect(self.store.url, timeout=self.timeout, max_connections=2)
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -176,7 +182,12 @@ class Relay:
             loop.create_task(self._publish_loop(), name="relay publisher"),
             loop.create_task(self._sweep_loop(), name="relay sweeper"),
         ]
-        if self.live:
+        if self._wire:
+            self._tasks += [
+                loop.create_task(self._wire_publisher(), name="relay live publisher"),
+                loop.create_task(self._wire_subscriber(), name="relay live reader"),
+            ]
+        elif self.live:
             self._tasks += [
                 loop.create_task(self._live_publish_loop(), name="relay live publisher"),
                 loop.create_task(self._live_read_loop(), name="relay live reader"),
@@ -190,6 +201,8 @@ class Relay:
             await self.reader.aclose()
         if self.publisher is not None:
             await self.publisher.aclose()
+        if self._wire_pub is not None:
+            self._wire_pub.close()
 
     @property
     def live_connected(self) -> bool:
@@ -206,6 +219,7 @@ class Relay:
         self._by_key[updates_key(ws).encode()] = (ws, "u")
         self._by_key[awareness_key(ws).encode()] = (ws, "a")
         self._by_channel[live_channel(ws).encode()] = ws
+        self._channels_changed.set()
         self._wake.set()
 
     def _prune(self) -> None:
@@ -219,6 +233,7 @@ class Relay:
                 self._by_key.pop(updates_key(ws).encode(), None)
                 self._by_key.pop(awareness_key(ws).encode(), None)
                 self._by_channel.pop(live_channel(ws).encode(), None)
+                self._channels_changed.set()
 
     # ------------------------------------------------------------- reading
 
@@ -428,6 +443,12 @@ class Relay:
         small = [u for u in updates if len(u) <= LIVE_MAX_BYTES]
         if not small:
             return None
+        if self._wire:
+            # Into the socket now, before the room's local sends (best effort: the stream delivers).
+            wire = self._wire_pub
+            if wire is None or not wire.connected:
+                return None
+            return wire.publish(live_channel(room.workspace_id), encode_live(self.node_id, small))
         self._live_pending.setdefault(room.workspace_id, []).extend(small)
         self._live_wake.set()
         done = asyncio.get_running_loop().create_future()
@@ -514,6 +535,64 @@ class Relay:
                         await pubsub.aclose()
                     except Exception:  # noqa: BLE001 - closing a broken connection
                         pass
+
+    async def _wire_publisher(self) -> None:
+        """Keep the live publisher's connection open (one server)."""
+        delay = 0.1
+        while True:
+            try:
+                self._wire_pub = await LiveWire.open(self.store.url, self.timeout)
+                delay = 0.1
+                await self._wire_pub.closed
+            except (OSError, TimeoutError, WireError) as exc:
+                log.info("live relay publisher cannot connect (%s); the stream delivers meanwhile", exc)
+            self._wire_pub = None
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    async def _wire_subscriber(self) -> None:
+        """Subscribe to the open rooms' live channels (one server); messages are applied as they are read."""
+        delay = 0.1
+        while True:
+            wire = None
+            try:
+                wire = await LiveWire.open(self.store.url, self.timeout, self._on_wire_message)
+                delay = 0.1
+                asked: set[bytes] = set()
+                while not wire.closed.done():
+                    self._channels_changed.clear()
+                    wanted = set(self._by_channel)
+                    wire.subscribe(*(wanted - asked))
+                    wire.unsubscribe(*(asked - wanted))
+                    asked = wanted
+                    changed = asyncio.ensure_future(self._channels_changed.wait())
+                    try:
+                        # Connected once Redis confirmed every channel asked for (until then the stream paces itself).
+                        while not wire.closed.done() and not self._channels_changed.is_set():
+                            self._live_connected = wanted <= wire.subscribed
+                            pause = 1.0 if self._live_connected else 0.05
+                            await asyncio.wait([changed, wire.closed], timeout=pause)
+                    finally:
+                        changed.cancel()
+            except (OSError, TimeoutError, WireError) as exc:
+                log.info("live relay interrupted (%s); the stream delivers meanwhile", exc)
+            finally:
+                self._live_connected = False
+                if wire is not None:
+                    wire.close()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    def _on_wire_message(self, channel: bytes, data: bytes) -> None:
+        batch: dict[str, list[bytes]] = {}
+        self._live(channel, data, batch)
+        for ws, updates in batch.items():
+            follow = self.follows.get(ws)
+            if follow is not None:
+                try:
+                    self._apply(follow.room, updates)
+                except Exception:  # one room's problem must not cut the connection of all
+                    log.exception("live update of %s not applied; the stream delivers it", ws)
 
     def _live(self, channel: bytes, data: bytes, batch: dict[str, list[bytes]]) -> None:
         ws = self._by_channel.get(channel)
