@@ -120,6 +120,7 @@ class Relay:
         timeout: float = 2.0,
         cluster_poll_ms: float = 10.0,
         live: bool = True,
+        wire: bool = False,
     ) -> None:
         self.store = store
         self.cluster_poll_ms = cluster_poll_ms
@@ -147,7 +148,7 @@ class Relay:
         self._channels_changed = asyncio.Event()
         self._live_connected = False
         # One server: the live channel speaks RESP itself (scaleout/livewire.py); Cluster/Sentinel: redis-py.
-        self._wire = live and wire_target(store.url) is not None
+        self._wire = live and wire and wire_target(store.url) is not None
         self._wire_pub: LiveWire | None = None
         self.stats = {
             "relayed_updates": 0,
@@ -174,7 +175,7 @@ class Relay:
             max_connections=4,
             retry=Retry(NoBackoff(), 0),
         )
-        if self.live and not self._wire:
+        if self.live:
             self.publisher = connect(self.store.url, timeout=self.timeout, max_connections=2)
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -184,7 +185,8 @@ class Relay:
         ]
         if self._wire:
             self._tasks += [
-                loop.create_task(self._wire_publisher(), name="relay live publisher"),
+                loop.create_task(self._wire_publisher(), name="relay live wire"),
+                loop.create_task(self._live_publish_loop(), name="relay live publisher"),
                 loop.create_task(self._wire_subscriber(), name="relay live reader"),
             ]
         elif self.live:
@@ -444,11 +446,12 @@ class Relay:
         if not small:
             return None
         if self._wire:
-            # Into the socket now, before the room's local sends (best effort: the stream delivers).
             wire = self._wire_pub
-            if wire is None or not wire.connected:
-                return None
-            return wire.publish(live_channel(room.workspace_id), encode_live(self.node_id, small))
+            if wire is not None and wire.connected and not wire.waiting:
+                # Into the socket now, before the room's local sends (best effort: the stream delivers).
+                return wire.publish(live_channel(room.workspace_id), encode_live(self.node_id, small))
+            # A publish is still unanswered (Redis is behind, or the wire is down): the publisher
+            # task sends what gathers meanwhile together, one message per room.
         self._live_pending.setdefault(room.workspace_id, []).extend(small)
         self._live_wake.set()
         done = asyncio.get_running_loop().create_future()
@@ -695,6 +698,7 @@ class RelayExtension(Extension):
             timeout=s.redis_timeout_seconds,
             cluster_poll_ms=s.redis_cluster_poll_ms,
             live=s.relay_live,
+            wire=s.relay_live_wire,
         )
         await self.relay.start(app)
         log.info("scale-out relay on %s as node %s", app.store.path, s.node_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pycrdt
+import pytest
 import redis as redis_lib
 
 from codec import protocol as p
@@ -23,9 +24,9 @@ WAIT = 10.0
 
 
 class Node:
-    def __init__(self, url: str, name: str, live: bool = True) -> None:
+    def __init__(self, url: str, name: str, live: bool = True, wire: bool = False) -> None:
         self.store = RedisDocumentStore(url, name, timeout=2.0)
-        self.relay = Relay(self.store, name, block_ms=200, timeout=2.0, live=live)
+        self.relay = Relay(self.store, name, block_ms=200, timeout=2.0, live=live, wire=wire)
         self.app = SimpleNamespace(rooms=SimpleNamespace(rooms={}, loading=set()))
 
     async def start(self) -> Node:
@@ -65,9 +66,10 @@ def test_live_messages_round_trip():
     assert node == "node-é".encode() and decoded == updates
 
 
-async def test_updates_go_live_and_the_stream_only_confirms_them(redis_server):
-    a = await Node(redis_server.url, "a").start()
-    b = await Node(redis_server.url, "b").start()
+@pytest.mark.parametrize("wire", [False, True], ids=["redis-py", "wire"])
+async def test_updates_go_live_and_the_stream_only_confirms_them(redis_server, wire):
+    a = await Node(redis_server.url, "a", wire=wire).start()
+    b = await Node(redis_server.url, "b", wire=wire).start()
     try:
         ws = "ds-live"
         room_a, _ = await a.open(ws)
@@ -108,10 +110,11 @@ async def test_updates_go_live_and_the_stream_only_confirms_them(redis_server):
         await b.stop()
 
 
-async def test_lost_live_messages_come_through_the_stream(redis_server):
+@pytest.mark.parametrize("wire", [False, True], ids=["redis-py", "wire"])
+async def test_lost_live_messages_come_through_the_stream(redis_server, wire):
     """The live path is best effort: a node that publishes nothing, and a subscriber cut off, lose nothing."""
     a = await Node(redis_server.url, "a", live=False).start()  # never publishes
-    b = await Node(redis_server.url, "b").start()
+    b = await Node(redis_server.url, "b", wire=wire).start()
     r = redis_lib.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=5)
     try:
         ws = "ds-stream"
