@@ -45,7 +45,7 @@ class RoomDocument:
         self._size_exact = False
         self.metrics: Any = None  # collab.metrics.Counters (surrogate_splits)
         # Relayed or stored updates that arrived before something they build on.
-        self.held: list[bytes] = []
+        self.held: list[tuple[bytes, ystructs.Shape]] = []
         self._held_overflow = False
 
     # ------------------------------------------------------------ loading
@@ -85,7 +85,7 @@ class RoomDocument:
         shape = _shape(update)
         if shape is not None and not self._ready(shape):
             if len(self.held) < HELD_MAX:
-                self.held.append(update)
+                self.held.append((update, shape))  # parsed once: held updates are checked again often
                 return
             if not self._held_overflow:  # bounded: past this, pycrdt gets it as it is
                 self._held_overflow = True
@@ -93,11 +93,12 @@ class RoomDocument:
             shape = None
         self._apply_ready(update, shape, apply)
         while self.held:
-            ready = [(u, shape) for u in self.held if (shape := _shape(u)) is None or self._ready(shape)]
+            ready = [(u, shape) for u, shape in self.held if self._ready(shape)]
             if not ready:
                 return
+            taken = {id(u) for u, _ in ready}
+            self.held = [(u, shape) for u, shape in self.held if id(u) not in taken]
             for u, shape in ready:
-                self.held.remove(u)
                 self._apply_ready(u, shape, apply)
 
     def _apply_ready(self, update: bytes, shape: ystructs.Shape | None, apply: Callable[[bytes], None]) -> None:

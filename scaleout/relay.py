@@ -175,7 +175,7 @@ class Relay:
             max_connections=4,
             retry=Retry(NoBackoff(), 0),
         )
-        if self.live:
+        if self.live and not self._wire:
             self.publisher = connect(self.store.url, timeout=self.timeout, max_connections=2)
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -185,8 +185,7 @@ class Relay:
         ]
         if self._wire:
             self._tasks += [
-                loop.create_task(self._wire_publisher(), name="relay live wire"),
-                loop.create_task(self._live_publish_loop(), name="relay live publisher"),
+                loop.create_task(self._wire_publisher(), name="relay live publisher"),
                 loop.create_task(self._wire_subscriber(), name="relay live reader"),
             ]
         elif self.live:
@@ -446,12 +445,7 @@ class Relay:
         if not small:
             return None
         if self._wire:
-            wire = self._wire_pub
-            if wire is not None and wire.connected and not wire.waiting:
-                # Into the socket now, before the room's local sends (best effort: the stream delivers).
-                return wire.publish(live_channel(room.workspace_id), encode_live(self.node_id, small))
-            # A publish is still unanswered (Redis is behind, or the wire is down): the publisher
-            # task sends what gathers meanwhile together, one message per room.
+            return self._wire_publish(room.workspace_id, small)
         self._live_pending.setdefault(room.workspace_id, []).extend(small)
         self._live_wake.set()
         done = asyncio.get_running_loop().create_future()
@@ -538,6 +532,43 @@ class Relay:
                         await pubsub.aclose()
                     except Exception:  # noqa: BLE001 - closing a broken connection
                         pass
+
+    def _wire_publish(self, ws: str, updates: list[bytes]) -> asyncio.Future | None:
+        """Into the socket now, before the room's local sends, unless a publish is still unanswered.
+
+        Then Redis is behind: what comes meanwhile waits and goes, one message
+        per room, on the same connection (order kept) when the answer comes,
+        so a busy node sends fewer, bigger messages instead of queueing many.
+        """
+        wire = self._wire_pub
+        if wire is None or not wire.connected:
+            return None  # best effort: the stream delivers
+        done = asyncio.get_running_loop().create_future()
+        if wire.waiting or self._live_pending:  # behind, or others queued first: keep the order
+            self._live_pending.setdefault(ws, []).extend(updates)
+            self._live_waiters.append(done)
+            return done
+        self._wire_send(wire, {ws: updates}, [done])
+        return done
+
+    def _wire_send(self, wire: LiveWire, pending: dict[str, list[bytes]], waiters: list[asyncio.Future]) -> None:
+        replies = [wire.publish(live_channel(ws), encode_live(self.node_id, ups)) for ws, ups in pending.items()]
+
+        def answered(_reply: asyncio.Future) -> None:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            if self._live_pending and not wire.waiting:
+                more, self._live_pending = self._live_pending, {}
+                queued, self._live_waiters = self._live_waiters, []
+                if wire.connected:
+                    self._wire_send(wire, more, queued)
+                else:  # lost with the connection: the stream delivers them
+                    for waiter in queued:
+                        if not waiter.done():
+                            waiter.set_result(None)
+
+        replies[-1].add_done_callback(answered)
 
     async def _wire_publisher(self) -> None:
         """Keep the live publisher's connection open (one server)."""
