@@ -124,10 +124,10 @@ class Settings(BaseSettings):
         "only through the durable stream, which waits for the append's round trip; the stream stays the truth",
     )
     relay_live_wire: bool = Field(
-        False,
-        description="one Redis server only: the live channel speaks RESP on its own connections (publish from "
-        "inside the flush, apply on arrival): the cross-node hop falls from about 2 ms to 0.1-0.2 ms at p50 here, "
-        "but a node past its capacity falls further behind than with redis-py (docs/benchmarks.md)",
+        True,
+        description="one Redis server without TLS (redis://, unix://): the live channel speaks RESP on its own "
+        "connections (publish from inside the flush, apply on arrival) instead of redis-py's; the cross-node hop "
+        "falls from about 2 ms to 0.1-0.2 ms at p50 (docs/benchmarks.md). Cluster, Sentinel and rediss:// use redis-py",
     )
 
     @property

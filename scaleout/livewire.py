@@ -1,4 +1,4 @@
-"""A lean Redis pub/sub connection for the relay's live channel (one server: ``redis://``, ``rediss://``, ``unix://``).
+"""A lean Redis pub/sub connection for the relay's live channel (one server: ``redis://``, ``unix://``).
 
 The live hop is latency: a node publishes a flush's updates and the other
 nodes apply them on arrival. Through redis-py's asyncio client one PUBLISH
@@ -8,7 +8,7 @@ speaks RESP itself on two plain asyncio connections: ``publish`` writes the
 command into the socket at once, from inside the room's flush, and its reply
 resolves a future; a subscriber parses pushes in ``data_received`` and hands
 each message to a callback there and then. Cluster and Sentinel deployments
-keep redis-py (they need its topology handling).
+keep redis-py (they need its topology handling), and so does TLS by default.
 """
 
 from __future__ import annotations
@@ -92,11 +92,15 @@ class Replies:
         raise WireError(f"unexpected reply from Redis: {line[:40]!r}")
 
 
-def target(url: str) -> dict[str, Any] | None:
-    """Where to connect for a single-server URL (None for Cluster and Sentinel URLs)."""
+def target(url: str, tls: bool = False) -> dict[str, Any] | None:
+    """Where to connect for a single-server URL (None for Cluster and Sentinel URLs, and for TLS unless ``tls``).
+
+    TLS is left to redis-py by default: its URL options (certificates,
+    verification) are not read here.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "unix"):
+    if scheme not in ("redis", "rediss", "unix") or (scheme == "rediss" and not tls):
         return None
     out: dict[str, Any] = {
         "username": unquote(parts.username) if parts.username else None,
@@ -124,7 +128,7 @@ class LiveWire(asyncio.Protocol):
     async def open(
         cls, url: str, timeout: float, on_message: Callable[[bytes, bytes], None] | None = None
     ) -> LiveWire:
-        where = target(url)
+        where = target(url, tls=True)
         if where is None:
             raise WireError(f"not a single-server URL: {url.split('://', 1)[0]}")
         loop = asyncio.get_running_loop()

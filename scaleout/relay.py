@@ -120,7 +120,7 @@ class Relay:
         timeout: float = 2.0,
         cluster_poll_ms: float = 10.0,
         live: bool = True,
-        wire: bool = False,
+        wire: bool = True,
     ) -> None:
         self.store = store
         self.cluster_poll_ms = cluster_poll_ms

@@ -24,7 +24,7 @@ WAIT = 10.0
 
 
 class Node:
-    def __init__(self, url: str, name: str, live: bool = True, wire: bool = False) -> None:
+    def __init__(self, url: str, name: str, live: bool = True, wire: bool = True) -> None:
         self.store = RedisDocumentStore(url, name, timeout=2.0)
         self.relay = Relay(self.store, name, block_ms=200, timeout=2.0, live=live, wire=wire)
         self.app = SimpleNamespace(rooms=SimpleNamespace(rooms={}, loading=set()))
