@@ -339,6 +339,10 @@ class App:
                 "refused": dict(self.stats),
                 # For leak checks: every asyncio task of this process (writers, renewals, retries...).
                 "tasks": len(asyncio.all_tasks()),
+                "task_names": sorted(
+                    (t.get_coro().__qualname__ if hasattr(t.get_coro(), "__qualname__") else t.get_name())
+                    for t in asyncio.all_tasks()
+                ),
             }
         )
 

@@ -145,7 +145,8 @@ class Relay:
         self._live_waiters: list[asyncio.Future] = []  # appends waiting for the pending publish
         self._live_wake = asyncio.Event()
         self._by_channel: dict[bytes, str] = {}
-        self._channels_changed = asyncio.Event()
+        self._channels_dirty = False  # the wire subscriber's channels changed (attach, prune)
+        self._channels_waiter: asyncio.Future | None = None  # a plain future: no task of its own
         self._live_connected = False
         # One server: the live channel speaks RESP itself (scaleout/livewire.py); Cluster/Sentinel: redis-py.
         self._wire = live and wire and wire_target(store.url) is not None
@@ -220,8 +221,15 @@ class Relay:
         self._by_key[updates_key(ws).encode()] = (ws, "u")
         self._by_key[awareness_key(ws).encode()] = (ws, "a")
         self._by_channel[live_channel(ws).encode()] = ws
-        self._channels_changed.set()
+        self._note_channels()
         self._wake.set()
+
+    def _note_channels(self) -> None:
+        """The set of live channels changed: the wire subscriber (re)subscribes."""
+        self._channels_dirty = True
+        waiter = self._channels_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _prune(self) -> None:
         if self.app is None:
@@ -234,7 +242,7 @@ class Relay:
                 self._by_key.pop(updates_key(ws).encode(), None)
                 self._by_key.pop(awareness_key(ws).encode(), None)
                 self._by_channel.pop(live_channel(ws).encode(), None)
-                self._channels_changed.set()
+                self._note_channels()
 
     # ------------------------------------------------------------- reading
 
@@ -593,21 +601,22 @@ class Relay:
                 wire = await LiveWire.open(self.store.url, self.timeout, self._on_wire_message)
                 delay = 0.1
                 asked: set[bytes] = set()
+                loop = asyncio.get_running_loop()
                 while not wire.closed.done():
-                    self._channels_changed.clear()
+                    self._channels_dirty = False
                     wanted = set(self._by_channel)
                     wire.subscribe(*(wanted - asked))
                     wire.unsubscribe(*(asked - wanted))
                     asked = wanted
-                    changed = asyncio.ensure_future(self._channels_changed.wait())
-                    try:
-                        # Connected once Redis confirmed every channel asked for (until then the stream paces itself).
-                        while not wire.closed.done() and not self._channels_changed.is_set():
-                            self._live_connected = wanted <= wire.subscribed
-                            pause = 1.0 if self._live_connected else 0.05
-                            await asyncio.wait([changed, wire.closed], timeout=pause)
-                    finally:
-                        changed.cancel()
+                    # Connected once Redis confirmed every channel asked for (until then the stream paces itself).
+                    while not wire.closed.done() and not self._channels_dirty:
+                        self._live_connected = wanted <= wire.subscribed
+                        waiter = self._channels_waiter = loop.create_future()
+                        try:
+                            await asyncio.wait([waiter, wire.closed], timeout=1.0 if self._live_connected else 0.05)
+                        finally:
+                            self._channels_waiter = None
+                            waiter.cancel()
             except (OSError, TimeoutError, WireError) as exc:
                 log.info("live relay interrupted (%s); the stream delivers meanwhile", exc)
             finally:

@@ -62,6 +62,7 @@ async def test_a_stalled_redis_withholds_acks_keeps_local_sync_and_catches_up(se
             warm.doc.get("items", type=pycrdt.Map)["x"] = 1
             await warm.wait_saved(WAIT)
     baseline = {node.port: await idle_tasks(node) for node in (a, b)}
+    names = {node.port: stats(node)["task_names"] for node in (a, b)}
 
     a1 = await CollabClient(a.ws_url, ws, hello=True, query="user=ann").connect(timeout=WAIT)
     a2 = await CollabClient(a.ws_url, ws, hello=True, query="user=al").connect(timeout=WAIT)
@@ -119,9 +120,14 @@ async def test_a_stalled_redis_withholds_acks_keeps_local_sync_and_catches_up(se
     assert (await fresh_view(a, short_ws)).get("short") == 1
     # No task left behind by the retries, the failed room or the lost lock.
     for node in (a, b):
-        await eventually(
-            lambda node=node: stats(node)["rooms"] == 0 and stats(node)["tasks"] <= baseline[node.port],
-            WAIT,
-            0.2,
-            f"tasks back to {baseline[node.port]}",
-        )
+        try:
+            await eventually(
+                lambda node=node: stats(node)["rooms"] == 0 and stats(node)["tasks"] <= baseline[node.port],
+                WAIT,
+                0.2,
+                f"tasks back to {baseline[node.port]}",
+            )
+        except TimeoutError:
+            now = stats(node)["task_names"]
+            extra = [n for n in now if n not in names[node.port] or now.count(n) > names[node.port].count(n)]
+            raise AssertionError(f"tasks left: {sorted(set(extra))} (before: {names[node.port]})") from None
