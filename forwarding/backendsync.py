@@ -348,7 +348,14 @@ class BackendSync:
         etag = known.version if known is not None else None
         return await self.ext.forwarder.fetch_state(workspace, etag)
 
-    async def refresh(self, workspace: str, reason: str = "pull", conditional: bool = True) -> list[str] | None:
+    async def refresh(
+        self,
+        workspace: str,
+        reason: str = "pull",
+        conditional: bool = True,
+        revert_paths: list[str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> list[str] | None:
         """Read the backend's state and merge it (a 304 costs nothing more).
 
         An answer is compared with the known state of when it was asked for: a
@@ -368,7 +375,16 @@ class BackendSync:
                 config = {}
             elif status != 200 or config is None:
                 raise RuntimeError(f"GET data source {workspace}: HTTP {status}")
-            paths = await self.apply(workspace, config, version, reason, absent=status == 404, base=base)
+            paths = await self.apply(
+                workspace,
+                config,
+                version,
+                reason,
+                revert_paths=revert_paths,
+                details=details,
+                absent=status == 404,
+                base=base,
+            )
             if paths is not STALE:
                 return paths
             self.stats["stale_reads"] = self.stats.get("stale_reads", 0) + 1
@@ -383,26 +399,7 @@ class BackendSync:
     async def revert(self, workspace: str, paths: list[str], details: dict[str, Any]) -> list[str]:
         """The backend refused a change: put ``paths`` back to the backend's state in the document."""
         self.stats["reverts"] += 1
-        for _ in range(STALE_READS):
-            base = await self.known(workspace)
-            status, config, version = await self.fetch(workspace)
-            if status == 404:
-                config = {}
-            elif status != 200 or config is None:
-                raise RuntimeError(f"GET data source {workspace}: HTTP {status}")
-            done = await self.apply(
-                workspace,
-                config,
-                version,
-                "revert",
-                revert_paths=paths,
-                details=details,
-                absent=status == 404,
-                base=base,
-            )
-            if done is not STALE:
-                return done or []
-        return []
+        return await self.refresh(workspace, "revert", conditional=False, revert_paths=paths, details=details) or []
 
     # ------------------------------------------------------------ background work
 
